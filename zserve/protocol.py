@@ -1,0 +1,398 @@
+"""The zserve wire protocol: every frame, command code and default timing.
+
+This module is the single source of truth; ``docs/protocol.md`` is its prose.
+
+Two sub-protocols share one broker:
+
+* **ZSC** (client <-> broker frontend).  The client is a DEALER, the broker a
+  ROUTER, so the broker sees the client's routing id as frame 0.
+* **ZSW** (worker <-> broker backend).  The worker is a DEALER, the broker a
+  ROUTER, so the broker sees the worker's routing id as frame 0.
+
+The first frame of every message (after the routing id a ROUTER adds) is the
+version tag, the second a one-byte command.  Routing headers (request ids,
+model names, client ids) are plain frames the broker reads without decoding
+msgpack; request bodies and token payloads are msgpack and pass through the
+broker untouched.
+
+Token payloads are a msgpack array of *delta records*::
+
+    [request_id: bin, text: str, token_ids: [int] | nil, finish_reason: str | nil,
+     extra: map | nil]
+
+``extra`` carries what is rare: ``usage`` ({prompt_tokens, completion_tokens}),
+``error`` ({code, message}), ``logprobs`` (list), ``embeddings`` (list of
+vectors), ``result`` (a service query's answer).  Every request gets zero or
+more partial records and exactly one final record (``finish_reason`` set;
+``"error"`` with ``extra.error`` on failure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+# --------------------------------------------------------------------------
+# Version tags (frame 0 after routing id)
+CLIENT = b"ZSC1"
+WORKER = b"ZSW1"
+
+# --------------------------------------------------------------------------
+# Command codes (frame 1), one byte each.
+# client -> broker
+C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body]
+C_CANCEL = b"\x02"  # [ZSC1, CANCEL, request_id]
+C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT]
+C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
+C_QUERY = b"\x05"  # [ZSC1, QUERY, request_id, service]
+# broker -> client
+C_TOKENS = b"\x06"  # [ZSC1, TOKENS, payload]
+# (HEARTBEAT is also sent broker -> client while the client has requests in flight)
+
+# worker -> broker
+W_READY = b"\x01"  # [ZSW1, READY, info]
+W_HEARTBEAT = b"\x02"  # [ZSW1, HEARTBEAT, state]   (broker -> worker: [ZSW1, HEARTBEAT])
+W_TOKENS = b"\x03"  # [ZSW1, TOKENS, client_id, header, payload]
+W_DISCONNECT = b"\x04"  # [ZSW1, DISCONNECT]      (both ways)
+# broker -> worker
+W_REQUEST = b"\x05"  # [ZSW1, REQUEST, client_id, request_id, model, body]
+W_CANCEL = b"\x06"  # [ZSW1, CANCEL, client_id, request_id]
+
+# Service names for C_QUERY.
+SERVICE_MODELS = b"models"
+SERVICE_STATUS = b"status"
+SERVICES = (SERVICE_MODELS, SERVICE_STATUS)
+
+# Request kinds (body["kind"]).
+KIND_GENERATE = "generate"
+KIND_EMBED = "embed"
+
+# Finish reasons.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CANCELLED = "cancelled"
+FINISH_ERROR = "error"
+
+# --------------------------------------------------------------------------
+# Default timings (float seconds, time.monotonic()) and limits.
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_LIVENESS = 3
+HEARTBEAT_EXPIRY = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+RECONNECT_INITIAL = 1.0
+RECONNECT_MAX = 32.0
+QUEUE_TIMEOUT = 30.0
+MAX_QUEUE = 1024
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+MAX_RETRIES = 2
+FRONTEND_HWM = 10_000
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+# An empty TOKENS header (nothing started or finished), pre-encoded.
+EMPTY_HEADER = b"\x92\x90\x90"
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack(obj: Any) -> bytes:
+    return _packer.pack(obj)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# --------------------------------------------------------------------------
+# Typed messages.
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    """READY body: what a worker serves."""
+
+    models: list[str]
+    capacity: int = 1
+    context_length: int = 0
+    engine: str = "null"
+    speed: float = 1.0
+    pid: int = 0
+
+    def encode(self) -> bytes:
+        return pack(
+            {
+                "models": self.models,
+                "capacity": self.capacity,
+                "context_length": self.context_length,
+                "engine": self.engine,
+                "speed": self.speed,
+                "pid": self.pid,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> WorkerInfo:
+        d = unpack(data)
+        if not isinstance(d, dict):
+            raise ValueError("READY body is not a map")
+        models = d.get("models")
+        if not isinstance(models, list) or not models or not all(
+            isinstance(m, str) and m for m in models
+        ):
+            raise ValueError("READY models must be a non-empty list of names")
+        capacity = d.get("capacity", 1)
+        speed = d.get("speed", 1.0)
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError("READY capacity must be a positive int")
+        if not isinstance(speed, (int, float)) or speed <= 0:
+            raise ValueError("READY speed must be positive")
+        return cls(
+            models=models,
+            capacity=capacity,
+            context_length=int(d.get("context_length") or 0),
+            engine=str(d.get("engine", "?")),
+            speed=float(speed),
+            pid=int(d.get("pid") or 0),
+        )
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Generation parameters carried in a REQUEST body."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives; None = off
+
+    _FIELDS = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "logprobs",
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._FIELDS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
+        """Validate and build; raises ValueError with a clear message."""
+        p = cls()
+        for k in cls._FIELDS:
+            v = d.get(k)
+            if v is None:
+                continue
+            setattr(p, k, v)
+        p.validate()
+        return p
+
+    def validate(self) -> None:
+        def num(name: str, lo: float, hi: float | None = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number")
+            if v < lo or (hi is not None and v > hi):
+                raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}]")
+            setattr(self, name, float(v))
+
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise ValueError("max_tokens must be a positive integer")
+        num("temperature", 0.0, 100.0)
+        num("top_p", 0.0, 1.0)
+        if self.top_p == 0.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError("top_k must be an integer")
+        if self.top_k < 0:
+            self.top_k = 0  # -1 (vLLM/OpenAI style) means disabled
+        num("repetition_penalty", 0.0)
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be > 0")
+        num("presence_penalty", -2.0, 2.0)
+        num("frequency_penalty", -2.0, 2.0)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError("seed must be an integer")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
+        self.stop = [s for s in self.stop if s]
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) for t in self.stop_token_ids
+        ):
+            raise ValueError("stop_token_ids must be a list of integers")
+        self.ignore_eos = bool(self.ignore_eos)
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool):
+                self.logprobs = 1 if self.logprobs else None
+            elif not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
+                raise ValueError("logprobs must be an integer in [0, 20]")
+
+
+@dataclass(slots=True)
+class Request:
+    """A decoded REQUEST body, as the worker sees it."""
+
+    kind: str = KIND_GENERATE
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    texts: list[str] | None = None  # embed
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"kind": self.kind}
+        if self.kind == KIND_EMBED:
+            body["texts"] = self.texts
+        else:
+            if self.prompt is not None:
+                body["prompt"] = self.prompt
+            if self.messages is not None:
+                body["messages"] = self.messages
+            body["params"] = self.params.to_dict()
+        return pack(body)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        d = unpack(data)
+        if not isinstance(d, dict):
+            raise ValueError("request body must be a map")
+        kind = d.get("kind", KIND_GENERATE)
+        if kind == KIND_EMBED:
+            texts = d.get("texts")
+            if not isinstance(texts, list) or not texts or not all(
+                isinstance(t, str) for t in texts
+            ):
+                raise ValueError("texts must be a non-empty list of strings")
+            return cls(kind=kind, texts=texts)
+        if kind != KIND_GENERATE:
+            raise ValueError(f"unknown request kind {kind!r}")
+        prompt = d.get("prompt")
+        messages = d.get("messages")
+        if prompt is None and messages is None:
+            raise ValueError("one of prompt or messages is required")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError("prompt must be a string")
+        if messages is not None:
+            if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+            ):
+                raise ValueError("messages must be a non-empty list of {role, content} maps")
+        params = d.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError("params must be a map")
+        return cls(
+            kind=kind, prompt=prompt, messages=messages, params=SamplingParams.from_dict(params)
+        )
+
+
+@dataclass(slots=True)
+class Delta:
+    """One token delta: what engines yield, what travels, what clients get."""
+
+    text: str = ""
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    logprobs: list[Any] | None = None
+    error: dict[str, str] | None = None  # {code, message}
+    embeddings: list[list[float]] | None = None
+    result: Any = None
+
+    def record(self, request_id: bytes) -> list[Any]:
+        extra: dict[str, Any] | None = None
+        if (
+            self.usage is not None
+            or self.logprobs is not None
+            or self.error is not None
+            or self.embeddings is not None
+            or self.result is not None
+        ):
+            extra = {}
+            if self.usage is not None:
+                extra["usage"] = self.usage
+            if self.logprobs is not None:
+                extra["logprobs"] = self.logprobs
+            if self.error is not None:
+                extra["error"] = self.error
+            if self.embeddings is not None:
+                extra["embeddings"] = self.embeddings
+            if self.result is not None:
+                extra["result"] = self.result
+        return [request_id, self.text, self.token_ids, self.finish_reason, extra]
+
+    @classmethod
+    def from_record(cls, rec: list[Any]) -> tuple[bytes, Delta]:
+        rid, text, token_ids, finish, extra = rec
+        if extra is None:
+            return rid, cls(text, token_ids, finish)
+        return rid, cls(
+            text,
+            token_ids,
+            finish,
+            extra.get("usage"),
+            extra.get("logprobs"),
+            extra.get("error"),
+            extra.get("embeddings"),
+            extra.get("result"),
+        )
+
+
+def error_record(request_id: bytes, code: str, message: str) -> list[Any]:
+    return [request_id, "", None, FINISH_ERROR, {"error": {"code": code, "message": message}}]
+
+
+def encode_tokens(records: list[list[Any]]) -> bytes:
+    return pack(records)
+
+
+def decode_tokens(payload: bytes) -> list[list[Any]]:
+    recs = unpack(payload)
+    if not isinstance(recs, list):
+        raise ValueError("token payload must be an array")
+    for r in recs:
+        if not isinstance(r, list) or len(r) != 5 or not isinstance(r[0], bytes):
+            raise ValueError("malformed delta record")
+    return recs
+
+
+def encode_header(started: list[bytes], finished: list[bytes]) -> bytes:
+    if not started and not finished:
+        return EMPTY_HEADER
+    return pack([started, finished])
+
+
+def decode_header(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    if data == EMPTY_HEADER:
+        return [], []
+    h = unpack(data)
+    if (
+        not isinstance(h, list)
+        or len(h) != 2
+        or not isinstance(h[0], list)
+        or not isinstance(h[1], list)
+    ):
+        raise ValueError("malformed TOKENS header")
+    return h[0], h[1]

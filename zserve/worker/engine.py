@@ -1,0 +1,61 @@
+"""The engine interface every worker engine implements.
+
+An engine only generates: the worker runtime around it owns the socket,
+heartbeats, capacity, cancellation, stop strings and ``max_tokens``
+enforcement, and coalescing of deltas into messages.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from zserve.protocol import Delta, SamplingParams
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    request_id: str  # unique within this worker
+    model: str  # the served name the client asked for
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+class Engine(abc.ABC):
+    """A model engine. Subclasses set ``name`` and fill ``models`` in ``start``."""
+
+    name: str = "?"
+
+    def __init__(self) -> None:
+        self.models: list[str] = []  # served model names
+        self.context_length: int = 0
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load models. Called once, inside the worker's event loop."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        """Yield deltas: text (may be ""), token_ids, finish_reason on the last.
+
+        The last delta carries ``usage`` with ``prompt_tokens`` where known.
+        Raise a ``ZServeError`` (``BadRequest``, ``ContextOverflow``...) for a
+        request the engine refuses; anything else becomes ``engine_error``.
+        """
+
+    async def embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Return (one unit vector per text, prompt tokens used)."""
+        from zserve.errors import BadRequest
+
+        raise BadRequest(f"engine {self.name!r} does not serve embeddings")
+
+    async def count_tokens(self, model: str, text: str) -> int:
+        return len(text.split())
+
+    async def abort(self, request_id: str) -> None:  # noqa: B027 - optional hook
+        """Stop work for ``request_id``; the runtime has already stopped reading it."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
