@@ -1,1 +1,40 @@
-"""zserve."""
+"""zserve: serve LLMs to many clients from many workers through one ZeroMQ broker."""
+
+from zserve._client_core import Completion
+from zserve.client import AsyncClient, AsyncStream, Client, Stream
+from zserve.errors import (
+    BadRequest,
+    BrokerUnreachable,
+    Cancelled,
+    ContextOverflow,
+    EngineError,
+    ModelNotFound,
+    Overloaded,
+    ProtocolError,
+    Timeout,
+    WorkerLost,
+    ZServeError,
+)
+from zserve.protocol import Delta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "AsyncStream",
+    "BadRequest",
+    "BrokerUnreachable",
+    "Cancelled",
+    "Client",
+    "Completion",
+    "ContextOverflow",
+    "Delta",
+    "EngineError",
+    "ModelNotFound",
+    "Overloaded",
+    "ProtocolError",
+    "Stream",
+    "Timeout",
+    "WorkerLost",
+    "ZServeError",
+]

@@ -233,7 +233,8 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
         num("presence_penalty", -2.0, 2.0)
         num("frequency_penalty", -2.0, 2.0)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError("seed must be an integer")
         if isinstance(self.stop, str):
             self.stop = [self.stop]

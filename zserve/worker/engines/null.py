@@ -44,9 +44,10 @@ class NullEngine(Engine):
         prompt_tokens = len(prompt.split())
         n = request.params.max_tokens or DEFAULT_MAX_TOKENS
         delay = self.token_delay
+        usage = {"prompt_tokens": prompt_tokens}
         for i in range(n - 1):
             await asyncio.sleep(delay)  # one engine step per token
-            yield Delta(f"t{i} ", [i])
+            yield Delta(f"t{i} ", [i], usage=usage if i == 0 else None)
         await asyncio.sleep(delay)
         yield Delta(
             f"t{n - 1} ",

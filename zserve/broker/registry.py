@@ -1,0 +1,88 @@
+"""The broker's worker registry: pure state, no sockets, time passed in.
+
+Every method that depends on time takes ``now`` (``time.monotonic()``
+seconds) so expiry and dispatch are unit-tested without sockets or sleeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zserve.protocol import WorkerInfo
+
+RequestKey = tuple[bytes, bytes]  # (client routing id, request id)
+
+
+@dataclass(eq=False)
+class WorkerState:
+    identity: bytes  # the worker's routing id on the backend socket
+    info: WorkerInfo  # what it said in READY
+    expiry: float  # monotonic deadline: dead if silent past it
+    last_seen: float  # monotonic time of the last message from it
+    queue_length: int = 0  # what its last HEARTBEAT reported
+    # Requests dispatched to it and not yet finished: the broker's own count,
+    # updated at dispatch and at completion (not only by heartbeats).
+    in_flight: set[RequestKey] = field(default_factory=set)
+
+    @property
+    def load(self) -> float:
+        """In-flight requests per unit of speed (shortest_queue's measure)."""
+        return len(self.in_flight) / self.info.speed
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.in_flight) < self.info.capacity
+
+    @property
+    def id_hex(self) -> str:
+        return self.identity.hex()
+
+
+class Registry:
+    """Workers by routing id and by served model name."""
+
+    def __init__(self, expiry_after: float) -> None:
+        self.expiry_after = expiry_after  # interval x liveness
+        self.workers: dict[bytes, WorkerState] = {}
+        self.by_model: dict[str, list[WorkerState]] = {}
+
+    def add(self, identity: bytes, info: WorkerInfo, now: float) -> WorkerState:
+        """Register a worker (the caller removes any previous entry first)."""
+        w = WorkerState(identity, info, now + self.expiry_after, now)
+        self.workers[identity] = w
+        for m in info.models:
+            self.by_model.setdefault(m, []).append(w)
+        return w
+
+    def remove(self, identity: bytes) -> WorkerState | None:
+        w = self.workers.pop(identity, None)
+        if w is None:
+            return None
+        for m in w.info.models:
+            ws = self.by_model.get(m)
+            if ws is not None:
+                ws.remove(w)
+                if not ws:
+                    del self.by_model[m]
+        return w
+
+    def get(self, identity: bytes) -> WorkerState | None:
+        return self.workers.get(identity)
+
+    def touch(self, w: WorkerState, now: float) -> None:
+        """Any traffic from a worker counts as a heartbeat."""
+        w.last_seen = now
+        w.expiry = now + self.expiry_after
+
+    def expired(self, now: float) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.expiry < now]
+
+    def serves(self, model: str) -> bool:
+        return model in self.by_model
+
+    def available(self, model: str) -> list[WorkerState]:
+        """Workers serving ``model`` with a free slot: O(workers for that model)."""
+        return [w for w in self.by_model.get(model, ()) if w.has_room]
+
+    def models(self) -> list[str]:
+        return sorted(self.by_model)

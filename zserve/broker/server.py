@@ -1,0 +1,558 @@
+"""The broker: a ROUTER frontend for clients, a ROUTER backend for workers.
+
+Socket roles: the broker binds both; clients and workers connect as DEALERs.
+The main loop always runs in the same order: poll until the next heartbeat
+deadline, handle what arrived, dispatch queued requests, purge the expired,
+send heartbeats.
+
+The broker reads routing frames only; request bodies and token payloads pass
+through undecoded (the small TOKENS header says which requests started and
+finished). Both ROUTERs run with ROUTER_MANDATORY so a message to a vanished
+or full peer raises instead of vanishing: a token frame is never dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zserve import protocol as p
+from zserve.broker.dispatch import make_policy
+from zserve.broker.registry import Registry, RequestKey, WorkerState
+from zserve.protocol import WorkerInfo
+
+log = logging.getLogger(__name__)
+
+DRAIN_BATCH = 256  # messages read from one socket before looking at the other
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    client: bytes  # client routing id
+    request_id: bytes  # the client's id for it
+    model: str
+    body: bytes  # msgpack, forwarded as is
+    deadline: float  # queue timeout (monotonic)
+    worker: WorkerState | None = None  # where it runs, None while queued
+    started: bool = False  # a token has been sent to the client
+    attempts: int = 0  # dispatches so far
+    cancelled: bool = False  # the client asked to cancel (or vanished)
+
+    @property
+    def key(self) -> RequestKey:
+        return (self.client, self.request_id)
+
+
+@dataclass(eq=False)
+class ClientState:
+    expiry: float  # cancel its requests if silent past it
+    requests: set[RequestKey] = field(default_factory=set)
+    # Requests the broker has already ended with its own final frame
+    # (slow client, ...): their later records from the worker are dropped.
+    finalized: set[bytes] = field(default_factory=set)
+    # Final error records not yet delivered because the client's pipe was
+    # full; bounded by the client's request count, retried every tick.
+    undelivered: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = p.DEFAULT_FRONTEND
+    backend: str = p.DEFAULT_BACKEND
+    heartbeat_interval: float = p.HEARTBEAT_INTERVAL
+    heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
+    dispatch: str = "shortest_queue"
+    max_queue: int = p.MAX_QUEUE  # per model
+    queue_timeout: float = p.QUEUE_TIMEOUT
+    max_message_size: int = p.MAX_MESSAGE_SIZE
+    max_retries: int = p.MAX_RETRIES
+    frontend_hwm: int = p.FRONTEND_HWM
+    seed: int | None = None
+
+    @property
+    def expiry(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
+        self.cfg = config
+        self.ctx = context or zmq.Context.instance()
+        self.registry = Registry(config.expiry)
+        self.policy = make_policy(config.dispatch)
+        self.rng = random.Random(config.seed)
+        self.requests: dict[RequestKey, PendingRequest] = {}
+        self.queues: dict[str, deque[PendingRequest]] = {}  # model -> waiting
+        self.clients: dict[bytes, ClientState] = {}
+        self.counters: Counter[str] = Counter()
+        self.started_at = time.monotonic()
+        self._dirty_models: set[str] = set()  # models whose queue may now dispatch
+        self._running = False
+        self.frontend = self._router(config.frontend, config.frontend_hwm)
+        self.backend = self._router(config.backend, 0)
+        self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def _router(self, endpoint: str, hwm: int) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_size)
+        if hwm:
+            s.setsockopt(zmq.SNDHWM, hwm)
+        s.bind(endpoint)
+        return s
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        self._running = True
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        interval = self.cfg.heartbeat_interval
+        next_tick = time.monotonic() + interval
+        log.info("broker frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
+        while self._running:
+            timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+            events = dict(poller.poll(timeout_ms))
+            if self.backend in events:
+                self._drain(self.backend, self._on_backend)
+            if self.frontend in events:
+                self._drain(self.frontend, self._on_frontend)
+            if self._dirty_models:
+                self._dispatch_queued()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + interval
+
+    def stop(self) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        self.frontend.close(0)
+        self.backend.close(0)
+
+    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except (ValueError, TypeError, KeyError, UnicodeDecodeError, IndexError) as e:
+                self.counters["malformed"] += 1
+                log.warning("malformed message ignored: %s", e)
+
+    def _tick(self, now: float) -> None:
+        self._purge_workers(now)
+        self._purge_clients(now)
+        self._purge_queues(now)
+        for w in list(self.registry.workers.values()):
+            self._send_worker(w.identity, [p.WORKER, p.W_HEARTBEAT])
+        for cid, c in list(self.clients.items()):
+            if c.undelivered:
+                self._retry_undelivered(cid, c)
+            if c.requests:
+                self._send_client(cid, [p.CLIENT, p.C_HEARTBEAT])
+
+    # ------------------------------------------------------------- frontend
+
+    def _on_frontend(self, frames: list[bytes]) -> None:
+        if len(frames) < 3 or frames[1] != p.CLIENT:
+            raise ValueError("frontend: bad version tag or too few frames")
+        client, cmd = frames[0], frames[2]
+        c = self.clients.get(client)
+        if c is not None:
+            c.expiry = time.monotonic() + self.cfg.expiry
+        if cmd == p.C_REQUEST:
+            self._handle_client_request(client, frames)
+        elif cmd == p.C_CANCEL:
+            self._handle_client_cancel(client, frames)
+        elif cmd == p.C_HEARTBEAT:
+            pass  # any traffic counts
+        elif cmd == p.C_QUERY:
+            self._handle_client_query(client, frames)
+        elif cmd == p.C_DISCONNECT:
+            self._forget_client(client)
+        else:
+            raise ValueError(f"frontend: unknown command {cmd!r}")
+
+    def _handle_client_request(self, client: bytes, frames: list[bytes]) -> None:
+        # [client, ZSC1, REQUEST, request_id, model, body]
+        if len(frames) != 6:
+            raise ValueError("REQUEST needs 6 frames")
+        rid, model_b, body = frames[3], frames[4], frames[5]
+        if not rid:
+            raise ValueError("REQUEST with an empty request id")
+        model = model_b.decode()
+        self.counters["requests"] += 1
+        key = (client, rid)
+        if key in self.requests:
+            self._reply_error(client, rid, "bad_request", "duplicate request id in flight")
+            return
+        if not self.registry.serves(model):
+            self.counters["model_not_found"] += 1
+            self._reply_error(
+                client, rid, "model_not_found", f"no worker serves model {model!r}"
+            )
+            return
+        now = time.monotonic()
+        req = PendingRequest(client, rid, model, body, now + self.cfg.queue_timeout)
+        ws = self.registry.available(model)
+        if not ws:
+            q = self.queues.setdefault(model, deque())
+            if len(q) >= self.cfg.max_queue:
+                self.counters["overloaded"] += 1
+                self._reply_error(
+                    client, rid, "overloaded", f"queue for {model!r} is full ({len(q)} waiting)"
+                )
+                return
+            q.append(req)
+        c = self.clients.get(client)
+        if c is None:
+            c = self.clients[client] = ClientState(now + self.cfg.expiry)
+        c.requests.add(key)
+        self.requests[key] = req
+        if ws:
+            self._send_to_worker(req, self.policy(model, ws, self.rng))
+
+    def _handle_client_cancel(self, client: bytes, frames: list[bytes]) -> None:
+        # [client, ZSC1, CANCEL, request_id]
+        if len(frames) != 4:
+            raise ValueError("CANCEL needs 4 frames")
+        req = self.requests.get((client, frames[3]))
+        if req is None:
+            return  # already finished: nothing to do
+        self.counters["cancels"] += 1
+        self._cancel(req, notify_client=True)
+
+    def _handle_client_query(self, client: bytes, frames: list[bytes]) -> None:
+        # [client, ZSC1, QUERY, request_id, service]
+        if len(frames) != 5:
+            raise ValueError("QUERY needs 5 frames")
+        rid, service = frames[3], frames[4]
+        if service == p.SERVICE_MODELS:
+            result: Any = self.registry.models()
+        elif service == p.SERVICE_STATUS:
+            result = self.status()
+        else:
+            self._reply_error(client, rid, "bad_request", f"unknown service {service!r}")
+            return
+        rec = p.Delta(finish_reason=p.FINISH_STOP, result=result).record(rid)
+        self._send_client(client, [p.CLIENT, p.C_TOKENS, p.encode_tokens([rec])])
+
+    # -------------------------------------------------------------- backend
+
+    def _on_backend(self, frames: list[bytes]) -> None:
+        if len(frames) < 3 or frames[1] != p.WORKER:
+            raise ValueError("backend: bad version tag or too few frames")
+        wid, cmd = frames[0], frames[2]
+        w = self.registry.get(wid)
+        if cmd == p.W_READY:
+            self._handle_worker_ready(wid, frames, w)
+            return
+        if w is None:
+            # Not registered (expired, or the broker restarted): make it
+            # reconnect with a fresh READY, as Majordomo does.
+            self._send_worker(wid, [p.WORKER, p.W_DISCONNECT])
+            return
+        self.registry.touch(w, time.monotonic())
+        if cmd == p.W_TOKENS:
+            self._handle_worker_tokens(w, frames)
+        elif cmd == p.W_HEARTBEAT:
+            if len(frames) == 4:
+                state = p.unpack(frames[3])
+                if isinstance(state, dict) and isinstance(state.get("queue_length"), int):
+                    w.queue_length = state["queue_length"]
+        elif cmd == p.W_DISCONNECT:
+            self._remove_worker(w, "worker disconnected")
+        else:
+            raise ValueError(f"backend: unknown command {cmd!r}")
+
+    def _handle_worker_ready(
+        self, wid: bytes, frames: list[bytes], old: WorkerState | None
+    ) -> None:
+        # [worker, ZSW1, READY, info]
+        if len(frames) != 4:
+            raise ValueError("READY needs 4 frames")
+        info = WorkerInfo.decode(frames[3])
+        if old is not None:
+            self._remove_worker(old, "worker re-registered")
+        self.registry.add(wid, info, time.monotonic())
+        self._dirty_models.update(info.models)
+        self.counters["workers_registered"] += 1
+        log.info(
+            "worker %s ready: models=%s capacity=%d engine=%s",
+            wid.hex(), info.models, info.capacity, info.engine,
+        )
+
+    def _handle_worker_tokens(self, w: WorkerState, frames: list[bytes]) -> None:
+        # [worker, ZSW1, TOKENS, client_id, header, payload]
+        if len(frames) != 6:
+            raise ValueError("TOKENS needs 6 frames")
+        client, header, payload = frames[3], frames[4], frames[5]
+        started, finished = p.decode_header(header)
+        for rid in started:
+            req = self.requests.get((client, rid))
+            if req is not None:
+                req.started = True
+        c = self.clients.get(client)
+        for rid in finished:
+            self._finish((client, rid), w)
+        if c is None:
+            self.counters["frames_for_gone_clients"] += 1
+            return
+        if c.finalized:
+            payload = self._filter_finalized(c, payload, finished)
+            if payload is None:
+                return
+        self.counters["token_messages"] += 1
+        self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
+
+    def _filter_finalized(
+        self, c: ClientState, payload: bytes, finished: list[bytes]
+    ) -> bytes | None:
+        """Drop records of requests the broker already ended (rare path: decodes)."""
+        recs = p.decode_tokens(payload)
+        keep = [r for r in recs if r[0] not in c.finalized]
+        self.counters["records_after_final"] += len(recs) - len(keep)
+        for rid in finished:
+            c.finalized.discard(rid)
+        return p.encode_tokens(keep) if keep else None
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _send_to_worker(self, req: PendingRequest, w: WorkerState) -> None:
+        # [worker, ZSW1, REQUEST, client_id, request_id, model, body]
+        req.worker = w
+        req.attempts += 1
+        w.in_flight.add(req.key)
+        self.counters["dispatched"] += 1
+        self._send_worker(
+            w.identity,
+            [p.WORKER, p.W_REQUEST, req.client, req.request_id, req.model.encode(), req.body],
+        )
+
+    def _finish(self, key: RequestKey, w: WorkerState | None) -> None:
+        req = self.requests.pop(key, None)
+        if req is None:
+            return
+        if req.worker is not None:
+            req.worker.in_flight.discard(key)
+            self._dirty_models.update(req.worker.info.models)
+        c = self.clients.get(req.client)
+        if c is not None:
+            c.requests.discard(key)
+            self._gc_client(req.client, c)
+
+    def _gc_client(self, client: bytes, c: ClientState) -> None:
+        """Forget a client with nothing in flight and nothing owed."""
+        if not c.requests and not c.undelivered:
+            self.clients.pop(client, None)
+
+    def _cancel(self, req: PendingRequest, notify_client: bool) -> None:
+        """Cancel wherever the request is; the worker answers with its final frame."""
+        if req.cancelled:
+            return
+        req.cancelled = True
+        if req.worker is None:
+            q = self.queues.get(req.model)
+            if q is not None:
+                try:
+                    q.remove(req)
+                except ValueError:
+                    pass
+            if notify_client:
+                self._reply_final(req.client, req.request_id, p.FINISH_CANCELLED)
+            self._finish(req.key, None)
+        else:
+            self._send_worker(
+                req.worker.identity, [p.WORKER, p.W_CANCEL, req.client, req.request_id]
+            )
+
+    def _dispatch_queued(self) -> None:
+        models, self._dirty_models = self._dirty_models, set()
+        for model in models:
+            q = self.queues.get(model)
+            while q:
+                ws = self.registry.available(model)
+                if not ws:
+                    break
+                self._send_to_worker(q.popleft(), self.policy(model, ws, self.rng))
+            if q is not None and not q:
+                del self.queues[model]
+
+    def _remove_worker(self, w: WorkerState, why: str) -> None:
+        """A dead worker: retry what had not started, end the rest with worker_lost."""
+        self.registry.remove(w.identity)
+        self.counters["workers_lost"] += 1
+        log.warning("worker %s removed: %s (%d in flight)", w.id_hex, why, len(w.in_flight))
+        retry: list[PendingRequest] = []
+        for key in list(w.in_flight):
+            req = self.requests.get(key)
+            if req is None:
+                continue
+            req.worker = None
+            w.in_flight.discard(key)
+            if req.cancelled:
+                self._reply_final(req.client, req.request_id, p.FINISH_CANCELLED)
+                self._finish(key, None)
+            elif (
+                not req.started
+                and req.attempts <= self.cfg.max_retries
+                and self.registry.serves(req.model)
+            ):
+                retry.append(req)
+            else:
+                self.counters["worker_lost"] += 1
+                what = "mid-stream" if req.started else "and no other worker could take it"
+                self._reply_error(
+                    req.client, req.request_id, "worker_lost", f"worker died {what} ({why})"
+                )
+                self._finish(key, None)
+        for req in reversed(retry):  # keep their order, ahead of newer requests
+            self.counters["retried"] += 1
+            self.queues.setdefault(req.model, deque()).appendleft(req)
+            self._dirty_models.add(req.model)
+
+    def _purge_workers(self, now: float) -> None:
+        for w in self.registry.expired(now):
+            self._remove_worker(w, "heartbeat expired")
+
+    def _purge_clients(self, now: float) -> None:
+        for cid, c in list(self.clients.items()):
+            if c.expiry < now:
+                self.counters["clients_expired"] += 1
+                log.info("client %s silent: cancelling %d requests", cid.hex(), len(c.requests))
+                self._forget_client(cid)
+
+    def _purge_queues(self, now: float) -> None:
+        for model, q in list(self.queues.items()):
+            while q and q[0].deadline < now:
+                req = q.popleft()
+                self.counters["queue_timeouts"] += 1
+                self._reply_error(
+                    req.client, req.request_id, "timeout", f"no free worker for {model!r} in time"
+                )
+                self._finish(req.key, None)
+            if not q:
+                del self.queues[model]
+
+    def _forget_client(self, client: bytes) -> None:
+        c = self.clients.get(client)
+        if c is None:
+            return
+        for key in list(c.requests):
+            req = self.requests.get(key)
+            if req is not None:
+                self._cancel(req, notify_client=False)
+        c.undelivered.clear()
+        self._gc_client(client, c)
+
+    # --------------------------------------------------------------- sending
+
+    def _send_worker(self, wid: bytes, frames: list[bytes]) -> None:
+        try:
+            self.backend.send_multipart([wid, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # EHOSTUNREACH (gone) or EAGAIN (full)
+            self.counters["worker_send_failed"] += 1
+            w = self.registry.get(wid)
+            if w is not None:
+                self._remove_worker(w, f"unreachable ({e.strerror})")
+
+    def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
+        try:
+            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            self._client_unreachable(client, frames, e)
+            return False
+
+    def _client_unreachable(self, client: bytes, frames: list[bytes], e: zmq.ZMQError) -> None:
+        """The client vanished (EHOSTUNREACH) or stopped reading (EAGAIN).
+
+        Either way its requests are cancelled on the workers; a slow client
+        is told why with an ``overloaded`` final frame per request, retried
+        until its pipe drains or it expires. Nothing is buffered beyond that.
+        """
+        c = self.clients.get(client)
+        self.counters["client_send_failed"] += 1
+        if c is None:
+            return
+        if e.errno == zmq.EHOSTUNREACH:
+            self._forget_client(client)
+            return
+        self.counters["slow_clients"] += 1
+        log.warning("client %s cannot keep up: cancelling its requests", client.hex())
+        rids = {key[1] for key in c.requests}
+        if frames[1] == p.C_TOKENS:  # the dropped message's own requests end here too
+            rids.update(r[0] for r in p.decode_tokens(frames[2]))
+        for rid in rids - c.finalized:
+            c.finalized.add(rid)
+            c.undelivered.append(
+                p.error_record(rid, "overloaded", "client did not read its stream fast enough")
+            )
+        for key in list(c.requests):
+            req = self.requests.get(key)
+            if req is not None:
+                self._cancel(req, notify_client=False)
+        # Only requests still running can send more records to filter out.
+        c.finalized.intersection_update({key[1] for key in c.requests})
+
+    def _retry_undelivered(self, client: bytes, c: ClientState) -> None:
+        payload = p.encode_tokens(c.undelivered)
+        try:
+            self.frontend.send_multipart([client, p.CLIENT, p.C_TOKENS, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                c.undelivered.clear()
+                self._forget_client(client)
+            return
+        c.undelivered.clear()
+        self._gc_client(client, c)
+
+    def _reply_error(self, client: bytes, rid: bytes, code: str, message: str) -> None:
+        self.counters[f"error.{code}"] += 1
+        payload = p.encode_tokens([p.error_record(rid, code, message)])
+        self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
+
+    def _reply_final(self, client: bytes, rid: bytes, reason: str) -> None:
+        payload = p.encode_tokens([p.Delta(finish_reason=reason).record(rid)])
+        self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
+
+    # --------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "workers": [
+                {
+                    "id": w.id_hex,
+                    "models": w.info.models,
+                    "capacity": w.info.capacity,
+                    "queue_length": w.queue_length,
+                    "in_flight": len(w.in_flight),
+                    "speed": w.info.speed,
+                    "engine": w.info.engine,
+                    "context_length": w.info.context_length,
+                    "last_seen_s": round(now - w.last_seen, 3),
+                }
+                for w in self.registry.workers.values()
+            ],
+            "models": self.registry.models(),
+            "queued": {m: len(q) for m, q in self.queues.items()},
+            "requests_in_flight": len(self.requests),
+            "clients": len(self.clients),
+            "counters": dict(self.counters),
+            "uptime_s": round(now - self.started_at, 3),
+        }

@@ -1,0 +1,345 @@
+"""The ``zserve`` command. It parses arguments, configures logging and calls
+library code; nothing else lives here.
+
+Error codes map to exit statuses in one place (``_EXIT``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from zserve import protocol as p
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="zserve: LLM serving through one low-latency ZeroMQ broker.",
+)
+
+# Exit status per error code (the CLI's one mapping of codes).
+_EXIT = {
+    "bad_request": 2,
+    "context_overflow": 2,
+    "model_not_found": 3,
+    "overloaded": 4,
+    "worker_lost": 5,
+    "timeout": 6,
+    "cancelled": 7,
+    "broker_unreachable": 8,
+    "engine_error": 9,
+}
+
+LogLevel = Annotated[str, typer.Option("--log-level", help="debug|info|warning|error")]
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class _Terminate(Exception):
+    pass
+
+
+def _raise_terminate(signum: int, frame: Any) -> None:
+    raise _Terminate
+
+
+@app.command()
+def broker(
+    frontend: Annotated[str, typer.Option(help="client endpoint to bind")] = p.DEFAULT_FRONTEND,
+    backend: Annotated[str, typer.Option(help="worker endpoint to bind")] = p.DEFAULT_BACKEND,
+    heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+    heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+    dispatch: Annotated[
+        str, typer.Option(help="shortest_queue|lottery|round_robin|power_of_two")
+    ] = "shortest_queue",
+    max_queue: Annotated[int, typer.Option(help="waiting requests per model")] = p.MAX_QUEUE,
+    queue_timeout: Annotated[float, typer.Option(help="seconds a request may wait")] = (
+        p.QUEUE_TIMEOUT
+    ),
+    max_message_size: int = p.MAX_MESSAGE_SIZE,
+    frontend_hwm: Annotated[int, typer.Option(help="messages queued per client")] = (
+        p.FRONTEND_HWM
+    ),
+    ready_file: Annotated[
+        str | None, typer.Option(help="write the bound endpoints here as JSON")
+    ] = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the broker (the controller): registry, dispatch, heartbeats."""
+    from zserve.broker.dispatch import POLICIES
+    from zserve.broker.server import Broker, BrokerConfig
+
+    _logging(log_level)
+    if dispatch not in POLICIES:
+        raise typer.BadParameter(f"--dispatch must be one of {', '.join(POLICIES)}")
+    b = Broker(
+        BrokerConfig(
+            frontend=frontend,
+            backend=backend,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+            dispatch=dispatch,
+            max_queue=max_queue,
+            queue_timeout=queue_timeout,
+            max_message_size=max_message_size,
+            frontend_hwm=frontend_hwm,
+        )
+    )
+    if ready_file:
+        with open(ready_file + ".tmp", "w") as f:
+            json.dump({"frontend": b.frontend_endpoint, "backend": b.backend_endpoint}, f)
+        import os
+
+        os.replace(ready_file + ".tmp", ready_file)
+    signal.signal(signal.SIGTERM, _raise_terminate)
+    try:
+        b.run()
+    except (KeyboardInterrupt, _Terminate):
+        pass
+    finally:
+        b.close()
+
+
+@app.command()
+def worker(
+    broker: Annotated[str, typer.Option(help="broker backend")] = p.DEFAULT_BACKEND,
+    engine: Annotated[str, typer.Option(help="null|hf|vllm|hf-api")] = "null",
+    model: Annotated[
+        list[str] | None, typer.Option(help="model path/hub id (null: a name); repeatable")
+    ] = None,
+    model_names: Annotated[
+        list[str] | None,
+        typer.Option(help="served names, comma-separated; once per --model"),
+    ] = None,
+    capacity: Annotated[int, typer.Option(help="concurrent requests")] = 1,
+    speed: Annotated[float, typer.Option(help="relative speed for dispatch")] = 1.0,
+    token_delay: Annotated[float, typer.Option(help="null engine: seconds per token")] = 0.0,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto|float32|float16|bfloat16")] = "auto",
+    context_length: int | None = None,
+    model_info_file: Annotated[
+        str | None, typer.Option(help="hf-api: JSON of served names -> endpoints")
+    ] = None,
+    tensor_parallel_size: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
+    engine_arg: Annotated[
+        list[str] | None, typer.Option(help="extra engine argument KEY=VALUE; repeatable")
+    ] = None,
+    heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+    heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run a model worker on one engine."""
+    import asyncio
+
+    from zserve.worker.engines import load_engine
+    from zserve.worker.options import EngineOptions
+    from zserve.worker.runtime import Worker, WorkerConfig
+
+    _logging(log_level)
+    if capacity < 1:
+        raise typer.BadParameter("--capacity must be >= 1")
+    if speed <= 0:
+        raise typer.BadParameter("--speed must be > 0")
+    extra: dict[str, Any] = {}
+    for kv in engine_arg or []:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--engine-arg wants KEY=VALUE, got {kv!r}")
+        try:
+            extra[k.replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            extra[k.replace("-", "_")] = v
+    for k, v in (
+        ("tensor_parallel_size", tensor_parallel_size),
+        ("gpu_memory_utilization", gpu_memory_utilization),
+        ("max_model_len", max_model_len),
+    ):
+        if v is not None:
+            extra[k] = v
+    models = list(model or [])
+    if not models and engine == "null":
+        models = ["null"]
+    if not models and engine != "hf-api":
+        raise typer.BadParameter("--model is required")
+    opts = EngineOptions(
+        models=models,
+        model_names=[n.split(",") for n in model_names] if model_names else None,
+        capacity=capacity,
+        token_delay=token_delay,
+        device=device,
+        dtype=dtype,
+        context_length=context_length,
+        model_info_file=model_info_file,
+        engine_args=extra,
+    )
+    try:
+        eng = load_engine(engine, opts)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    w = Worker(
+        eng,
+        WorkerConfig(
+            broker=broker,
+            capacity=capacity,
+            speed=speed,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_liveness=heartbeat_liveness,
+        ),
+    )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, w.stop)
+        await w.run()
+
+    try:
+        asyncio.run(main())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if getattr(eng, "dead", False):
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    timeout: float = 5.0,
+) -> None:
+    """Show the broker's workers and models."""
+    from zserve.client import Client
+    from zserve.errors import ZServeError
+
+    try:
+        with Client(broker, timeout=timeout, connect_timeout=timeout) as c:
+            st = c.status()
+    except ZServeError as e:
+        typer.echo(f"error [{e.code}]: {e.message}", err=True)
+        raise typer.Exit(_EXIT.get(e.code, 1)) from None
+    if json_out:
+        out = {
+            "workers": [
+                {
+                    k: w[k]
+                    for k in ("id", "models", "capacity", "queue_length", "speed", "last_seen_s")
+                }
+                for w in st["workers"]
+            ],
+            "models": st["models"],
+        }
+        typer.echo(json.dumps(out))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"zserve broker {broker}")
+    for col in ("worker", "models", "engine", "capacity", "in flight", "queue", "speed", "seen"):
+        t.add_column(col)
+    for w in st["workers"]:
+        t.add_row(
+            w["id"],
+            ",".join(w["models"]),
+            w["engine"],
+            str(w["capacity"]),
+            str(w["in_flight"]),
+            str(w["queue_length"]),
+            f"{w['speed']:g}",
+            f"{w['last_seen_s']:.1f}s ago",
+        )
+    con = Console()
+    con.print(t)
+    con.print(f"models: {', '.join(st['models']) or '(none)'}; queued: {st['queued'] or 0}")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt")],
+    model: Annotated[str, typer.Option(help="served model name")],
+    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string; repeatable")] = None,
+    chat: Annotated[bool, typer.Option(help="send as a chat user message")] = False,
+    timeout: float = 60.0,
+) -> None:
+    """Stream a generation to stdout."""
+    from zserve.client import Client
+    from zserve.errors import ZServeError
+
+    kwargs: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "stop": stop or None,
+    }
+    try:
+        with Client(broker, timeout=timeout) as c:
+            if chat:
+                s = c.stream(model, messages=[{"role": "user", "content": prompt}], **kwargs)
+            else:
+                s = c.stream(model, prompt, **kwargs)
+            with s:
+                for d in s:
+                    sys.stdout.write(d.text)
+                    sys.stdout.flush()
+        sys.stdout.write("\n")
+    except ZServeError as e:
+        sys.stdout.write("\n")
+        typer.echo(f"error [{e.code}]: {e.message}", err=True)
+        raise typer.Exit(_EXIT.get(e.code, 1)) from None
+
+
+@app.command("tiny-model")
+def tiny_model(
+    path: Annotated[str, typer.Argument(help="directory to write")],
+    seed: int = 0,
+) -> None:
+    """Write a small random-weight Llama model with a trained tokenizer."""
+    from zserve.tiny_model import write_tiny_model
+
+    out = write_tiny_model(path, seed=seed)
+    typer.echo(str(out))
+
+
+@app.command()
+def run(
+    engine: Annotated[str, typer.Option(help="engine for the embedded worker")] = "hf",
+    model_dir: Annotated[str, typer.Option(help="where the tiny model lives")] = ".models/tiny",
+    frontend: str = p.DEFAULT_FRONTEND,
+    backend: str = p.DEFAULT_BACKEND,
+    gateway_port: int = 8000,
+    log_level: LogLevel = "warning",
+) -> None:
+    """The embedded default: broker + worker (+ gateway) until Ctrl-C."""
+    from zserve.launcher import run_stack
+
+    _logging(log_level)
+    raise typer.Exit(run_stack(engine, model_dir, frontend, backend, gateway_port, log_level))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""The Python client: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Socket role: one DEALER per client, connected to the broker's frontend
+ROUTER (``ZMQ_IMMEDIATE``, so a broker that is not there is an error, not a
+silent queue). Many requests share the socket; each has a request id and
+ends with exactly one final record. While requests are in flight the client
+heartbeats and expects the broker's heartbeats back: a broker silent for
+interval x liveness ends them with ``BrokerUnreachable``.
+
+Closing a stream early (``close``/``aclose``, leaving its ``with`` block, or
+dropping it) cancels its request on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zserve import protocol as p
+from zserve._client_core import (
+    Accumulator,
+    ClientCore,
+    Completion,
+    StreamState,
+    sampling_params,
+    to_delta,
+)
+from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
+from zserve.protocol import Delta
+
+__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Stream"]
+
+
+def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.IMMEDIATE, 1)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 0)  # the broker bounds what it sends us
+    s.connect(address)
+    return s
+
+
+class _Base:
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        heartbeat_interval: float,
+        heartbeat_liveness: int,
+        connect_timeout: float,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout  # seconds without progress before Timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.expiry = heartbeat_interval * heartbeat_liveness
+        self.connect_timeout = connect_timeout
+        self._core = ClientCore()
+        self._last_recv = time.monotonic()
+        self._last_send = 0.0
+        self._closed = False
+
+    def _broker_silent(self, now: float) -> bool:
+        return bool(self._core.streams) and now - self._last_recv > self.expiry
+
+
+# ---------------------------------------------------------------- sync
+
+
+class Stream:
+    """An iterator of ``Delta`` for one request."""
+
+    def __init__(self, client: Client, rid: bytes, state: StreamState) -> None:
+        self._client = client
+        self._rid = rid
+        self._state = state
+        self._finished = False
+
+    def __iter__(self) -> Iterator[Delta]:
+        return self
+
+    def __next__(self) -> Delta:
+        if self._finished:
+            raise StopIteration
+        st = self._state
+        c = self._client
+        deadline = time.monotonic() + c.timeout
+        while not st.records:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close()
+                raise Timeout(f"no reply within {c.timeout} s")
+            c._pump(min(remaining, c.heartbeat_interval))
+        rec = st.records.popleft()
+        try:
+            d = to_delta(rec)
+        except ZServeError:
+            self._finished = True
+            raise
+        if d.finish_reason is not None:
+            self._finished = True
+        return d
+
+    def close(self) -> None:
+        """Stop reading; cancels the request if it is still running."""
+        if not self._finished:
+            self._finished = True
+            if self._client._core.forget(self._rid) and not self._client._closed:
+                self._client._send(self._client._core.cancel_frames(self._rid), quiet=True)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class Client(_Base):
+    """Blocking client. ``with Client(address) as c: c.generate(model, prompt)``."""
+
+    def __init__(
+        self,
+        address: str = p.DEFAULT_FRONTEND,
+        *,
+        timeout: float = 60.0,
+        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
+        self._sock = _dealer(zmq.Context.instance(), address)
+
+    def _send(self, frames: list[bytes], quiet: bool = False) -> None:
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            if quiet or not self._sock.poll(self.connect_timeout * 1000, zmq.POLLOUT):
+                if quiet:
+                    return
+                raise BrokerUnreachable(f"no broker at {self.address}") from None
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        self._last_send = time.monotonic()
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for broker messages and route them."""
+        if self._sock.poll(timeout * 1000, zmq.POLLIN):
+            self._last_recv = time.monotonic()
+            while True:
+                try:
+                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._core.on_message(frames)
+        now = time.monotonic()
+        if self._core.streams and now - self._last_send >= self.heartbeat_interval:
+            self._send(self._core.HEARTBEAT, quiet=True)
+        if self._broker_silent(now):
+            self._core.fail_all(BrokerUnreachable(f"broker at {self.address} went silent"))
+
+    def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
+        st = self._core.streams[rid]
+        if not self._core.streams.keys() - {rid}:
+            self._last_recv = time.monotonic()  # liveness counts from the first request
+        try:
+            self._send(frames)
+        except BrokerUnreachable:
+            self._core.forget(rid)
+            raise
+        return st
+
+    def stream(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool | None = None,
+        **params: Any,
+    ) -> Stream:
+        sp = sampling_params(max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos, params)
+        rid, frames = self._core.request_frames(model, prompt, messages, sp)
+        return Stream(self, rid, self._open(rid, frames))
+
+    def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
+        acc = Accumulator()
+        with self.stream(model, prompt, **kwargs) as s:
+            for d in s:
+                acc.add(d)
+        return acc.result()
+
+    def _final(self, rid: bytes, frames: list[bytes]) -> Delta:
+        with Stream(self, rid, self._open(rid, frames)) as s:
+            return next(s)
+
+    def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        return self._final(*self._core.embed_frames(model, texts)).embeddings or []
+
+    def models(self) -> list[str]:
+        return list(self._final(*self._core.query_frames(p.SERVICE_MODELS)).result)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._final(*self._core.query_frames(p.SERVICE_STATUS)).result)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for rid in list(self._core.streams):
+            self._send(self._core.cancel_frames(rid), quiet=True)
+        self._core.streams.clear()
+        self._closed = True
+        self._sock.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------- async
+
+
+class AsyncStream:
+    """An async iterator of ``Delta`` for one request; the request goes out on
+    first iteration (or on ``async with``)."""
+
+    def __init__(self, client: AsyncClient, rid: bytes, frames: list[bytes]) -> None:
+        self._client = client
+        self._rid = rid
+        self._frames: list[bytes] | None = frames
+        self._state = client._core.streams[rid]
+        self._finished = False
+
+    async def start(self) -> None:
+        if self._frames is not None:
+            frames, self._frames = self._frames, None
+            await self._client._open(self._rid, frames)
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._frames is not None:
+            await self.start()
+        st = self._state
+        while not st.records:
+            fut = asyncio.get_running_loop().create_future()
+            st.waiter = fut
+            try:
+                await fut
+            finally:
+                st.waiter = None
+        rec = st.records.popleft()
+        try:
+            d = to_delta(rec)
+        except ZServeError:
+            self._finished = True
+            raise
+        if d.finish_reason is not None:
+            self._finished = True
+        return d
+
+    async def aclose(self) -> None:
+        """Stop reading; cancels the request if it is still running."""
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if not self._finished:
+            self._finished = True
+            c = self._client
+            if c._core.forget(self._rid) and self._frames is None and not c._closed:
+                c._send_nowait(c._core.cancel_frames(self._rid))
+
+    async def __aenter__(self) -> AsyncStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cancel()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._cancel()
+
+
+class AsyncClient(_Base):
+    """asyncio client: ``async with AsyncClient(address) as c: ...``.
+
+    Many concurrent streams share one socket; one reader task routes
+    records, one ticker task heartbeats, times out silent requests and
+    notices a silent broker.
+    """
+
+    def __init__(
+        self,
+        address: str = p.DEFAULT_FRONTEND,
+        *,
+        timeout: float = 60.0,
+        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+        heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
+        self._sock = _dealer(zmq.asyncio.Context.instance(), address)
+        self._tasks: list[asyncio.Task[None]] = []
+        # request id -> monotonic time of its last record (for timeouts)
+        self._activity: dict[bytes, float] = {}
+
+    def _ensure_tasks(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._reader()),
+                asyncio.create_task(self._ticker()),
+            ]
+
+    async def _send(self, frames: list[bytes]) -> None:
+        fut = self._sock.send_multipart(frames)
+        if not fut.done():
+            try:
+                await asyncio.wait_for(fut, self.connect_timeout)
+            except TimeoutError:
+                raise BrokerUnreachable(f"no broker at {self.address}") from None
+        else:
+            fut.result()
+        self._last_send = time.monotonic()
+
+    def _send_nowait(self, frames: list[bytes]) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+
+    async def _open(self, rid: bytes, frames: list[bytes]) -> None:
+        self._ensure_tasks()
+        now = time.monotonic()
+        if len(self._core.streams) == 1:
+            self._last_recv = now  # liveness counts from the first request
+        self._activity[rid] = now
+        try:
+            await self._send(frames)
+        except BrokerUnreachable:
+            self._core.forget(rid)
+            self._activity.pop(rid, None)
+            raise
+
+    async def _reader(self) -> None:
+        core = self._core
+        activity = self._activity
+        while True:
+            frames = await self._sock.recv_multipart()
+            now = self._last_recv = time.monotonic()
+            try:
+                touched = core.on_message(frames)
+            except ValueError:
+                continue  # malformed: ignore
+            for st in touched:
+                if st.done:
+                    activity.pop(st.records[-1][0], None)
+                else:
+                    activity[st.records[-1][0]] = now
+                w = st.waiter
+                if w is not None and not w.done():
+                    w.set_result(None)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            now = time.monotonic()
+            if not self._core.streams:
+                continue
+            self._send_nowait(self._core.HEARTBEAT)
+            if self._broker_silent(now):
+                err = BrokerUnreachable(f"broker at {self.address} went silent")
+                self._wake(self._core.fail_all(err))
+                self._activity.clear()
+                continue
+            for rid, last in list(self._activity.items()):
+                if now - last > self.timeout:
+                    st = self._core.streams.get(rid)
+                    self._activity.pop(rid, None)
+                    if st is None:
+                        continue
+                    self._core.forget(rid)
+                    self._send_nowait(self._core.cancel_frames(rid))
+                    msg = f"no reply in {self.timeout} s"
+                    st.records.append(p.error_record(rid, "timeout", msg))
+                    st.done = True
+                    self._wake([st])
+
+    @staticmethod
+    def _wake(states: list[StreamState]) -> None:
+        for st in states:
+            w = st.waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+
+    def stream(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool | None = None,
+        **params: Any,
+    ) -> AsyncStream:
+        sp = sampling_params(max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos, params)
+        rid, frames = self._core.request_frames(model, prompt, messages, sp)
+        return AsyncStream(self, rid, frames)
+
+    async def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
+        acc = Accumulator()
+        async with self.stream(model, prompt, **kwargs) as s:
+            async for d in s:
+                acc.add(d)
+        return acc.result()
+
+    async def _final(self, rid: bytes, frames: list[bytes]) -> Delta:
+        async with AsyncStream(self, rid, frames) as s:
+            return await s.__anext__()
+
+    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
+        return (await self._final(*self._core.embed_frames(model, texts))).embeddings or []
+
+    async def models(self) -> list[str]:
+        return list((await self._final(*self._core.query_frames(p.SERVICE_MODELS))).result)
+
+    async def status(self) -> dict[str, Any]:
+        return dict((await self._final(*self._core.query_frames(p.SERVICE_STATUS))).result)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        for rid in list(self._core.streams):
+            self._send_nowait(self._core.cancel_frames(rid))
+        self._wake(self._core.fail_all(Cancelled("client closed")))
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        self._sock.close(0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,218 @@
+"""Start and stop zserve processes: the embedded stack (``zserve run``) and
+the helpers tests and benchmarks use. Every child runs in its own process
+group and is stopped (TERM, then KILL) when its owner ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from zserve import protocol as p
+
+
+def zserve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zserve.cli", *args]
+
+
+class Proc:
+    """A child process in its own process group."""
+
+    def __init__(self, args: Sequence[str], name: str = "", **popen: Any) -> None:
+        self.args = list(args)
+        self.name = name or os.path.basename(self.args[0])
+        self.popen = subprocess.Popen(self.args, start_new_session=True, **popen)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM the group, wait, then SIGKILL what is left."""
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)  # stragglers in the group (engine subprocesses)
+        try:
+            return self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def start_broker(
+    *args: str,
+    frontend: str = "tcp://127.0.0.1:*",
+    backend: str = "tcp://127.0.0.1:*",
+    log_level: str = "warning",
+    **popen: Any,
+) -> tuple[Proc, str, str]:
+    """Start ``zserve broker`` (ephemeral ports by default); return it and its endpoints."""
+    fd, ready = tempfile.mkstemp(prefix="zserve-broker-", suffix=".json")
+    os.close(fd)
+    os.unlink(ready)
+    proc = Proc(
+        zserve_cmd(
+            "broker",
+            "--frontend",
+            frontend,
+            "--backend",
+            backend,
+            "--ready-file",
+            ready,
+            "--log-level",
+            log_level,
+            *args,
+        ),
+        name="broker",
+        **popen,
+    )
+    try:
+        wait_for(
+            lambda: os.path.exists(ready) or not proc.alive(), 20, "the broker to bind"
+        )
+        if not proc.alive():
+            raise RuntimeError(f"broker exited with {proc.popen.returncode}")
+        with open(ready) as f:
+            eps = json.load(f)
+    except BaseException:
+        proc.stop()
+        raise
+    finally:
+        if os.path.exists(ready):
+            os.unlink(ready)
+    return proc, eps["frontend"], eps["backend"]
+
+
+def start_worker(backend: str, *args: str, log_level: str = "warning", **popen: Any) -> Proc:
+    return Proc(
+        zserve_cmd("worker", "--broker", backend, "--log-level", log_level, *args),
+        name="worker",
+        **popen,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_models(frontend: str, models: Sequence[str], timeout: float) -> None:
+    """Wait until the broker at ``frontend`` serves every model in ``models``."""
+    from zserve.client import Client
+
+    with Client(frontend, timeout=5) as c:
+        wait_for(lambda: set(models) <= set(c.models()), timeout, f"models {list(models)}")
+
+
+def run_stack(
+    engine: str,
+    model_dir: str,
+    frontend: str = p.DEFAULT_FRONTEND,
+    backend: str = p.DEFAULT_BACKEND,
+    gateway_port: int = 8000,
+    log_level: str = "warning",
+) -> int:
+    """Broker + one worker (+ the gateway where installed) until Ctrl-C."""
+    procs: list[Proc] = []
+    model = "tiny"
+    try:
+        broker, fe, be = start_broker(frontend=frontend, backend=backend, log_level=log_level)
+        procs.append(broker)
+        if engine == "null":
+            wargs = ["--engine", "null", "--model", model, "--capacity", "32"]
+        else:
+            path = Path(model_dir)
+            if not (path / "config.json").exists():
+                from zserve.tiny_model import write_tiny_model
+
+                print(f"writing the tiny model to {path} ...", flush=True)
+                write_tiny_model(path)
+            wargs = [
+                "--engine", engine, "--model", str(path), "--model-names", model,
+                "--capacity", "8",
+            ]
+        procs.append(start_worker(be, *wargs, log_level=log_level))
+        gateway = None
+        try:
+            import zserve.gateway.app  # noqa: F401
+
+            gateway = Proc(
+                zserve_cmd(
+                    "gateway", "--broker", fe, "--port", str(gateway_port),
+                    "--log-level", log_level,
+                ),
+                name="gateway",
+            )
+            procs.append(gateway)
+        except ImportError:
+            pass
+        print("waiting for the worker to register ...", flush=True)
+        wait_models(fe, [model], 600)
+        print(
+            f"\nzserve is up.\n"
+            f"  broker frontend : {fe}\n"
+            f"  broker backend  : {be}\n"
+            f"  model           : {model} ({engine} engine)\n\n"
+            f"Try:\n"
+            f"  .venv/bin/zserve generate --broker {fe} --model {model} --max-tokens 16 "
+            f"'Hello, world'\n"
+            f"  .venv/bin/zserve status --broker {fe}\n",
+            flush=True,
+        )
+        if gateway is not None:
+            print(
+                f"  curl http://127.0.0.1:{gateway_port}/v1/chat/completions "
+                f"-H 'Content-Type: application/json' -d "
+                f"'{{\"model\": \"{model}\", \"max_tokens\": 16, "
+                f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n",
+                flush=True,
+            )
+        print("Ctrl-C stops everything.", flush=True)
+        while all(pr.alive() for pr in procs):
+            time.sleep(0.5)
+        dead = [pr.name for pr in procs if not pr.alive()]
+        print(f"stopping: {', '.join(dead)} exited", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        for pr in reversed(procs):
+            pr.stop()

@@ -1,0 +1,317 @@
+"""The worker runtime (the seed's BaseModelWorker), shared by every engine.
+
+Socket role: the worker's DEALER connects to the broker's backend ROUTER.
+It says READY with what it serves, heartbeats with its queue length, runs
+each REQUEST as a task over the engine, and streams deltas back through the
+outbox. When the broker goes silent for interval x liveness it closes the
+socket, aborts what it was running (the broker has failed those requests),
+backs off (1 s doubling to 32 s) and reconnects with a fresh READY, so a
+restarted broker repopulates itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from zserve import protocol as p
+from zserve.errors import BadRequest, ModelNotFound, ZServeError
+from zserve.protocol import Delta, Request, WorkerInfo
+from zserve.worker.engine import Engine, GenerateRequest
+from zserve.worker.outbox import Outbox
+from zserve.worker.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+_CANCEL_REASON = "cancelled by the client"
+
+
+@dataclass
+class WorkerConfig:
+    broker: str = p.DEFAULT_BACKEND
+    capacity: int = 1
+    speed: float = 1.0
+    heartbeat_interval: float = p.HEARTBEAT_INTERVAL
+    heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
+    reconnect_initial: float = p.RECONNECT_INITIAL
+    reconnect_max: float = p.RECONNECT_MAX
+
+
+class Worker:
+    def __init__(self, engine: Engine, config: WorkerConfig) -> None:
+        self.engine = engine
+        self.cfg = config
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.outbox = Outbox()
+        # (client id, request id) -> the task running it
+        self.active: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
+        self._seq = 0
+        self._last_recv = 0.0  # monotonic time of the last broker message
+        self._stopping = asyncio.Event()
+        self.sessions = 0  # connections made (READY sent)
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        await self.engine.start()
+        delay = self.cfg.reconnect_initial
+        try:
+            while not self._stopping.is_set():
+                heard = await self._session()
+                if self._stopping.is_set() or getattr(self.engine, "dead", False):
+                    break
+                if heard:
+                    delay = self.cfg.reconnect_initial
+                log.warning("broker lost: reconnecting in %.1f s", delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, self.cfg.reconnect_max)
+        finally:
+            await self.engine.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(
+            models=list(self.engine.models),
+            capacity=self.cfg.capacity,
+            context_length=self.engine.context_length,
+            engine=self.engine.name,
+            speed=self.cfg.speed,
+            pid=os.getpid(),
+        )
+
+    async def _session(self) -> bool:
+        """One connection to the broker; returns whether the broker ever spoke."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.cfg.broker)
+        self.sock = sock
+        self.sessions += 1
+        self._last_recv = time.monotonic()
+        heard = False
+        await sock.send_multipart([p.WORKER, p.W_READY, self._info().encode()])
+        log.info("READY sent to %s: models=%s", self.cfg.broker, self.engine.models)
+        sender = asyncio.create_task(self._sender(sock))
+        ticker = asyncio.create_task(self._heartbeats(sock))
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            while True:
+                recv = asyncio.ensure_future(sock.recv_multipart())
+                done, _ = await asyncio.wait(
+                    {recv, ticker, stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if recv not in done:
+                    recv.cancel()
+                    break  # broker silent too long, or stopping
+                heard = True
+                self._last_recv = time.monotonic()
+                if not self._handle(recv.result()):
+                    break  # broker told us to reconnect
+        finally:
+            for t in (ticker, stopping):
+                t.cancel()
+            if self._stopping.is_set():
+                try:
+                    await asyncio.wait_for(self._drain(sock), 2.0)
+                except TimeoutError:
+                    pass
+                with contextlib.suppress(zmq.ZMQError):
+                    await sock.send_multipart([p.WORKER, p.W_DISCONNECT], zmq.NOBLOCK)
+            sender.cancel()
+            await self._abort_all()
+            self.outbox.drop_all()
+            sock.close(0)
+            self.sock = None
+        return heard
+
+    async def _drain(self, sock: zmq.asyncio.Socket) -> None:
+        """On shutdown: cancel running requests and send their final frames."""
+        for task in list(self.active.values()):
+            task.cancel(_CANCEL_REASON)
+        if self.active:
+            await asyncio.gather(*self.active.values(), return_exceptions=True)
+        while self.outbox.ready.is_set():
+            await asyncio.sleep(0)
+
+    async def _abort_all(self) -> None:
+        tasks = list(self.active.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.active.clear()
+
+    async def _heartbeats(self, sock: zmq.asyncio.Socket) -> None:
+        """Send HEARTBEAT every interval; return when the broker is silent too long."""
+        expiry = self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval)
+            if time.monotonic() - self._last_recv > expiry:
+                return
+            state = p.pack({"queue_length": len(self.active)})
+            await sock.send_multipart([p.WORKER, p.W_HEARTBEAT, state])
+            if getattr(self.engine, "dead", False):
+                log.error("engine is dead: leaving")
+                self._stopping.set()
+
+    async def _sender(self, sock: zmq.asyncio.Socket) -> None:
+        outbox = self.outbox
+        while True:
+            await outbox.ready.wait()
+            for client, started, finished, records in outbox.take():
+                # [ZSW1, TOKENS, client_id, header, payload]
+                await sock.send_multipart(
+                    [
+                        p.WORKER,
+                        p.W_TOKENS,
+                        client,
+                        p.encode_header(started, finished),
+                        p.encode_tokens(records),
+                    ]
+                )
+
+    # ------------------------------------------------------------- messages
+
+    def _handle(self, frames: list[bytes]) -> bool:
+        if len(frames) < 2 or frames[0] != p.WORKER:
+            log.warning("malformed message from broker ignored")
+            return True
+        cmd = frames[1]
+        if cmd == p.W_REQUEST and len(frames) == 6:
+            self._handle_request(frames[2], frames[3], frames[4], frames[5])
+        elif cmd == p.W_CANCEL and len(frames) == 4:
+            task = self.active.get((frames[2], frames[3]))
+            if task is not None:
+                task.cancel(_CANCEL_REASON)
+        elif cmd == p.W_HEARTBEAT:
+            pass
+        elif cmd == p.W_DISCONNECT:
+            log.warning("broker asked us to reconnect")
+            return False
+        else:
+            log.warning("unknown or malformed command %r from broker ignored", cmd)
+        return True
+
+    def _handle_request(self, client: bytes, rid: bytes, model_b: bytes, body: bytes) -> None:
+        key = (client, rid)
+        if key in self.active:
+            return  # duplicate delivery
+        try:
+            model = model_b.decode()
+            req = Request.decode(body)
+            if model not in self.engine.models:
+                raise ModelNotFound(f"this worker does not serve {model!r}")
+        except ZServeError as e:
+            self._final_error(client, rid, e)
+            return
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            self._final_error(client, rid, BadRequest(str(e)))
+            return
+        self._seq += 1
+        task = asyncio.create_task(self._serve(client, rid, model, req, f"{self._seq}"))
+        self.active[key] = task
+
+    def _final_error(self, client: bytes, rid: bytes, e: ZServeError) -> None:
+        self.outbox.put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), False)
+
+    async def _serve(self, client: bytes, rid: bytes, model: str, req: Request, eid: str) -> None:
+        put = self.outbox.put
+        first = True
+        finished = False  # our final frame is out
+        engine_done = False  # the engine itself ended the request
+        try:
+            if req.kind == p.KIND_EMBED:
+                vecs, n = await self.engine.embed(model, req.texts or [])
+                put(
+                    client,
+                    rid,
+                    Delta(
+                        finish_reason=p.FINISH_STOP,
+                        embeddings=vecs,
+                        usage={"prompt_tokens": n, "completion_tokens": 0},
+                    ),
+                    True,
+                )
+                finished = True
+                return
+            params = req.params
+            limit = params.max_tokens
+            stops = StopMatcher(params.stop)
+            count = 0
+            prompt_tokens = 0  # from whichever delta carries usage first
+            gen = self.engine.generate(
+                GenerateRequest(eid, model, req.prompt, req.messages, params)
+            )
+            try:
+                async for d in gen:
+                    engine_done = d.finish_reason is not None
+                    if d.usage is not None:
+                        prompt_tokens = d.usage.get("prompt_tokens", prompt_tokens)
+                    ntok = len(d.token_ids) if d.token_ids is not None else (1 if d.text else 0)
+                    count += ntok
+                    if limit is not None and count >= limit and d.finish_reason is None:
+                        d.finish_reason = p.FINISH_LENGTH
+                    if stops.stops:
+                        d.text, hit = stops.feed(d.text)
+                        if hit:
+                            d.finish_reason = p.FINISH_STOP
+                        elif d.finish_reason is not None:
+                            d.text += stops.flush()
+                    if d.finish_reason is not None:
+                        d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
+                        put(client, rid, d, first)
+                        finished = True
+                        break
+                    if d.text or d.token_ids:
+                        d.usage = None  # usage travels on the final frame only
+                        put(client, rid, d, first)
+                        first = False
+            finally:
+                await gen.aclose()
+            if not finished:
+                # The engine ended without a finish reason: treat as length.
+                put(
+                    client,
+                    rid,
+                    Delta(
+                        text=stops.flush(),
+                        finish_reason=p.FINISH_LENGTH,
+                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": count},
+                    ),
+                    first,
+                )
+                finished = True
+        except asyncio.CancelledError:
+            if self.sock is not None:
+                put(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
+            finished = True
+            raise
+        except ZServeError as e:
+            put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), first)
+            finished = True
+        except Exception as e:  # an engine failure must not kill the worker
+            log.exception("engine failed on request %s", eid)
+            err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
+            put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+            finished = True
+        finally:
+            self.active.pop((client, rid), None)
+            if req.kind != p.KIND_EMBED and not engine_done:
+                try:
+                    await self.engine.abort(eid)
+                except Exception:
+                    log.exception("engine abort failed for %s", eid)
+
+
