@@ -23,6 +23,7 @@ class WorkerState:
     # Requests dispatched to it and not yet finished: the broker's own count,
     # updated at dispatch and at completion (not only by heartbeats).
     in_flight: set[RequestKey] = field(default_factory=set)
+    dispatched: int = 0  # requests sent to it, ever
 
     @property
     def load(self) -> float:

@@ -337,6 +337,7 @@ class Broker:
         req.worker = w
         req.attempts += 1
         w.in_flight.add(req.key)
+        w.dispatched += 1
         self.counters["dispatched"] += 1
         self._send_worker(
             w.identity,
@@ -542,6 +543,7 @@ class Broker:
                     "capacity": w.info.capacity,
                     "queue_length": w.queue_length,
                     "in_flight": len(w.in_flight),
+                    "dispatched": w.dispatched,
                     "speed": w.info.speed,
                     "engine": w.info.engine,
                     "context_length": w.info.context_length,

@@ -1,0 +1,112 @@
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zserve import protocol as p
+
+
+def test_worker_info_roundtrip():
+    info = p.WorkerInfo(["a", "b"], capacity=4, context_length=2048, engine="hf", speed=2.5, pid=7)
+    assert p.WorkerInfo.decode(info.encode()) == info
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"models": []},
+        {"models": "a"},
+        {"models": ["a"], "capacity": 0},
+        {"models": ["a"], "speed": -1},
+        [1, 2],
+    ],
+)
+def test_worker_info_rejects_bad_ready(body):
+    with pytest.raises(ValueError):
+        p.WorkerInfo.decode(msgpack.packb(body))
+
+
+def test_request_roundtrip_generate_and_embed():
+    r = p.Request(
+        prompt="hi",
+        params=p.SamplingParams.from_dict({"max_tokens": 5, "stop": "x", "top_k": -1}),
+    )
+    back = p.Request.decode(r.encode())
+    assert back.prompt == "hi"
+    assert back.params.max_tokens == 5
+    assert back.params.stop == ["x"]
+    assert back.params.top_k == 0
+    e = p.Request(kind=p.KIND_EMBED, texts=["a", "b"])
+    assert p.Request.decode(e.encode()).texts == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "params,msg",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": [1]}, "stop"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"seed": "x"}, "seed"),
+    ],
+)
+def test_sampling_params_validation(params, msg):
+    with pytest.raises(ValueError, match=msg):
+        p.SamplingParams.from_dict(params)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"kind": "what"}, {"kind": "generate"}, {"prompt": 3}, {"messages": [{"x": 1}]}, "str"],
+)
+def test_request_decode_rejects(body):
+    with pytest.raises(ValueError):
+        p.Request.decode(msgpack.packb(body))
+
+
+def test_delta_record_roundtrip_with_extra():
+    d = p.Delta(
+        "hé", [1, 2], "stop", usage={"prompt_tokens": 1, "completion_tokens": 2},
+        logprobs=[{"token": "h", "logprob": -0.1, "top_logprobs": []}],
+    )
+    rid, back = p.Delta.from_record(p.decode_tokens(p.encode_tokens([d.record(b"7")]))[0])
+    assert rid == b"7"
+    assert back == d
+
+
+def test_plain_delta_record_is_small():
+    # one token, no extras: a compact array, no map keys on the wire
+    assert len(p.encode_tokens([p.Delta("t1 ", [1]).record(b"1")])) < 16
+
+
+def test_header_roundtrip_and_empty_constant():
+    assert p.encode_header([], []) == p.EMPTY_HEADER
+    assert p.decode_header(p.EMPTY_HEADER) == ([], [])
+    assert p.decode_header(p.encode_header([b"a"], [b"b", b"c"])) == ([b"a"], [b"b", b"c"])
+    with pytest.raises(ValueError):
+        p.decode_header(msgpack.packb({"a": 1}))
+
+
+def test_decode_tokens_rejects_malformed():
+    bad_payloads = [1, [[1, 2]], [["s", "", None, None, None]]]
+    for bad in map(msgpack.packb, bad_payloads):
+        with pytest.raises(ValueError):
+            p.decode_tokens(bad)
+
+
+@given(
+    st.binary(min_size=1, max_size=8),
+    st.text(),
+    st.one_of(st.none(), st.lists(st.integers(0, 2**31))),
+    st.one_of(st.none(), st.sampled_from(["stop", "length", "error", "cancelled"])),
+)
+def test_delta_roundtrip_property(rid, text, ids, finish):
+    d = p.Delta(text, ids, finish)
+    assert p.Delta.from_record(p.decode_tokens(p.encode_tokens([d.record(rid)]))[0]) == (rid, d)
+
+
+def test_expiry_is_derived():
+    assert p.HEARTBEAT_EXPIRY == p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS
