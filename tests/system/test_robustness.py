@@ -98,7 +98,8 @@ def test_undecodable_request_body_gets_bad_request_from_worker(stack):
         body = p.pack({"prompt": "x", "params": {"temperature": -5}})
         fe.send_multipart([p.CLIENT, p.C_REQUEST, b"r2", b"m", body])
         (rec,) = _records(fe)
-        assert rec[4]["error"]["code"] == "bad_request" and "temperature" in rec[4]["error"]["message"]
+        err = rec[4]["error"]
+        assert err["code"] == "bad_request" and "temperature" in err["message"]
     finally:
         fe.close()
     with stack.client() as c, pytest.raises(BadRequest, match="top_p"):
