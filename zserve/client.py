@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from zserve import protocol as p
 from zserve._client_core import (
@@ -31,6 +30,7 @@ from zserve._client_core import (
     sampling_params,
     to_delta,
 )
+from zserve._loopsock import LoopSocket
 from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
 from zserve.protocol import Delta
 
@@ -303,9 +303,9 @@ class AsyncStream:
 class AsyncClient(_Base):
     """asyncio client: ``async with AsyncClient(address) as c: ...``.
 
-    Many concurrent streams share one socket; one reader task routes
-    records, one ticker task heartbeats, times out silent requests and
-    notices a silent broker.
+    Many concurrent streams share one socket. Records are routed from the
+    loop's reader callback (no task per message); one ticker task heartbeats,
+    times out silent requests and notices a silent broker.
     """
 
     def __init__(
@@ -318,35 +318,36 @@ class AsyncClient(_Base):
         connect_timeout: float = 5.0,
     ) -> None:
         super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
-        self._sock = _dealer(zmq.asyncio.Context.instance(), address)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._raw = _dealer(zmq.Context.instance(), address)
+        self._sock: LoopSocket | None = None  # bound to the loop on first use
+        self._ticker: asyncio.Task[None] | None = None
         # request id -> monotonic time of its last record (for timeouts)
         self._activity: dict[bytes, float] = {}
 
-    def _ensure_tasks(self) -> None:
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._reader()),
-                asyncio.create_task(self._ticker()),
-            ]
+    def _loop_sock(self) -> LoopSocket:
+        if self._sock is None:
+            if self._closed:
+                raise Cancelled("client closed")
+            self._sock = LoopSocket(self._raw, self._on_message)
+            self._ticker = asyncio.create_task(self._tick())
+        return self._sock
 
     async def _send(self, frames: list[bytes]) -> None:
-        fut = self._sock.send_multipart(frames)
-        if not fut.done():
+        sock = self._loop_sock()
+        drained = sock.send(frames)
+        if drained is not None:
             try:
-                await asyncio.wait_for(fut, self.connect_timeout)
+                await asyncio.wait_for(asyncio.shield(drained), self.connect_timeout)
             except TimeoutError:
+                sock.unsend(frames)
                 raise BrokerUnreachable(f"no broker at {self.address}") from None
-        else:
-            fut.result()
         self._last_send = time.monotonic()
 
     def _send_nowait(self, frames: list[bytes]) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        if self._sock is not None:
+            self._sock.send_now(frames)
 
     async def _open(self, rid: bytes, frames: list[bytes]) -> None:
-        self._ensure_tasks()
         now = time.monotonic()
         if len(self._core.streams) == 1:
             self._last_recv = now  # liveness counts from the first request
@@ -358,26 +359,24 @@ class AsyncClient(_Base):
             self._activity.pop(rid, None)
             raise
 
-    async def _reader(self) -> None:
-        core = self._core
+    def _on_message(self, frames: list[bytes]) -> None:
+        now = self._last_recv = time.monotonic()
+        try:
+            touched = self._core.on_message(frames)
+        except ValueError:
+            return  # malformed: ignore
         activity = self._activity
-        while True:
-            frames = await self._sock.recv_multipart()
-            now = self._last_recv = time.monotonic()
-            try:
-                touched = core.on_message(frames)
-            except ValueError:
-                continue  # malformed: ignore
-            for st in touched:
-                if st.done:
-                    activity.pop(st.records[-1][0], None)
-                else:
-                    activity[st.records[-1][0]] = now
-                w = st.waiter
-                if w is not None and not w.done():
-                    w.set_result(None)
+        for st in touched:
+            rid = st.records[-1][0]
+            if st.done:
+                activity.pop(rid, None)
+            else:
+                activity[rid] = now
+            w = st.waiter
+            if w is not None and not w.done():
+                w.set_result(None)
 
-    async def _ticker(self) -> None:
+    async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = time.monotonic()
@@ -455,13 +454,14 @@ class AsyncClient(_Base):
             self._send_nowait(self._core.cancel_frames(rid))
         self._wake(self._core.fail_all(Cancelled("client closed")))
         self._closed = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
-        self._sock.close(0)
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            self._raw.close(0)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -52,9 +52,9 @@ async def test_outbox_coalesces_per_client_and_merges_per_request():
     ob.put(b"c1", b"r1", Delta("b", [2]), first=False)
     ob.put(b"c1", b"r2", Delta("x", [9]), first=True)
     ob.put(b"c2", b"r1", Delta("z", [5], "stop", usage={"prompt_tokens": 1}), first=True)
-    assert ob.ready.is_set()
+    assert not ob.empty
     msgs = {client: (started, finished, recs) for client, started, finished, recs in ob.take()}
-    assert not ob.ready.is_set()
+    assert ob.empty
     started, finished, recs = msgs[b"c1"]
     assert started == [b"r1", b"r2"] and finished == []
     assert recs == [[b"r1", "ab", [1, 2], None, None], [b"r2", "x", [9], None, None]]
@@ -63,20 +63,40 @@ async def test_outbox_coalesces_per_client_and_merges_per_request():
     assert ob.take() == []
 
 
-async def test_outbox_wakes_sender_once_per_step():
+async def test_outbox_sends_one_message_per_client_per_step():
     ob = Outbox()
     sent = []
-
-    async def sender():
-        await ob.ready.wait()
-        sent.append(ob.take())
+    ob.attach(lambda msg: sent.append(msg))
 
     async def req(i):
         await asyncio.sleep(0)
         ob.put(b"c", b"%d" % i, Delta("t", [i]), first=True)
 
-    s = asyncio.create_task(sender())
     await asyncio.gather(*(req(i) for i in range(50)))
-    await s
-    assert len(sent) == 1 and len(sent[0]) == 1  # one message for the client
-    assert len(sent[0][0][3]) == 50  # carrying all 50 requests' deltas
+    await asyncio.sleep(0)
+    assert len(sent) == 1  # one message for the client
+    assert len(sent[0][3]) == 50  # carrying all 50 requests' deltas
+
+
+async def test_outbox_merges_while_the_socket_is_full():
+    ob = Outbox()
+    sent = []
+    room = asyncio.get_running_loop().create_future()
+
+    def send(msg):
+        sent.append(msg)
+        return room if len(sent) == 1 else None
+
+    ob.attach(send)
+    ob.put(b"c", b"r", Delta("a", [0]), first=True)
+    await asyncio.sleep(0)
+    for i in range(1, 100):  # the socket is full: these wait and merge
+        ob.put(b"c", b"r", Delta("b", [i]), first=False)
+        await asyncio.sleep(0)
+    assert len(sent) == 1
+    room.set_result(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(sent) == 2
+    (rec,) = sent[1][3]
+    assert rec[1] == "b" * 99 and rec[2] == list(range(1, 100))

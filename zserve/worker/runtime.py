@@ -12,16 +12,16 @@ restarted broker repopulates itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from zserve import protocol as p
+from zserve._loopsock import LoopSocket
 from zserve.errors import BadRequest, ModelNotFound, ZServeError
 from zserve.protocol import Delta, Request, WorkerInfo
 from zserve.worker.engine import Engine, GenerateRequest
@@ -48,13 +48,14 @@ class Worker:
     def __init__(self, engine: Engine, config: WorkerConfig) -> None:
         self.engine = engine
         self.cfg = config
-        self.ctx = zmq.asyncio.Context.instance()
-        self.sock: zmq.asyncio.Socket | None = None
+        self.ctx = zmq.Context.instance()
+        self.sock: LoopSocket | None = None
         self.outbox = Outbox()
         # (client id, request id) -> the task running it
         self.active: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
         self._seq = 0
         self._last_recv = 0.0  # monotonic time of the last broker message
+        self._heard = False  # the broker has spoken in this session
         self._stopping = asyncio.Event()
         self.sessions = 0  # connections made (READY sent)
 
@@ -94,56 +95,66 @@ class Worker:
 
     async def _session(self) -> bool:
         """One connection to the broker; returns whether the broker ever spoke."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.cfg.broker)
-        self.sock = sock
+        raw = self.ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(self.cfg.broker)
         self.sessions += 1
         self._last_recv = time.monotonic()
-        heard = False
-        await sock.send_multipart([p.WORKER, p.W_READY, self._info().encode()])
+        self._heard = False
+        ended = asyncio.get_running_loop().create_future()
+
+        def on_message(frames: list[bytes]) -> None:
+            self._heard = True
+            self._last_recv = time.monotonic()
+            if not self._handle(frames) and not ended.done():
+                ended.set_result(None)  # the broker told us to reconnect
+
+        sock = self.sock = LoopSocket(raw, on_message)
+        sock.send([p.WORKER, p.W_READY, self._info().encode()])
         log.info("READY sent to %s: models=%s", self.cfg.broker, self.engine.models)
-        sender = asyncio.create_task(self._sender(sock))
+
+        def send(msg: tuple[bytes, list[bytes], list[bytes], list[list[Any]]]) -> Any:
+            client, started, finished, records = msg
+            # [ZSW1, TOKENS, client_id, header, payload]
+            return sock.send(
+                [
+                    p.WORKER,
+                    p.W_TOKENS,
+                    client,
+                    p.encode_header(started, finished),
+                    p.encode_tokens(records),
+                ]
+            )
+
+        self.outbox.attach(send)
         ticker = asyncio.create_task(self._heartbeats(sock))
         stopping = asyncio.create_task(self._stopping.wait())
         try:
-            while True:
-                recv = asyncio.ensure_future(sock.recv_multipart())
-                done, _ = await asyncio.wait(
-                    {recv, ticker, stopping}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if recv not in done:
-                    recv.cancel()
-                    break  # broker silent too long, or stopping
-                heard = True
-                self._last_recv = time.monotonic()
-                if not self._handle(recv.result()):
-                    break  # broker told us to reconnect
+            await asyncio.wait({ended, ticker, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for t in (ticker, stopping):
                 t.cancel()
             if self._stopping.is_set():
                 try:
-                    await asyncio.wait_for(self._drain(sock), 2.0)
+                    await asyncio.wait_for(self._drain(), 2.0)
                 except TimeoutError:
                     pass
-                with contextlib.suppress(zmq.ZMQError):
-                    await sock.send_multipart([p.WORKER, p.W_DISCONNECT], zmq.NOBLOCK)
-            sender.cancel()
+                sock.send_now([p.WORKER, p.W_DISCONNECT])
+            self.outbox.attach(None)
             await self._abort_all()
             self.outbox.drop_all()
-            sock.close(0)
+            sock.close()
             self.sock = None
-        return heard
+        return self._heard
 
-    async def _drain(self, sock: zmq.asyncio.Socket) -> None:
+    async def _drain(self) -> None:
         """On shutdown: cancel running requests and send their final frames."""
         for task in list(self.active.values()):
             task.cancel(_CANCEL_REASON)
         if self.active:
             await asyncio.gather(*self.active.values(), return_exceptions=True)
-        while self.outbox.ready.is_set():
-            await asyncio.sleep(0)
+        while not self.outbox.empty:
+            await asyncio.sleep(0.001)
 
     async def _abort_all(self) -> None:
         tasks = list(self.active.values())
@@ -153,34 +164,17 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
         self.active.clear()
 
-    async def _heartbeats(self, sock: zmq.asyncio.Socket) -> None:
+    async def _heartbeats(self, sock: LoopSocket) -> None:
         """Send HEARTBEAT every interval; return when the broker is silent too long."""
         expiry = self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness
         while True:
             await asyncio.sleep(self.cfg.heartbeat_interval)
             if time.monotonic() - self._last_recv > expiry:
                 return
-            state = p.pack({"queue_length": len(self.active)})
-            await sock.send_multipart([p.WORKER, p.W_HEARTBEAT, state])
+            sock.send_now([p.WORKER, p.W_HEARTBEAT, p.pack({"queue_length": len(self.active)})])
             if getattr(self.engine, "dead", False):
                 log.error("engine is dead: leaving")
                 self._stopping.set()
-
-    async def _sender(self, sock: zmq.asyncio.Socket) -> None:
-        outbox = self.outbox
-        while True:
-            await outbox.ready.wait()
-            for client, started, finished, records in outbox.take():
-                # [ZSW1, TOKENS, client_id, header, payload]
-                await sock.send_multipart(
-                    [
-                        p.WORKER,
-                        p.W_TOKENS,
-                        client,
-                        p.encode_header(started, finished),
-                        p.encode_tokens(records),
-                    ]
-                )
 
     # ------------------------------------------------------------- messages
 

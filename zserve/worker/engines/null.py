@@ -45,10 +45,14 @@ class NullEngine(Engine):
         n = request.params.max_tokens or DEFAULT_MAX_TOKENS
         delay = self.token_delay
         usage = {"prompt_tokens": prompt_tokens}
+        # One engine step per token; with no delay the first token is
+        # instant and each later one waits one loop turn.
         for i in range(n - 1):
-            await asyncio.sleep(delay)  # one engine step per token
+            if delay or i:
+                await asyncio.sleep(delay)
             yield Delta(f"t{i} ", [i], usage=usage if i == 0 else None)
-        await asyncio.sleep(delay)
+        if delay or n > 1:
+            await asyncio.sleep(delay)
         yield Delta(
             f"t{n - 1} ",
             [n - 1],
