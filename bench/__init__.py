@@ -1,0 +1,1 @@
+"""Benchmarks for zserve (run with `python -m bench`)."""

@@ -1,0 +1,172 @@
+"""The one HTTP load generator for every row of the OpenAI-API benchmark (httpx, asyncio).
+
+Both workloads speak ``POST {base_url}/chat/completions`` (``base_url`` as the
+openai client takes it, e.g. ``http://127.0.0.1:8000/v1``) to a null engine,
+whose token i is the word ``t{i}``. Every response is checked: HTTP 200, the
+exact text ``t0 t1 ... t{n-1}`` (whitespace aside), ``finish_reason ==
+"length"``, and for streams the closing ``data: [DONE]``. Anything else raises
+`LoadGenError`: a benchmark never reports numbers from broken responses.
+
+* `latency`: sequential non-streaming requests on one keep-alive connection,
+  one sample per request (seconds, from sending the request to the parsed body).
+* `stream_throughput`: `concurrency` streaming requests at once, each reading
+  its SSE stream to the end; tokens are counted from the content deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+PROMPT = [{"role": "user", "content": "Say something."}]
+TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+
+
+class LoadGenError(RuntimeError):
+    """A response that was not the complete, correct null-engine output."""
+
+
+def expected_words(max_tokens: int) -> list[str]:
+    return [f"t{i}" for i in range(max_tokens)]
+
+
+def _check_text(text: str, max_tokens: int, finish_reason: Any, where: str) -> None:
+    words = text.split()
+    if words != expected_words(max_tokens):
+        shown = text if len(text) < 200 else text[:100] + " ... " + text[-100:]
+        raise LoadGenError(f"{where}: expected {max_tokens} tokens t0..t{max_tokens - 1}, "
+                           f"got {len(words)}: {shown!r}")  # fmt: skip
+    if finish_reason != "length":
+        raise LoadGenError(f"{where}: finish_reason {finish_reason!r}, expected 'length'")
+
+
+def _body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+
+
+async def _complete(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+    resp = await client.post(url, json=body)
+    if resp.status_code != 200:
+        raise LoadGenError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+    data = resp.json()
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise LoadGenError(f"malformed completion: {str(data)[:500]}") from exc
+    _check_text(text or "", body["max_tokens"], choice.get("finish_reason"), "completion")
+
+
+async def latency(
+    base_url: str,
+    model: str,
+    n: int,
+    *,
+    max_tokens: int = 1,
+    warmup: int = 20,
+) -> list[float]:
+    """Time `n` sequential non-streaming chat completions; return each one's seconds.
+
+    `warmup` untimed requests go first (connection set-up, caches, lazy imports).
+    """
+    url = base_url.rstrip("/") + "/chat/completions"
+    body = _body(model, max_tokens, stream=False)
+    samples: list[float] = []
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        for _ in range(warmup):
+            await _complete(client, url, body)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await _complete(client, url, body)
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def _stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, int]:
+    """Read one SSE stream to its end; return (tokens, content chunks)."""
+    parts: list[str] = []
+    finish_reason = None
+    done = False
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            raise LoadGenError(f"HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, event: lines
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                done = True
+                break
+            chunk = json.loads(payload)
+            choices = chunk.get("choices")
+            if not choices:
+                if "usage" in chunk:
+                    continue  # a usage-only chunk (stream_options.include_usage)
+                raise LoadGenError(f"stream error chunk: {payload[:500]}")
+            choice = choices[0]
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                parts.append(content)
+            if choice.get("finish_reason") is not None:
+                finish_reason = choice["finish_reason"]
+    if not done:
+        raise LoadGenError("stream ended without data: [DONE]")
+    max_tokens = body["max_tokens"]
+    _check_text("".join(parts), max_tokens, finish_reason, "stream")
+    return max_tokens, len(parts)
+
+
+async def stream_throughput(
+    base_url: str,
+    model: str,
+    concurrency: int,
+    max_tokens: int,
+    *,
+    rounds: int = 1,
+    warmup: bool = True,
+) -> dict[str, float]:
+    """Run `concurrency` streaming requests at once, `rounds` times back to back per slot.
+
+    Returns ``{"tokens", "seconds", "tok_s", "requests", "chunks"}``: tokens
+    received (verified), wall time from the first request to the last
+    ``[DONE]``, their ratio, and the request and content-chunk counts. With
+    `warmup`, one untimed round of `concurrency` short streams opens the
+    connections first.
+    """
+    url = base_url.rstrip("/") + "/chat/completions"
+    body = _body(model, max_tokens, stream=True)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as client:
+        if warmup:
+            short = _body(model, 2, stream=True)
+            await asyncio.gather(*(_stream_one(client, url, short) for _ in range(concurrency)))
+
+        async def slot() -> tuple[int, int]:
+            tokens = chunks = 0
+            for _ in range(rounds):
+                t, c = await _stream_one(client, url, body)
+                tokens += t
+                chunks += c
+            return tokens, chunks
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(slot() for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    tokens = sum(t for t, _ in results)
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_s": tokens / seconds,
+        "requests": concurrency * rounds,
+        "chunks": sum(c for _, c in results),
+    }
