@@ -24,8 +24,37 @@ import zmq
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 BATCH = 512  # messages handled per loop turn before yielding
+
+# pyzmq's sugar send_multipart/recv_multipart spend more time on flag enums
+# than ZeroMQ spends on small frames; these call the backend with plain ints.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Non-blocking multipart send; raises ``zmq.Again`` (nothing sent) when full.
+
+    ZeroMQ accepts or refuses a multipart message on its first frame, so a
+    refusal never leaves a partial message behind.
+    """
+    more = _NOBLOCK | _SNDMORE
+    last = len(frames) - 1
+    for i in range(last):
+        _send(sock, frames[i], more)
+    _send(sock, frames[last], _NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket) -> list[bytes]:
+    """Non-blocking multipart receive; raises ``zmq.Again`` when nothing waits."""
+    parts = [_recv(sock, _NOBLOCK)]
+    while _get(sock, _RCVMORE):
+        parts.append(_recv(sock, _NOBLOCK))
+    return parts
 
 
 class LoopSocket:
@@ -57,7 +86,6 @@ class LoopSocket:
             return
         sock = self.sock
         getsockopt = sock.getsockopt
-        recv = sock.recv_multipart
         for _ in range(BATCH):
             ev = getsockopt(_EVENTS)
             if self._out and ev & _POLLOUT:
@@ -66,7 +94,7 @@ class LoopSocket:
             if not ev & _POLLIN:
                 return
             try:
-                frames = recv(_NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             self.on_message(frames)
@@ -76,10 +104,10 @@ class LoopSocket:
 
     def _flush_out(self) -> None:
         out = self._out
-        send = self.sock.send_multipart
+        sock = self.sock
         while out:
             try:
-                send(out[0], _NOBLOCK)
+                send_frames(sock, out[0])
             except zmq.Again:
                 return
             out.popleft()
@@ -94,7 +122,7 @@ class LoopSocket:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
         if not self._out:
             try:
-                self.sock.send_multipart(frames, _NOBLOCK)
+                send_frames(self.sock, frames)
             except zmq.Again:
                 pass
             else:
@@ -119,7 +147,7 @@ class LoopSocket:
         if self.closed or self._out:
             return False
         try:
-            self.sock.send_multipart(frames, _NOBLOCK)
+            send_frames(self.sock, frames)
         except zmq.ZMQError:
             return False
         self._schedule()

@@ -30,7 +30,7 @@ from zserve._client_core import (
     sampling_params,
     to_delta,
 )
-from zserve._loopsock import LoopSocket
+from zserve._loopsock import LoopSocket, recv_frames, send_frames
 from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
 from zserve.protocol import Delta
 
@@ -138,25 +138,27 @@ class Client(_Base):
     ) -> None:
         super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
         self._sock = _dealer(zmq.Context.instance(), address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
 
     def _send(self, frames: list[bytes], quiet: bool = False) -> None:
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._sock, frames)
         except zmq.Again:
             if quiet or not self._sock.poll(self.connect_timeout * 1000, zmq.POLLOUT):
                 if quiet:
                     return
                 raise BrokerUnreachable(f"no broker at {self.address}") from None
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self._sock, frames)
         self._last_send = time.monotonic()
 
     def _pump(self, timeout: float) -> None:
         """Wait up to ``timeout`` for broker messages and route them."""
-        if self._sock.poll(timeout * 1000, zmq.POLLIN):
+        if self._poller.poll(timeout * 1000):
             self._last_recv = time.monotonic()
             while True:
                 try:
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    frames = recv_frames(self._sock)
                 except zmq.Again:
                     break
                 self._core.on_message(frames)
@@ -276,6 +278,38 @@ class AsyncStream:
         if d.finish_reason is not None:
             self._finished = True
         return d
+
+    async def next_batch(self) -> list[Delta]:
+        """Every delta received so far and not yet read (waiting for at least
+        one), in order; ``[]`` once the stream has ended. An error record
+        raises its exception, after the deltas before it have been returned."""
+        if self._finished:
+            return []
+        if self._frames is not None:
+            await self.start()
+        st = self._state
+        while not st.records:
+            fut = asyncio.get_running_loop().create_future()
+            st.waiter = fut
+            try:
+                await fut
+            finally:
+                st.waiter = None
+        out: list[Delta] = []
+        records = st.records
+        while records:
+            if out and records[0][3] in (p.FINISH_ERROR, p.FINISH_CANCELLED):
+                break  # deliver what came before; the next call raises
+            try:
+                d = to_delta(records.popleft())
+            except ZServeError:
+                self._finished = True
+                raise
+            out.append(d)
+            if d.finish_reason is not None:
+                self._finished = True
+                break
+        return out
 
     async def aclose(self) -> None:
         """Stop reading; cancels the request if it is still running."""

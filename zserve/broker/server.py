@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from zserve import protocol as p
+from zserve._loopsock import recv_frames, send_frames
 from zserve.broker.dispatch import make_policy
 from zserve.broker.registry import Registry, RequestKey, WorkerState
 from zserve.protocol import WorkerInfo
@@ -31,6 +32,8 @@ from zserve.protocol import WorkerInfo
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 @dataclass(eq=False)
@@ -143,10 +146,9 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:
         for _ in range(DRAIN_BATCH):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
+            frames = recv_frames(sock)
             try:
                 handler(frames)
             except (ValueError, TypeError, KeyError, UnicodeDecodeError, IndexError) as e:
@@ -464,7 +466,7 @@ class Broker:
 
     def _send_worker(self, wid: bytes, frames: list[bytes]) -> None:
         try:
-            self.backend.send_multipart([wid, *frames], zmq.NOBLOCK)
+            send_frames(self.backend, [wid, *frames])
         except zmq.ZMQError as e:  # EHOSTUNREACH (gone) or EAGAIN (full)
             self.counters["worker_send_failed"] += 1
             w = self.registry.get(wid)
@@ -473,7 +475,7 @@ class Broker:
 
     def _send_client(self, client: bytes, frames: list[bytes]) -> bool:
         try:
-            self.frontend.send_multipart([client, *frames], zmq.NOBLOCK)
+            send_frames(self.frontend, [client, *frames])
             return True
         except zmq.ZMQError as e:
             self._client_unreachable(client, frames, e)
@@ -513,7 +515,7 @@ class Broker:
     def _retry_undelivered(self, client: bytes, c: ClientState) -> None:
         payload = p.encode_tokens(c.undelivered)
         try:
-            self.frontend.send_multipart([client, p.CLIENT, p.C_TOKENS, payload], zmq.NOBLOCK)
+            send_frames(self.frontend, [client, p.CLIENT, p.C_TOKENS, payload])
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 c.undelivered.clear()
