@@ -28,6 +28,11 @@ def test_shortest_queue_spreads_long_requests_evenly(stack):
         for s in streams:
             s.close()
     wait_for(lambda: sum(_in_flight(stack)) == 0, 10, "cancels to free every slot")
+    wait_for(
+        lambda: all(w["queue_length"] == 0 for w in stack.status()["workers"]),
+        5,
+        "every worker idle",
+    )
 
 
 def test_lottery_dispatches_in_proportion_to_speed(stack):

@@ -187,6 +187,7 @@ class Worker:
             self._handle_request(frames[2], frames[3], frames[4], frames[5])
         elif cmd == p.W_CANCEL and len(frames) == 4:
             task = self.active.get((frames[2], frames[3]))
+            log.debug("CANCEL %r: %s", frames[3], "running" if task else "not running")
             if task is not None:
                 task.cancel(_CANCEL_REASON)
         elif cmd == p.W_HEARTBEAT:
@@ -216,6 +217,15 @@ class Worker:
         self._seq += 1
         task = asyncio.create_task(self._serve(client, rid, model, req, f"{self._seq}"))
         self.active[key] = task
+        task.add_done_callback(lambda t: self._never_started(client, rid, t))
+
+    def _never_started(self, client: bytes, rid: bytes, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never runs ``_serve``'s
+        cleanup (REQUEST and CANCEL in one batch): end the request here."""
+        if self.active.get((client, rid)) is task:
+            del self.active[(client, rid)]
+            if self.sock is not None:
+                self.outbox.put(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), True)
 
     def _final_error(self, client: bytes, rid: bytes, e: ZServeError) -> None:
         self.outbox.put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), False)
