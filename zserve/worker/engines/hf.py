@@ -1,0 +1,365 @@
+"""The ``hf`` engine: transformers models with continuous batching (the seed's ModelWorker).
+
+One worker may serve several models (``--model`` repeated, ``--model-names``
+for their served names, like FastChat's multi_model_worker); requests are
+routed by ``request.model``.
+
+* **Causal LMs** generate. ``request.messages`` go through the tokenizer's
+  chat template, ``request.prompt`` is tokenized as is. Concurrent requests
+  are batched by one background thread per model (``hf_batch``): new
+  requests join at step boundaries, finished and aborted ones leave.
+  Deltas carry whole UTF-8 characters only (``hf_detok``) and the token ids
+  produced with them. Greedy output (temperature 0) equals transformers'
+  ``generate(do_sample=False)``.
+* **Encoder models** (BERT, MiniLM...: no ``*ForCausalLM`` architecture) serve
+  embeddings only: mean pooling over the attention mask, L2-normalised (the
+  sentence-transformers recipe FastChat uses). A causal LM also embeds, the
+  same way over its last hidden state.
+
+Limits, chosen and documented here:
+
+* A prompt of ``context_length`` tokens or more raises ``ContextOverflow``.
+* ``max_tokens`` is clamped so that prompt + output fits the context; a
+  request that fills the context ends with finish reason ``"length"``.
+  ``max_tokens=None`` means "until EOS or the context is full".
+* Embedding inputs longer than the model's maximum length are truncated to
+  it (``max_seq_length`` of ``sentence_bert_config.json`` when present, as
+  sentence-transformers does, else the model's context length).
+* The text of the token that ends a request (EOS or a ``stop_token_ids``
+  token) is not sent; its id is, and it counts as a completion token.
+* Logprobs are the model's raw distribution (before penalties/temperature).
+
+Engine arguments (``--engine-arg K=V``): ``max_batch_size`` (default 256),
+``prefill_budget`` (prompt tokens admitted per step, default 4096),
+``embed_batch_size`` (default 32), ``task`` (``generate`` | ``embed``: force
+how every model is used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from zserve.errors import BadRequest, ContextOverflow, EngineError, ModelNotFound
+from zserve.protocol import FINISH_ERROR, FINISH_STOP, Delta
+from zserve.worker.engine import Engine, GenerateRequest
+from zserve.worker.engines.hf_detok import IncrementalDetokenizer
+from zserve.worker.engines.hf_load import ServedModel, is_causal, load_model, resolve_model_path
+from zserve.worker.options import EngineOptions
+from zserve.worker.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+ABORT_WAIT = 30.0  # seconds abort() waits for the batch thread to drop a row
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    def __init__(
+        self,
+        models: list[tuple[str, list[str]]],
+        device: str = "auto",
+        dtype: str = "auto",
+        context_length: int | None = None,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("the hf engine needs at least one --model")
+        self._specs: list[tuple[str, bool, list[str]]] = []
+        for path, names in models:
+            where, local = resolve_model_path(path)
+            self._specs.append((where, local, names))
+        self.models = [n for _, names in models for n in names]
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"served model names must be unique: {self.models}")
+        self.device_option = device
+        self.dtype_option = dtype
+        self.context_override = context_length
+        args = dict(engine_args or {})
+        self.max_batch_size = int(args.pop("max_batch_size", 256))
+        self.prefill_budget = int(args.pop("prefill_budget", 4096))
+        self.embed_batch_size = int(args.pop("embed_batch_size", 32))
+        self.task = args.pop("task", None)
+        if self.task not in (None, "generate", "embed"):
+            raise ValueError(f"task must be generate or embed, not {self.task!r}")
+        if args:
+            raise ValueError(f"unknown hf engine arguments: {', '.join(sorted(args))}")
+        self._served: dict[str, ServedModel] = {}
+        # request id -> (its Sequence, the model running it), until it leaves the batch
+        self._seqs: dict[str, tuple[Any, ServedModel]] = {}
+
+    @classmethod
+    def from_options(cls, opts: EngineOptions) -> HFEngine:
+        return cls(
+            list(zip(opts.models, opts.served_names(), strict=True)),
+            device=opts.device,
+            dtype=opts.dtype,
+            context_length=opts.context_length,
+            engine_args=opts.engine_args,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        from zserve.worker.engines.hf_batch import BatchRunner
+
+        loaded: list[ServedModel] = []
+        try:
+            for where, local, names in self._specs:
+                sm = await asyncio.to_thread(
+                    load_model,
+                    where,
+                    local,
+                    names,
+                    self.device_option,
+                    self.dtype_option,
+                    self.context_override,
+                    self.task,
+                )
+                if sm.task == "generate":
+                    sm.runner = BatchRunner(
+                        sm.model, names[0], self.max_batch_size, self.prefill_budget
+                    )
+                    sm.runner.start()
+                loaded.append(sm)
+                for n in names:
+                    self._served[n] = sm
+        except BaseException:
+            await self.close()  # stop the batch threads already started
+            raise
+        gen = [m.context_length for m in loaded if m.task == "generate"]
+        self.context_length = min(gen or [m.context_length for m in loaded])
+
+    async def close(self) -> None:
+        runners = {id(m): m.runner for m in self._served.values() if m.runner is not None}
+        for r in runners.values():
+            await asyncio.to_thread(r.close)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for benches: decode steps, largest batch, requests active..."""
+        runners = {id(m): m.runner for m in self._served.values() if m.runner is not None}
+        rs = list(runners.values())
+        return {
+            "steps": sum(r.steps for r in rs),
+            "prefills": sum(r.prefills for r in rs),
+            "tokens": sum(r.tokens for r in rs),
+            "max_batch_size": max((r.max_batch_seen for r in rs), default=0),
+            "active": sum(r.active for r in rs),
+        }
+
+    # ------------------------------------------------------------ helpers
+
+    def _model(self, name: str) -> ServedModel:
+        sm = self._served.get(name)
+        if sm is None:
+            if not self._served and name in self.models:
+                raise EngineError("engine not started")
+            raise ModelNotFound(f"this worker does not serve {name!r}")
+        return sm
+
+    def _prompt_ids(self, sm: ServedModel, request: GenerateRequest) -> list[int]:
+        tok = sm.tokenizer
+        if request.messages is not None:
+            messages = [_plain_message(m) for m in request.messages]
+            if getattr(tok, "chat_template", None):
+                try:
+                    text = tok.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=False
+                    )
+                except Exception as e:  # jinja errors: role order, missing keys...
+                    raise BadRequest(f"chat template failed: {e}") from e
+            else:
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+                text += "assistant:"
+            return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if request.prompt is None:
+            raise BadRequest("one of prompt or messages is required")
+        return list(tok(request.prompt, verbose=False)["input_ids"])
+
+    # ------------------------------------------------------------ generate
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        from zserve.worker.engines.hf_batch import Sequence
+        from zserve.worker.engines.hf_sampling import SamplerState
+
+        sm = self._model(request.model)
+        if sm.runner is None:
+            raise BadRequest(f"model {request.model!r} serves embeddings only")
+        params = request.params
+        try:
+            params.validate()
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        if request.request_id in self._seqs:
+            raise BadRequest(f"request id {request.request_id!r} is already running")
+        prompt_ids = self._prompt_ids(sm, request)
+        n_prompt = len(prompt_ids)
+        if n_prompt == 0:
+            raise BadRequest("the prompt is empty")
+        if n_prompt >= sm.context_length:
+            raise ContextOverflow(
+                f"the prompt has {n_prompt} tokens; this model's context is "
+                f"{sm.context_length} tokens"
+            )
+        room = sm.context_length - n_prompt
+        max_new = min(params.max_tokens or room, room)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            max_new=max_new,
+            eos_ids=frozenset() if params.ignore_eos else sm.eos_ids,
+            stop_ids=frozenset(params.stop_token_ids),
+            sampler=SamplerState.create(params, prompt_ids, sm.vocab_size, sm.runner.device),
+            loop=asyncio.get_running_loop(),
+        )
+        rid = request.request_id
+
+        def forget() -> None:
+            if self._seqs.get(rid, (None,))[0] is seq:
+                del self._seqs[rid]
+
+        seq.on_done = forget
+        self._seqs[rid] = (seq, sm)
+        try:
+            sm.runner.add(seq)
+        except RuntimeError as e:  # closed
+            forget()
+            raise EngineError(str(e)) from e
+
+        detok = IncrementalDetokenizer(sm.tokenizer, prompt_ids)
+        stops = StopMatcher(params.stop)
+        want_lp = params.logprobs is not None
+        usage: dict[str, int] | None = {"prompt_tokens": n_prompt}
+        count = 0
+        ended = False
+        try:
+            while not ended:
+                if not seq.pending:
+                    if seq.done.is_set():
+                        return  # aborted (engine.abort) while we were reading
+                    seq.ready.clear()
+                    await seq.ready.wait()
+                    continue
+                steps, seq.pending = seq.pending, []
+                ids: list[int] = []
+                parts: list[str] = []
+                finish: str | None = None
+                # Token by token, so that a stop string ends the ids where it ends.
+                for st in steps:
+                    if st.finish == FINISH_ERROR:
+                        ended = True
+                        raise EngineError(st.error or "generation failed")
+                    ids.append(st.token)
+                    finish = st.finish
+                    stopped_by_token = finish == FINISH_STOP and (
+                        st.token in seq.stop_ids or st.token in seq.eos_ids
+                    )
+                    # The stopping token's text is not sent.
+                    piece = "" if stopped_by_token else detok.push([st.token])
+                    if finish is not None:
+                        piece += detok.flush()
+                    piece, hit = stops.feed(piece)
+                    parts.append(piece)
+                    if hit:
+                        finish = FINISH_STOP
+                    elif finish is not None:
+                        parts.append(stops.flush())
+                    if finish is not None:
+                        break
+                count += len(ids)
+                text = "".join(parts)
+                logprobs = None
+                if want_lp:
+                    logprobs = [_lp_entry(sm, s) for s in steps[: len(ids)]]
+                if finish is not None:
+                    ended = True
+                    usage = {"prompt_tokens": n_prompt, "completion_tokens": count}
+                yield Delta(text, ids, finish, usage, logprobs)
+                usage = None
+        finally:
+            if not seq.gone:
+                seq.cancelled = True
+                sm.runner.wake()
+
+    async def abort(self, request_id: str) -> None:
+        entry = self._seqs.get(request_id)
+        if entry is None:
+            return
+        seq, sm = entry
+        seq.cancelled = True
+        sm.runner.wake()
+        try:
+            await asyncio.wait_for(seq.done.wait(), ABORT_WAIT)
+        except TimeoutError:
+            log.warning("request %s still in the batch %.0f s after abort", request_id, ABORT_WAIT)
+
+    # ------------------------------------------------------------ embeddings
+
+    async def embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Unit vectors by mean pooling; texts longer than the model's max length are truncated."""
+        sm = self._model(model)
+        if not texts:
+            return [], 0
+        return await asyncio.to_thread(self._embed_sync, sm, texts)
+
+    def _embed_sync(self, sm: ServedModel, texts: list[str]) -> tuple[list[list[float]], int]:
+        import torch
+
+        vectors: list[list[float]] = []
+        n_tokens = 0
+        device = next(sm.model.parameters()).device
+        tok = sm.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.embed_batch_size):
+                batch = texts[i : i + self.embed_batch_size]
+                enc = tok(
+                    batch,
+                    padding=True,
+                    truncation=True,
+                    max_length=sm.embed_max_length,
+                    return_tensors="pt",
+                ).to(device)
+                if is_causal(sm.model):
+                    out = sm.model(**enc, output_hidden_states=True)
+                    hidden = out.hidden_states[-1]
+                else:
+                    hidden = sm.model(**enc)[0]
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
+                vectors.extend(pooled.cpu().tolist())
+                n_tokens += int(enc["attention_mask"].sum())
+        return vectors, n_tokens
+
+    async def count_tokens(self, model: str, text: str) -> int:
+        """Tokens ``text`` takes as a prompt (special tokens included)."""
+        sm = self._model(model)
+        return len(sm.tokenizer(text, verbose=False)["input_ids"])
+
+
+def _plain_message(m: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI content parts ([{type: text, text}...]) become one string."""
+    content = m.get("content")
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+        m = {**m, "content": "".join(parts)}
+    elif content is None:
+        m = {**m, "content": ""}
+    return m
+
+
+def _lp_entry(sm: ServedModel, step: Any) -> dict[str, Any]:
+    return {
+        "token": sm.text_of(step.token),
+        "logprob": step.logprob,
+        "top_logprobs": [{"token": sm.text_of(t), "logprob": lp} for t, lp in step.top or []],
+    }
+
+
+__all__ = ["HFEngine"]

@@ -1,0 +1,374 @@
+"""Continuous batching for the hf engine: one background thread per model.
+
+Each loop iteration of the thread is one *engine step*:
+
+1. drop the rows whose request was aborted;
+2. admit new requests: each prompt is prefilled on its own (no padding, so
+   its first token is exactly what ``generate`` computes), its first token
+   sampled, and its KV cache merged into the batch;
+3. run one forward pass over every row of the batch (one new token each),
+   sample every row with its own parameters, and retire finished rows;
+4. hand all the new tokens to the asyncio side in one
+   ``loop.call_soon_threadsafe`` per phase.
+
+The batch KV cache is left-padded: row ``i`` keeps its real tokens at the
+right end, the attention mask zeroes the padding and each row gets its own
+``position_ids``, so every row computes what it would compute alone (up to
+floating-point summation order). Rows leave by index selection; columns that
+became padding in every remaining row are trimmed.
+
+torch releases the GIL inside its kernels, so the event loop stays free
+while the thread computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from zserve.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
+from zserve.worker.engines.hf_sampling import SamplerState, sample
+
+log = logging.getLogger(__name__)
+
+
+class Step(NamedTuple):
+    """One generated token as the batch thread reports it."""
+
+    token: int  # -1 on error
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the batch thread (fields after ``loop``: runtime state)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new: int  # output tokens allowed (already clamped to the context)
+    eos_ids: frozenset[int]  # empty when ignore_eos
+    stop_ids: frozenset[int]
+    sampler: SamplerState
+    loop: asyncio.AbstractEventLoop
+    # asyncio side (touched only in the loop's thread)
+    pending: list[Step] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)  # left the batch
+    on_done: Callable[[], None] | None = None
+    # written by the asyncio side, read by the thread
+    cancelled: bool = False
+    # batch-thread side
+    gone: bool = False  # removed from the batch (finished, aborted, failed)
+    cache_len: int = 0  # real tokens in this row's KV cache
+    generated: int = 0
+    last_token: int = -1  # sampled, not yet in the cache
+
+
+# (request, its new token or None, whether the request has left the batch)
+Event = tuple[Sequence, Step | None, bool]
+
+
+def _deliver(items: list[Event]) -> None:
+    """Runs in the event loop: hand steps to their requests."""
+    for seq, step, last in items:
+        if step is not None:
+            seq.pending.append(step)
+        if step is not None or last:
+            seq.ready.set()
+        if last and not seq.done.is_set():
+            seq.done.set()
+            if seq.on_done is not None:
+                seq.on_done()
+
+
+class BatchRunner:
+    """The batch thread of one causal LM."""
+
+    def __init__(
+        self,
+        model: Any,
+        name: str = "model",
+        max_batch_size: int = 256,
+        prefill_budget: int = 4096,
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.prefill_budget = prefill_budget  # prompt tokens admitted per step
+        self._keep_kw: dict[str, Any] = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(model.forward).parameters
+            else {}
+        )
+        self._cv = threading.Condition()
+        self._incoming: list[Sequence] = []
+        self._wake = False
+        self._closed = False
+        self.rows: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cached length], 1 = real token
+        # Counters a bench can read.
+        self.steps = 0  # batched decode forward passes
+        self.prefills = 0  # prompts prefilled
+        self.tokens = 0  # tokens generated
+        self.max_batch_seen = 0  # largest decode batch so far
+        self._thread = threading.Thread(target=self._run, name=f"zserve-hf-{name}", daemon=True)
+
+    # ------------------------------------------------------------ control
+
+    @property
+    def active(self) -> int:
+        """Requests waiting or in the batch."""
+        return len(self.rows) + len(self._incoming)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, seq: Sequence) -> None:
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._incoming.append(seq)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._wake = True
+            self._cv.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ thread
+
+    def _attention_backends(self) -> contextlib.AbstractContextManager[Any]:
+        """On CUDA, keep SDPA off cuDNN: its attention builds a plan for every new
+        sequence length (tens of ms each, seen on an H100 in bf16), and a decode
+        batch meets a new length at every step."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        )
+
+    def _run(self) -> None:
+        with torch.inference_mode(), self._attention_backends():
+            while True:
+                with self._cv:
+                    while not (self._closed or self._incoming or self.rows or self._wake):
+                        self._cv.wait()
+                    if self._closed:
+                        break
+                    self._wake = False
+                    incoming = self._take_incoming()
+                events: list[Event] = []
+                try:
+                    self._drop_cancelled(events)
+                    if incoming:
+                        self._admit(incoming, events)
+                        self._post(events)
+                    if self.rows:
+                        self._decode(events)
+                except Exception as e:  # fail what was running, keep serving
+                    log.exception("batch step failed")
+                    self._fail([*incoming, *self.rows], f"{type(e).__name__}: {e}", events)
+                    self._reset()
+                self._post(events)
+        events = []
+        with self._cv:
+            left, self._incoming = self._incoming, []
+        self._fail([*left, *self.rows], "engine closed", events)
+        self._reset()
+        self._post(events)
+
+    def _take_incoming(self) -> list[Sequence]:
+        """Requests to admit this step: prompt tokens within the budget, at least one."""
+        room = self.max_batch_size - len(self.rows)
+        taken: list[Sequence] = []
+        budget = self.prefill_budget
+        while self._incoming and len(taken) < room:
+            seq = self._incoming[0]
+            if taken and len(seq.prompt_ids) > budget:
+                break
+            budget -= len(seq.prompt_ids)
+            taken.append(self._incoming.pop(0))
+        return taken
+
+    def _post(self, events: list[Event]) -> None:
+        """One hand-off per event loop for everything this phase produced."""
+        if not events:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[Event]] = {}
+        for item in events:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+        events.clear()
+
+    def _fail(self, seqs: list[Sequence], message: str, events: list[Event]) -> None:
+        for seq in seqs:
+            if not seq.gone:
+                seq.gone = True
+                events.append((seq, Step(-1, finish=FINISH_ERROR, error=message), True))
+
+    def _reset(self) -> None:
+        self.rows = []
+        self._cache = None
+        self._mask = None
+
+    def _finish(self, seq: Sequence, token: int) -> str | None:
+        seq.generated += 1
+        seq.last_token = token
+        self.tokens += 1
+        if token in seq.stop_ids or token in seq.eos_ids:
+            return FINISH_STOP
+        if seq.generated >= seq.max_new:
+            return FINISH_LENGTH
+        return None
+
+    # ------------------------------------------------------------ batch edits
+
+    def _drop_cancelled(self, events: list[Event]) -> None:
+        keep = [i for i, s in enumerate(self.rows) if not s.cancelled]
+        if len(keep) == len(self.rows):
+            return
+        for s in self.rows:
+            if s.cancelled:
+                s.gone = True
+                events.append((s, None, True))
+        self._select(keep)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these rows; trim columns that are padding in all of them."""
+        if not keep:
+            self._reset()
+            return
+        assert self._cache is not None and self._mask is not None
+        idx = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, idx)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        self.rows = [self.rows[i] for i in keep]
+
+    def _admit(self, incoming: list[Sequence], events: list[Event]) -> None:
+        joiners: list[tuple[Sequence, DynamicCache]] = []
+        for seq in incoming:
+            if seq.cancelled:
+                seq.gone = True
+                events.append((seq, None, True))
+                continue
+            ids = torch.tensor([seq.prompt_ids], device=self.device)
+            cache = DynamicCache()
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=cache,
+                use_cache=True,
+                **self._keep_kw,
+            )
+            self.prefills += 1
+            seq.cache_len = ids.shape[1]
+            token, lp, top = sample(out.logits[:, -1, :].float(), [seq.sampler])[0]
+            finish = self._finish(seq, token)
+            if finish is not None:
+                seq.gone = True
+            else:
+                joiners.append((seq, cache))
+            events.append((seq, Step(token, lp, top, finish), seq.gone))
+        if joiners:
+            self._merge(joiners)
+
+    def _merge(self, joiners: list[tuple[Sequence, DynamicCache]]) -> None:
+        """Left-pad the batch and the new rows to one length and stack them."""
+        old = self._mask.shape[1] if self._mask is not None else 0
+        target = max([old] + [s.cache_len for s, _ in joiners])
+        masks = [] if self._mask is None else [F.pad(self._mask, (target - old, 0))]
+        for s, _ in joiners:
+            masks.append(
+                F.pad(
+                    torch.ones(1, s.cache_len, dtype=torch.long, device=self.device),
+                    (target - s.cache_len, 0),
+                )
+            )
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for li in range(len(joiners[0][1].layers)):
+            ks: list[torch.Tensor] = []
+            vs: list[torch.Tensor] = []
+            if self._cache is not None:
+                layer = self._cache.layers[li]
+                ks.append(F.pad(layer.keys, (0, 0, target - old, 0)))
+                vs.append(F.pad(layer.values, (0, 0, target - old, 0)))
+            for s, c in joiners:
+                ks.append(F.pad(c.layers[li].keys, (0, 0, target - s.cache_len, 0)))
+                vs.append(F.pad(c.layers[li].values, (0, 0, target - s.cache_len, 0)))
+            layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+        if self._cache is None:
+            self._cache = DynamicCache()
+            for li, (k, v) in enumerate(layers):
+                self._cache.update(k, v, li)
+        else:
+            for layer, (k, v) in zip(self._cache.layers, layers, strict=True):
+                layer.keys, layer.values = k, v
+        self._mask = torch.cat(masks, 0)
+        self.rows.extend(s for s, _ in joiners)
+
+    def _decode(self, events: list[Event]) -> None:
+        """One forward pass for every row: one new token each."""
+        assert self._cache is not None and self._mask is not None
+        rows = self.rows
+        n = len(rows)
+        input_ids = torch.tensor([[s.last_token] for s in rows], device=self.device)
+        positions = torch.tensor([[s.cache_len] for s in rows], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(n, 1)], 1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            **self._keep_kw,
+        )
+        self._mask = mask
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, n)
+        sampled = sample(out.logits[:, -1, :].float(), [s.sampler for s in rows])
+        keep: list[int] = []
+        for i, (seq, (token, lp, top)) in enumerate(zip(rows, sampled, strict=True)):
+            seq.cache_len += 1
+            finish = self._finish(seq, token)
+            if finish is not None or seq.cancelled:
+                seq.gone = True
+            else:
+                keep.append(i)
+            events.append((seq, Step(token, lp, top, finish), seq.gone))
+        if len(keep) != n:
+            self._select(keep)
+
+
+__all__ = ["BatchRunner", "Sequence", "Step"]
