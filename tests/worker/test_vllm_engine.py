@@ -1,0 +1,331 @@
+"""The vllm engine in-process on the tiny model: one engine for the module (~25 s to start)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from zserve.errors import BadRequest, ContextOverflow, EngineError
+from zserve.launcher import wait_for
+from zserve.protocol import Delta, SamplingParams
+from zserve.worker.engine import GenerateRequest
+from zserve.worker.engines import load_engine
+from zserve.worker.options import EngineOptions
+
+pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from zserve.worker.engines.vllm import VLLMEngine  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+# Every async test shares the module's event loop, where the engine lives.
+on_engine_loop = pytest.mark.asyncio(loop_scope="module")
+
+CONTEXT = 256
+# Small and quick on CPU: no torch.compile warm-up, a 64 MiB KV cache.
+ENGINE_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
+PROMPTS = [
+    "The morning train left the station at seven",
+    "Once upon a time there was a small dragon who lived in a cave",
+]
+_ids = itertools.count()
+
+
+def request(prompt: str | None = None, **params: Any) -> GenerateRequest:
+    messages = params.pop("messages", None)
+    return GenerateRequest(f"v{next(_ids)}", "tiny", prompt, messages, SamplingParams(**params))
+
+
+async def run(engine: VLLMEngine, req: GenerateRequest) -> list[Delta]:
+    async with asyncio.timeout(60):
+        return [d async for d in engine.generate(req)]
+
+
+def ids_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids or []]
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+async def wait_until(cond: Any, timeout: float, what: str) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+    assert cond(), what
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(tiny_model_dir: Path) -> AsyncIterator[VLLMEngine]:
+    opts = EngineOptions(
+        models=[str(tiny_model_dir)],
+        model_names=[["tiny", "tiny-alias"]],
+        dtype="float32",
+        context_length=CONTEXT,
+        engine_args=dict(ENGINE_ARGS),
+    )
+    eng = load_engine("vllm", opts)
+    assert isinstance(eng, VLLMEngine)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.close()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir: Path) -> tuple[Any, Any]:
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, local_files_only=True, dtype=torch.float32
+    )
+    return model.eval(), tok
+
+
+def greedy_ref(ref: tuple[Any, Any], ids: list[int], n: int) -> list[int]:
+    model, _ = ref
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n
+        )
+    return out[0, len(ids) :].tolist()
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_options_reject_unknown_engine_args_and_several_models(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="no_such_arg"):
+        VLLMEngine.from_options(
+            EngineOptions(models=[str(tiny_model_dir)], engine_args={"no_such_arg": 1})
+        )
+    with pytest.raises(ValueError, match="one model"):
+        VLLMEngine.from_options(EngineOptions(models=["a", "b"]))
+    eng = VLLMEngine.from_options(
+        EngineOptions(
+            models=[str(tiny_model_dir)],
+            dtype="bfloat16",
+            context_length=128,
+            engine_args={"tensor_parallel_size": 1, "max_model_len": 64},
+        )
+    )
+    assert eng.models == [tiny_model_dir.name]
+    assert eng.engine_args["dtype"] == "bfloat16"
+    assert eng.engine_args["max_model_len"] == 64  # the explicit engine argument wins
+    assert eng.engine_args["tensor_parallel_size"] == 1
+
+
+# ---------------------------------------------------------------- generation
+
+
+@on_engine_loop
+async def test_engine_serves_its_names_and_context(engine: VLLMEngine) -> None:
+    assert engine.models == ["tiny", "tiny-alias"]
+    assert engine.context_length == CONTEXT
+    assert not engine.dead
+
+
+@on_engine_loop
+async def test_greedy_equals_transformers_generate(engine: VLLMEngine, ref: Any) -> None:
+    n = 24
+    _, tok = ref
+    results = await asyncio.gather(
+        *(run(engine, request(p, max_tokens=n, temperature=0)) for p in PROMPTS)
+    )
+    for prompt, deltas in zip(PROMPTS, results, strict=True):
+        pids = tok(prompt)["input_ids"]
+        expected = greedy_ref(ref, pids, n)
+        assert ids_of(deltas) == expected, prompt
+        last = deltas[-1]
+        assert last.finish_reason == ("stop" if expected[-1] == tok.eos_token_id else "length")
+        assert last.usage == {"prompt_tokens": len(pids), "completion_tokens": len(expected)}
+        assert deltas[0].usage is not None and deltas[0].usage["prompt_tokens"] == len(pids)
+        assert all(d.finish_reason is None for d in deltas[:-1])
+        assert text_of(deltas) == tok.decode(expected, skip_special_tokens=True)
+
+
+@on_engine_loop
+async def test_chat_goes_through_the_template(engine: VLLMEngine, ref: Any) -> None:
+    _, tok = ref
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]},
+    ]
+    deltas = await run(engine, request(messages=messages, max_tokens=10, temperature=0))
+    text = "<s><|system|>\nBe brief.</s>\n<|user|>\nTell me a story</s>\n<|assistant|>\n"
+    pids = tok(text, add_special_tokens=False)["input_ids"]
+    assert deltas[-1].usage is not None
+    assert deltas[-1].usage["prompt_tokens"] == len(pids)
+    assert ids_of(deltas) == greedy_ref(ref, pids, 10)
+
+
+@on_engine_loop
+async def test_seeded_sampling_is_reproducible(engine: VLLMEngine) -> None:
+    def req(seed: int) -> GenerateRequest:
+        return request(PROMPTS[0], max_tokens=16, temperature=1.0, top_k=50, seed=seed)
+
+    a, b, c = await asyncio.gather(run(engine, req(7)), run(engine, req(7)), run(engine, req(8)))
+    assert ids_of(a) == ids_of(b)
+    assert text_of(a) == text_of(b)
+    assert ids_of(a) != ids_of(c)
+
+
+@on_engine_loop
+async def test_stop_strings_and_stop_token_ids(engine: VLLMEngine) -> None:
+    full = await run(engine, request(PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True))
+    ids, text = ids_of(full), text_of(full)
+    # A stop string taken from the middle of the greedy text.
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    cut = text.find(stop)
+    deltas = await run(engine, request(PROMPTS[1], max_tokens=24, temperature=0, stop=[stop]))
+    assert text_of(deltas) == text[:cut]
+    assert deltas[-1].finish_reason == "stop"
+    # A stop token id: the output ends with its first occurrence.
+    tid = ids[8]
+    k = ids.index(tid)
+    deltas = await run(
+        engine, request(PROMPTS[1], max_tokens=24, temperature=0, stop_token_ids=[tid])
+    )
+    assert ids_of(deltas) == ids[: k + 1]
+    assert deltas[-1].finish_reason == "stop"
+
+
+@on_engine_loop
+async def test_max_tokens_and_repetition_penalty(engine: VLLMEngine) -> None:
+    deltas = await run(engine, request(PROMPTS[0], max_tokens=5, temperature=0))
+    assert len(ids_of(deltas)) == 5
+    assert deltas[-1].finish_reason == "length"
+    assert deltas[-1].usage is not None and deltas[-1].usage["completion_tokens"] == 5
+    # repetition_penalty reaches the sampler: a strong one changes the greedy path.
+    plain = await run(engine, request(PROMPTS[0], max_tokens=32, temperature=0))
+    penal = await run(
+        engine, request(PROMPTS[0], max_tokens=32, temperature=0, repetition_penalty=5.0)
+    )
+    assert ids_of(plain) != ids_of(penal)
+
+
+@on_engine_loop
+async def test_without_max_tokens_generation_ends_at_the_context(engine: VLLMEngine) -> None:
+    prompt = "word " * 200
+    deltas = await run(engine, request(prompt, temperature=0, ignore_eos=True))
+    usage = deltas[-1].usage
+    assert usage is not None
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+    assert deltas[-1].finish_reason == "length"
+
+
+@on_engine_loop
+async def test_logprobs_are_openai_shaped(engine: VLLMEngine) -> None:
+    deltas = await run(engine, request(PROMPTS[0], max_tokens=6, temperature=0, logprobs=3))
+    n = 0
+    for d in deltas:
+        assert d.logprobs is not None and len(d.logprobs) == len(d.token_ids or [])
+        for entry in d.logprobs:
+            n += 1
+            assert isinstance(entry["token"], str)
+            top = entry["top_logprobs"]
+            assert len(top) == 3
+            lps = [t["logprob"] for t in top]
+            assert lps == sorted(lps, reverse=True) and all(lp <= 0 for lp in lps)
+            # Greedy: the chosen token is the most likely one.
+            assert entry["logprob"] == pytest.approx(top[0]["logprob"])
+            assert entry["token"] == top[0]["token"]
+    assert n == 6
+    plain = await run(engine, request(PROMPTS[0], max_tokens=3, temperature=0))
+    assert all(d.logprobs is None for d in plain)
+    zero = await run(engine, request(PROMPTS[0], max_tokens=2, temperature=0, logprobs=0))
+    assert all(e["top_logprobs"] == [] for d in zero for e in d.logprobs or [])
+
+
+@on_engine_loop
+async def test_abort_frees_the_request(engine: VLLMEngine) -> None:
+    assert engine.llm is not None
+    req = request(PROMPTS[0], max_tokens=200, temperature=0, ignore_eos=True)
+    gen = engine.generate(req)
+    got = [await anext(gen), await anext(gen)]
+    assert engine.llm.get_num_unfinished_requests() == 1
+    # What the worker runtime does on cancel: stop reading, then abort.
+    await gen.aclose()
+    await engine.abort(req.request_id)
+    await wait_until(
+        lambda: engine.llm is not None and engine.llm.get_num_unfinished_requests() == 0,
+        10,
+        "vLLM still holds the aborted request",
+    )
+    assert got[0].finish_reason is None
+    # The engine still serves after an abort.
+    deltas = await run(engine, request(PROMPTS[0], max_tokens=3, temperature=0))
+    assert len(ids_of(deltas)) == 3
+
+
+@on_engine_loop
+async def test_context_overflow_and_bad_params(engine: VLLMEngine) -> None:
+    with pytest.raises(ContextOverflow, match="context"):
+        await run(engine, request("word " * (CONTEXT + 10), max_tokens=4))
+    # The protocol allows temperature up to 100; vLLM refuses above 2.
+    with pytest.raises(BadRequest, match="temperature"):
+        await run(engine, request(PROMPTS[0], max_tokens=4, temperature=5.0))
+    with pytest.raises(BadRequest, match="vocab"):
+        await run(engine, request(PROMPTS[0], max_tokens=4, stop_token_ids=[10**6]))
+    assert engine.llm is not None and engine.llm.get_num_unfinished_requests() == 0
+    assert await engine.count_tokens("tiny", "The morning train") > 1
+
+
+@on_engine_loop
+async def test_engine_death_fails_requests_and_sets_dead(engine: VLLMEngine) -> None:
+    """Last in the module: kills the engine core under the shared engine."""
+    psutil = pytest.importorskip("psutil")
+    children = psutil.Process().children()  # ours only, not a stack worker's
+    cores = [c for c in children if "EngineCore" in " ".join(c.cmdline() + [c.name()])]
+    if not cores:
+        pytest.skip(f"cannot find vLLM's engine core among {[c.name() for c in children]}")
+    for c in cores:
+        os.kill(c.pid, signal.SIGKILL)
+    await wait_until(lambda: engine.dead, 30, "the engine never noticed its core died")
+    with pytest.raises(EngineError):
+        await run(engine, request(PROMPTS[0], max_tokens=3))
+
+
+def test_worker_process_serves_and_leaves_when_the_engine_dies(
+    stack: Any, tiny_model_dir: Path, ref: Any
+) -> None:
+    """zserve worker --engine vllm through the broker; a dead engine core ends the worker."""
+    psutil = pytest.importorskip("psutil")
+    stack.start_broker("--heartbeat-interval", "0.2")
+    worker = stack.worker(
+        "--model", str(tiny_model_dir), "--model-names", "tiny", "--dtype", "float32",
+        "--max-model-len", str(CONTEXT), "--engine-arg", "enforce_eager=true",
+        "--engine-arg", f"kv_cache_memory_bytes={64 << 20}", "--heartbeat-interval", "0.2",
+        engine="vllm",
+    )  # fmt: skip
+    (info,) = stack.wait_workers(1, timeout=180)
+    assert info["models"] == ["tiny"]
+    _, tok = ref
+    pids = tok(PROMPTS[0])["input_ids"]
+    with stack.client(timeout=60) as c:
+        got = c.generate("tiny", PROMPTS[0], max_tokens=12, temperature=0)
+        assert got.token_ids == greedy_ref(ref, pids, 12)
+        assert got.usage == {"prompt_tokens": len(pids), "completion_tokens": 12}
+        with pytest.raises(ContextOverflow):
+            c.generate("tiny", "word " * (CONTEXT + 10), max_tokens=2)
+    cores = [
+        c for c in psutil.Process(worker.pid).children(recursive=True)
+        if "EngineCore" in " ".join([c.name(), *c.cmdline()])
+    ]  # fmt: skip
+    assert cores, "no vLLM engine core under the worker"
+    for c in cores:
+        c.kill()
+    wait_for(lambda: not worker.alive(), 60, "the worker to leave after its engine died")
+    wait_for(lambda: not stack.status()["workers"], 20, "the broker to drop the worker")

@@ -1,0 +1,293 @@
+"""The ``vllm`` engine: one model on vLLM's asynchronous engine (the seed's VLLMWorker).
+
+vLLM batches continuously inside its own engine-core process; this engine
+turns each request into a ``vllm.SamplingParams`` with
+``RequestOutputKind.DELTA`` and yields every ``RequestOutput`` as a zserve
+``Delta`` the moment it arrives (the worker runtime coalesces them).
+
+Every zserve parameter reaches vLLM, ``repetition_penalty`` and ``logprobs``
+included (the seed dropped both). The prompt is tokenized here (a chat
+request through the tokenizer's chat template) so that a prompt longer than
+the context is a ``ContextOverflow`` before it reaches the engine, and
+``max_tokens`` is capped at what the context has left.
+
+An engine-core failure (``EngineDeadError``) fails the request with an
+``EngineError`` and sets ``dead``: the worker runtime polls ``engine.dead``
+on every heartbeat and leaves, so the broker expires the worker and its
+clients' requests go elsewhere.
+
+On CPU, vLLM starts its engine core with ``multiprocessing`` *spawn*: the
+process's main module must be import-safe (``if __name__ == "__main__"``),
+which console scripts and pytest are. Size the KV cache with the engine
+argument ``kv_cache_memory_bytes`` (or vLLM's ``VLLM_CPU_KVCACHE_SPACE``, in
+GiB); by default vLLM on CPU claims a large share of the machine's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from zserve.errors import BadRequest, ContextOverflow, EngineError
+from zserve.protocol import FINISH_LENGTH, FINISH_STOP, Delta
+from zserve.protocol import SamplingParams as ZSamplingParams
+from zserve.worker.engine import Engine, GenerateRequest
+from zserve.worker.options import EngineOptions
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger(__name__)
+
+# Prompts longer than this many characters are tokenized off the event loop.
+_TOKENIZE_INLINE_CHARS = 4096
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        served_names: list[str],
+        *,
+        dtype: str = "auto",
+        context_length: int | None = None,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.models = list(served_names)
+        self.engine_args = _engine_args(model, dtype, context_length, engine_args or {})
+        self.llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._dead = False
+
+    @classmethod
+    def from_options(cls, opts: EngineOptions) -> VLLMEngine:
+        if len(opts.models) != 1:
+            raise ValueError(
+                f"the vllm engine serves one model per worker; got {len(opts.models)} --model"
+            )
+        return cls(
+            opts.models[0],
+            opts.served_names()[0],
+            dtype=opts.dtype,
+            context_length=opts.context_length,
+            engine_args=opts.engine_args,
+        )
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**self.engine_args)
+        log.info("starting vLLM on %s (%s)", self.model, self.engine_args)
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self.llm.get_tokenizer()
+        self.context_length = int(self.llm.model_config.max_model_len)
+        log.info("vLLM ready: %s as %s, context %d", self.model, self.models, self.context_length)
+
+    async def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    @property
+    def dead(self) -> bool:
+        """True once vLLM's engine core has failed; the worker should exit."""
+        return self._dead or (self.llm is not None and self.llm.errored)
+
+    # ------------------------------------------------------------- requests
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._running()
+        prompt_ids, prompt_text = await self._prompt_ids(request)
+        n_prompt = len(prompt_ids)
+        room = self.context_length - n_prompt
+        if room < 1:
+            raise ContextOverflow(
+                f"the prompt has {n_prompt} tokens; this model's context is "
+                f"{self.context_length} tokens (the prompt and at least one new token)"
+            )
+        params = self._sampling_params(request.params, room)
+        top_n = request.params.logprobs
+        gen = llm.generate(tokens_input(prompt_ids, prompt=prompt_text), params, request.request_id)
+        completion = 0
+        first = True
+        try:
+            async for out in gen:
+                c = out.outputs[0]
+                ids = list(c.token_ids)
+                completion += len(ids)
+                finish = c.finish_reason
+                if finish in ("abort", "error"):
+                    raise EngineError(f"vLLM ended the request: {finish}")
+                if finish is not None:
+                    finish = FINISH_LENGTH if finish == "length" else FINISH_STOP
+                    usage: dict[str, int] | None = {
+                        "prompt_tokens": n_prompt,
+                        "completion_tokens": completion,
+                    }
+                elif first:
+                    usage = {"prompt_tokens": n_prompt}
+                else:
+                    usage = None
+                if not ids and not c.text and finish is None:
+                    continue
+                logprobs = (
+                    _openai_logprobs(ids, c.logprobs, top_n, self._tokenizer)
+                    if top_n is not None
+                    else None
+                )
+                first = False
+                yield Delta(c.text, ids, finish, usage, logprobs)
+                if finish is not None:
+                    return
+        except EngineDeadError as e:
+            self._dead = True
+            log.error("vLLM engine core died: %s", e)
+            raise EngineError(f"the vLLM engine died: {e}") from e
+        except (VLLMClientError, ValueError) as e:
+            raise BadRequest(str(e)) from e
+        finally:
+            # Closing vLLM's generator early aborts the request in the engine.
+            await gen.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None and not self.dead:
+            await self.llm.abort(request_id)
+
+    async def count_tokens(self, model: str, text: str) -> int:
+        self._running()
+        return len(self._tokenizer.encode(text))
+
+    # ------------------------------------------------------------- helpers
+
+    def _running(self) -> AsyncLLM:
+        if self.llm is None:
+            raise EngineError("the vLLM engine is not running")
+        if self.dead:
+            self._dead = True
+            raise EngineError("the vLLM engine died")
+        return self.llm
+
+    async def _prompt_ids(self, request: GenerateRequest) -> tuple[list[int], str]:
+        """Token ids of the prompt (a chat goes through the chat template) and its text."""
+        tok = self._tokenizer
+        if request.messages is not None:
+            try:
+                text = tok.apply_chat_template(
+                    [_plain_message(m) for m in request.messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            except Exception as e:  # jinja errors, missing template
+                raise BadRequest(f"cannot apply the chat template: {e}") from e
+            special = False  # the template writes its own special tokens
+        else:
+            text = request.prompt or ""
+            special = True
+        if len(text) > _TOKENIZE_INLINE_CHARS:
+            ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=special)
+        else:
+            ids = tok.encode(text, add_special_tokens=special)
+        if not ids:
+            raise BadRequest("the prompt is empty")
+        return list(ids), text
+
+    def _sampling_params(self, p: ZSamplingParams, room: int) -> Any:
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
+        try:
+            return SamplingParams(
+                n=1,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k if p.top_k > 0 else 0,  # 0: disabled
+                repetition_penalty=p.repetition_penalty,
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                seed=p.seed,
+                stop=list(p.stop) or None,
+                stop_token_ids=list(p.stop_token_ids) or None,
+                ignore_eos=p.ignore_eos,
+                max_tokens=max_tokens,
+                logprobs=p.logprobs,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMClientError, ValueError, TypeError) as e:
+            raise BadRequest(str(e)) from e
+
+
+def _engine_args(
+    model: str, dtype: str, context_length: int | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """The AsyncEngineArgs keywords; unknown keys are a ValueError that names them."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown vLLM engine argument(s): {', '.join(unknown)} "
+            "(see vllm.engine.arg_utils.AsyncEngineArgs)"
+        )
+    args: dict[str, Any] = {"model": model, "dtype": dtype, "disable_log_stats": True}
+    if context_length:
+        args["max_model_len"] = context_length
+    args.update(extra)  # explicit engine arguments win
+    return args
+
+
+def _plain_message(m: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI content parts ([{type: text, text}, ...]) become one string."""
+    content = m.get("content")
+    if isinstance(content, list):
+        text = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return {**m, "content": text}
+    if content is None:
+        return {**m, "content": ""}
+    return m
+
+
+def _openai_logprobs(
+    ids: list[int], entries: Any, top_n: int, tokenizer: Any
+) -> list[dict[str, Any]]:
+    """vLLM's per-token {id: Logprob} maps as OpenAI's logprobs content entries."""
+    result: list[dict[str, Any]] = []
+    for i, tid in enumerate(ids):
+        d = entries[i] if entries is not None and i < len(entries) else {}
+        chosen = d.get(tid)
+        top = sorted(
+            ((lp.rank or 0, t, lp) for t, lp in d.items() if (lp.rank or 0) <= top_n),
+            key=lambda x: x[0],
+        )
+        result.append(
+            {
+                "token": _token_text(tid, chosen, tokenizer),
+                "logprob": float(chosen.logprob) if chosen is not None else float("-inf"),
+                "top_logprobs": [
+                    {"token": _token_text(t, lp, tokenizer), "logprob": float(lp.logprob)}
+                    for _, t, lp in top[:top_n]
+                ],
+            }
+        )
+    return result
+
+
+def _token_text(tid: int, lp: Any, tokenizer: Any) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return str(lp.decoded_token)
+    return str(tokenizer.decode([tid]))
