@@ -143,7 +143,9 @@ def fastchat_stack(
             log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fastchat-"))
         logs = Path(log_dir)
         logs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "LOGDIR": str(logs), "PYTHONUNBUFFERED": "1"}
+        # PYTHONSAFEPATH: the null worker runs as a script from bench/, where
+        # bench/http.py would shadow the standard library's http package.
+        env = {**os.environ, "LOGDIR": str(logs), "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
         env.pop("PYTHONPATH", None)
         ctl_port, wrk_port = free_port(), free_port()
         api_port = port or free_port()

@@ -320,6 +320,39 @@ def generate(
         raise typer.Exit(_EXIT.get(e.code, 1)) from None
 
 
+@app.command()
+def gateway(
+    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    api_keys: Annotated[
+        str | None, typer.Option(help="accepted API keys, comma-separated (default: none needed)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds a request may go without a token")] = (
+        60.0
+    ),
+    connect_timeout: Annotated[
+        float, typer.Option(help="seconds to wait for an unreachable broker")
+    ] = 5.0,
+    heartbeat_interval: Annotated[float, typer.Option(help="as the broker's")] = (
+        p.HEARTBEAT_INTERVAL
+    ),
+    heartbeat_liveness: Annotated[int, typer.Option(help="as the broker's")] = (
+        p.HEARTBEAT_LIVENESS
+    ),
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the OpenAI-compatible HTTP gateway (a broker client)."""
+    from zserve.gateway.app import serve
+
+    _logging(log_level)
+    keys = [k.strip() for k in (api_keys or "").split(",") if k.strip()]
+    serve(
+        broker, host, port, keys, timeout, connect_timeout,
+        heartbeat_interval, heartbeat_liveness, log_level.lower(),
+    )  # fmt: skip
+
+
 @app.command("tiny-model")
 def tiny_model(
     path: Annotated[str, typer.Argument(help="directory to write")],

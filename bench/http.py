@@ -1,0 +1,204 @@
+"""zserve's OpenAI gateway against FastChat 0.2.36 and the bare Starlette floor, in one run.
+
+``python -m bench.http [--quick]`` starts, side by side on loopback
+ephemeral ports, each in its own process groups:
+
+* zserve: ``zserve broker`` + ``zserve worker --engine null --capacity 64`` +
+  ``zserve gateway`` (``zserve/gateway``);
+* FastChat 0.2.36 from PyPI (``bench/fastchat_baseline.py``): its controller,
+  a null worker on its ``BaseModelWorker`` (``bench/fastchat_null_worker.py``)
+  and its ``openai_api_server``. FastChat 0.2.36 calls pydantic's
+  ``.json(..., ensure_ascii=False)``, which pydantic 2 refuses, so its
+  streaming fails out of the box: the set-up rewrites those calls to
+  ``.model_dump_json(...)`` in the benchmark venv's copy (and says so);
+* the floor (``bench/starlette_floor.py``): bare Starlette + uvicorn answering
+  like a null engine, no broker.
+
+One load generator (``bench/loadgen.py``, httpx) drives all three through
+``POST /v1/chat/completions`` and checks every answer:
+
+* 1-token request: non-streaming, ``max_tokens=1``, sequential, p50 / p99;
+* 32 concurrent streams x 128 tokens: tokens/s.
+
+Systems alternate round by round so drift on a shared machine hits each
+alike. Targets: zserve's 1-token p50 >= 20x lower than FastChat's, and its
+32 x 128 tokens/s >= 10x FastChat's. Prints a table and writes
+bench/results/http.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import httpx
+
+from bench.common import format_table, latency_summary_ms, machine_info, write_json
+from bench.loadgen import latency, stream_throughput
+from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
+
+MODEL = "null"
+TARGET_P50_RATIO = 20.0  # FastChat p50 / zserve p50
+TARGET_TOKS_RATIO = 10.0  # zserve tok/s / FastChat tok/s
+
+
+@dataclass(frozen=True)
+class Settings:
+    rounds: int  # alternations of the systems
+    latency_n: int  # 1-token requests per system per round
+    concurrency: int
+    max_tokens: int
+    stream_rounds: int  # back-to-back streams per slot per round
+
+
+FULL = Settings(rounds=3, latency_n=400, concurrency=32, max_tokens=128, stream_rounds=2)
+QUICK = Settings(rounds=1, latency_n=100, concurrency=32, max_tokens=128, stream_rounds=1)
+
+
+@contextlib.contextmanager
+def zserve_stack(capacity: int = 64) -> Iterator[str]:
+    """Broker + null worker + gateway; yield the gateway's ``http://HOST:PORT/v1``."""
+    procs: list[Proc] = []
+    try:
+        broker, fe, be = start_broker()
+        procs.append(broker)
+        procs.append(
+            start_worker(be, "--engine", "null", "--model", MODEL, "--capacity", str(capacity))
+        )
+        port = free_port()
+        gateway = Proc(
+            zserve_cmd("gateway", "--broker", fe, "--port", str(port), "--log-level", "warning"),
+            name="gateway",
+        )
+        procs.append(gateway)
+        root = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            if not all(p.alive() for p in procs):
+                raise RuntimeError("a zserve process exited during start-up")
+            try:
+                r = httpx.get(root + "/health", timeout=5)
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200 and MODEL in r.json().get("models", [])
+
+        wait_for(ready, 60, "the zserve gateway and worker")
+        yield root + "/v1"
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def _measure(base: str, s: Settings) -> tuple[list[float], dict[str, float]]:
+    async def go() -> tuple[list[float], dict[str, float]]:
+        lat = await latency(base, MODEL, s.latency_n)
+        tput = await stream_throughput(
+            base, MODEL, s.concurrency, s.max_tokens, rounds=s.stream_rounds
+        )
+        return lat, tput
+
+    return asyncio.run(go())
+
+
+def run(s: Settings, systems: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Start every system, then alternate them round by round."""
+    samples: dict[str, list[float]] = {k: [] for k in systems}
+    tput: dict[str, dict[str, float]] = {k: {"tokens": 0, "seconds": 0.0} for k in systems}
+    with contextlib.ExitStack() as stack:
+        bases = {name: stack.enter_context(cm()) for name, cm in systems.items()}
+        for r in range(s.rounds):
+            for name, base in bases.items():
+                t0 = time.monotonic()
+                lat, tp = _measure(base, s)
+                samples[name] += lat
+                tput[name]["tokens"] += tp["tokens"]
+                tput[name]["seconds"] += tp["seconds"]
+                print(f"  round {r + 1}/{s.rounds} {name}: {time.monotonic() - t0:.1f} s",
+                      flush=True)  # fmt: skip
+    out: dict[str, Any] = {}
+    for name in systems:
+        t = tput[name]
+        out[name] = {
+            "latency_1_token": latency_summary_ms(samples[name]),
+            "stream": {**t, "tok_s": round(t["tokens"] / t["seconds"], 1)},
+        }
+    return out
+
+
+def evaluate(measured: dict[str, Any]) -> dict[str, Any]:
+    z = measured["zserve"]
+    f = measured.get("fastchat")
+    res: dict[str, Any] = {"p50_ratio": None, "tok_s_ratio": None, "pass": None}
+    if f is not None:
+        p50 = f["latency_1_token"]["p50_ms"] / z["latency_1_token"]["p50_ms"]
+        toks = z["stream"]["tok_s"] / f["stream"]["tok_s"]
+        res = {
+            "p50_ratio": round(p50, 1),
+            "p50_target": TARGET_P50_RATIO,
+            "tok_s_ratio": round(toks, 1),
+            "tok_s_target": TARGET_TOKS_RATIO,
+            "pass": p50 >= TARGET_P50_RATIO and toks >= TARGET_TOKS_RATIO,
+        }
+    return res
+
+
+def render(measured: dict[str, Any], verdict: dict[str, Any], s: Settings) -> str:
+    rows = []
+    for name, m in measured.items():
+        lat = m["latency_1_token"]
+        rows.append([name, lat["p50_ms"], lat["p99_ms"], m["stream"]["tok_s"]])
+    table = format_table(
+        ["system", "1-token p50 ms", "1-token p99 ms", f"{s.concurrency}x{s.max_tokens} tok/s"],
+        rows,
+    )
+    if verdict["pass"] is None:
+        return table + "\n(FastChat not run: no ratios)"
+    return (
+        f"{table}\n\nvs FastChat: 1-token p50 {verdict['p50_ratio']}x lower "
+        f"(target >= {TARGET_P50_RATIO:g}x), tokens/s {verdict['tok_s_ratio']}x "
+        f"(target >= {TARGET_TOKS_RATIO:g}x)"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    ap.add_argument("--no-fastchat", action="store_true", help="skip FastChat (no ratios)")
+    ap.add_argument("--out", default="http.json", help="file name under bench/results/")
+    a = ap.parse_args(argv)
+    s = QUICK if a.quick else FULL
+    from bench.starlette_floor import starlette_floor
+
+    systems: dict[str, Callable[[], Any]] = {"zserve": zserve_stack}
+    if not a.no_fastchat:
+        from bench.fastchat_baseline import fastchat_stack
+
+        systems["fastchat"] = lambda: fastchat_stack(model=MODEL)
+    systems["starlette_floor"] = starlette_floor
+    t0 = time.monotonic()
+    measured = run(s, systems)
+    verdict = evaluate(measured)
+    result: dict[str, Any] = {
+        "benchmark": "http",
+        "mode": "quick" if a.quick else "full",
+        "machine": machine_info(),
+        "settings": asdict(s),
+        "measured": measured,
+        **verdict,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+    path = write_json(a.out, result)
+    print(render(measured, verdict, s))
+    print(f"\ntargets met: {'-' if verdict['pass'] is None else 'yes' if verdict['pass'] else 'NO'}"
+          f"   ({result['wall_s']} s, {path})")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Errors in OpenAI's shape: the gateway's one mapping of zserve codes to HTTP.
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}``:
+
+=================================  ======  ==========================
+zserve code                        status  OpenAI type
+=================================  ======  ==========================
+bad_request, context_overflow      400     invalid_request_error
+(bad or missing API key)           401     authentication_error
+model_not_found                    404     invalid_request_error
+overloaded                         429     rate_limit_error
+worker_lost, broker_unreachable,   503     server_error
+timeout (no free worker in time,
+or a worker that went silent),
+cancelled (gateway shutting down)
+anything else (engine_error, ...)  500     server_error
+=================================  ======  ==========================
+
+``timeout`` is 503, not 504: the broker sends it when no worker freed up for
+a queued request in time, which is "no worker" from the caller's side.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from zserve.errors import ZServeError
+
+STATUS: dict[str, int] = {
+    "bad_request": 400,
+    "context_overflow": 400,
+    "invalid_api_key": 401,
+    "model_not_found": 404,
+    "overloaded": 429,
+    "worker_lost": 503,
+    "broker_unreachable": 503,
+    "timeout": 503,
+    "cancelled": 503,  # the gateway is shutting down
+}
+
+_TYPE: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class APIError(Exception):
+    """An error on its way to the HTTP client."""
+
+    def __init__(self, message: str, code: str = "bad_request", param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.status = STATUS.get(code, 500)
+
+    @property
+    def type(self) -> str:
+        return _TYPE.get(self.status, "server_error")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return json.dumps(self.to_dict(), ensure_ascii=False).encode()
+
+
+# Words that start a SamplingParams validation message, to fill ``param``.
+_PARAMS = (
+    "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
+)  # fmt: skip
+
+
+def to_api_error(e: BaseException) -> APIError:
+    """The OpenAI-shaped twin of any exception (unexpected ones are 500s
+    without a traceback)."""
+    if isinstance(e, APIError):
+        return e
+    if not isinstance(e, ZServeError):
+        return APIError(f"internal error: {type(e).__name__}: {e}", "internal_error")
+    param = None
+    if e.code == "bad_request":
+        word = e.message.split(" ", 1)[0]
+        param = word if word in _PARAMS else None
+    elif e.code == "model_not_found":
+        param = "model"
+    return APIError(e.message, e.code, param)
+

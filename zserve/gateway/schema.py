@@ -1,0 +1,316 @@
+"""OpenAI request parsing and (non-streaming) response bodies.
+
+Requests are plain dicts checked by hand: only the fields zserve uses are
+read, unknown ones are ignored, and the sampling values themselves are
+validated once, by ``SamplingParams`` inside the client. Parsing is cheap on
+purpose: it sits on the 1-token latency path.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from zserve.gateway.errors import APIError
+
+MAX_N = 128  # choices per request (OpenAI's own limit)
+
+# Sampling fields passed through as they are (extensions included).
+_PASSTHROUGH = (
+    "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "stop", "ignore_eos", "stop_token_ids",
+)  # fmt: skip
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class GenRequest:
+    """A chat or text completion request, as the gateway runs it."""
+
+    model: str
+    # One entry per distinct input: a prompt (completions) or messages (chat).
+    prompts: list[str] = field(default_factory=list)
+    messages: list[dict[str, Any]] | None = None
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    logprobs: int | None = None  # top alternatives per token; None = off
+    echo: bool = False
+
+    @property
+    def inputs(self) -> int:
+        return 1 if self.messages is not None else len(self.prompts)
+
+    @property
+    def choices(self) -> int:
+        return self.inputs * self.n
+
+
+def _bad(message: str, param: str | None = None) -> APIError:
+    return APIError(message, "bad_request", param)
+
+
+def load_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required (a string)", "model")
+    return model
+
+
+def _int(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(f"{name} must be an integer in [{lo}, {hi}]", name)
+    return v
+
+
+def _common(body: dict[str, Any], req: GenRequest) -> None:
+    req.n = _int(body, "n", 1, 1, MAX_N)
+    req.stream = bool(body.get("stream") or False)
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise _bad("stream_options must be an object", "stream_options")
+        req.include_usage = bool(opts.get("include_usage") or False)
+    params = req.params
+    mt = body.get("max_completion_tokens")
+    if mt is None:
+        mt = body.get("max_tokens")
+    if mt is not None:
+        params["max_tokens"] = mt
+    for k in _PASSTHROUGH:
+        v = body.get(k)
+        if v is not None:
+            params[k] = v
+    if req.logprobs is not None:
+        params["logprobs"] = req.logprobs
+
+
+def _content(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _bad(f"message content parts of type {kind!r} are not supported", "messages")
+        return "".join(parts)
+    raise _bad("message content must be a string or a list of parts", "messages")
+
+
+def parse_chat(body: dict[str, Any]) -> GenRequest:
+    req = GenRequest(_model(body))
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages must be a non-empty list", "messages")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad("each message must be an object with a role", "messages")
+        msg = {"role": m["role"], "content": _content(m.get("content"))}
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
+    req.messages = out
+    lp = body.get("logprobs")
+    top = body.get("top_logprobs")
+    if top is not None and not lp:
+        raise _bad("top_logprobs needs logprobs set to true", "top_logprobs")
+    if lp:
+        req.logprobs = _int(body, "top_logprobs", 0, 0, 20)
+    _common(body, req)
+    return req
+
+
+def parse_completion(body: dict[str, Any]) -> GenRequest:
+    req = GenRequest(_model(body))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        req.prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
+        req.prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, (int, list)) for x in prompt):
+        raise _bad("token-id prompts are not supported; send text", "prompt")
+    else:
+        raise _bad("prompt must be a string or a non-empty list of strings", "prompt")
+    if body.get("logprobs") is not None:
+        req.logprobs = _int(body, "logprobs", 0, 0, 20)
+    req.echo = bool(body.get("echo") or False)
+    _common(body, req)
+    return req
+
+
+def parse_embedding(body: dict[str, Any]) -> tuple[str, list[str], str]:
+    model = _model(body)
+    inp = body.get("input")
+    if isinstance(inp, str):
+        texts = [inp]
+    elif isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
+        texts = list(inp)
+    else:
+        raise _bad("input must be a string or a non-empty list of strings", "input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise _bad("encoding_format must be 'float' or 'base64'", "encoding_format")
+    return model, texts, fmt
+
+
+# ----------------------------------------------------------------- responses
+
+
+@dataclass(slots=True)
+class Choice:
+    """One finished (or finishing) choice."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def total_usage(req: GenRequest, choices: list[Choice]) -> dict[str, int]:
+    """Prompt tokens once per distinct input, completion tokens of every choice."""
+    n = req.n
+    prompt = sum(c.prompt_tokens for c in choices if c.index % n == 0)
+    return usage(prompt, sum(c.completion_tokens for c in choices))
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    def one(e: dict[str, Any]) -> dict[str, Any]:
+        tok = str(e.get("token", ""))
+        return {"token": tok, "logprob": e.get("logprob"), "bytes": list(tok.encode())}
+
+    content = []
+    for e in entries:
+        item = one(e)
+        item["top_logprobs"] = [one(t) for t in e.get("top_logprobs") or []]
+        content.append(item)
+    return {"content": content}
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    tokens, lps, tops, offsets = [], [], [], []
+    for e in entries:
+        tok = str(e.get("token", ""))
+        tokens.append(tok)
+        lps.append(e.get("logprob"))
+        alts = e.get("top_logprobs") or []
+        tops.append({str(t.get("token", "")): t.get("logprob") for t in alts})
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_response(
+    rid: str, created: int, req: GenRequest, choices: list[Choice]
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": req.model,
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": total_usage(req, choices),
+    }
+
+
+def completion_response(
+    rid: str, created: int, req: GenRequest, choices: list[Choice]
+) -> dict[str, Any]:
+    out = []
+    for c in choices:
+        prefix = req.prompts[c.index // req.n] if req.echo else ""
+        lp = None
+        if c.logprobs is not None:
+            lp = completion_logprobs(c.logprobs, len(prefix))
+        out.append(
+            {
+                "index": c.index,
+                "text": prefix + c.text,
+                "logprobs": lp,
+                "finish_reason": c.finish_reason,
+            }
+        )
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": req.model,
+        "choices": out,
+        "usage": total_usage(req, choices),
+    }
+
+
+def embedding_response(
+    model: str, vectors: list[list[float]], prompt_tokens: int, fmt: str
+) -> dict[str, Any]:
+    data = []
+    for i, v in enumerate(vectors):
+        emb: Any = v
+        if fmt == "base64":
+            emb = base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+        data.append({"object": "embedding", "embedding": emb, "index": i})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def models_response(models: list[str], created: int) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [model_card(m, created) for m in models],
+    }
+
+
+def model_card(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "zserve"}

@@ -1,0 +1,183 @@
+"""OpenAI's server-sent events, and the ASGI plumbing that notices a client
+that went away.
+
+A chunk is ``data: {json}\\n\\n``. Chunks are built from per-request byte
+templates (id, created, model are encoded once), so a content chunk costs one
+``json.dumps`` of its text. Several deltas read together become one chunk;
+several chunks ready together go out in one write.
+
+``DisconnectGuard`` watches the ASGI ``receive`` channel while a request runs
+and cancels the running task when the client disconnects, so that closing
+the zserve streams (in ``finally`` blocks) cancels the generation on the
+worker. uvicorn's ``send`` silently drops writes to a closed connection, so
+without it a stream would run to its end for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from zserve.gateway.errors import APIError
+from zserve.gateway.schema import chat_logprobs, completion_logprobs, dumps
+from zserve.protocol import Delta
+
+DONE = b"data: [DONE]\n\n"
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def _s(text: str) -> bytes:
+    return json.dumps(text, ensure_ascii=False).encode()
+
+
+class ChunkEncoder:
+    """Bytes for one request's chunks: chat (``chat.completion.chunk``) or
+    text completion (``text_completion``)."""
+
+    def __init__(
+        self,
+        chat: bool,
+        rid: str,
+        created: int,
+        model: str,
+        include_usage: bool = False,
+        echo_prompts: list[str] | None = None,
+        n: int = 1,
+    ) -> None:
+        self.chat = chat
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        self.head = (
+            f'data: {{"id":"{rid}","object":"{obj}","created":{created},'
+            f'"model":{json.dumps(model, ensure_ascii=False)},"choices":['
+        ).encode()
+        self.tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+        self.echo_prompts = echo_prompts
+        self.n = n
+        self.offsets: dict[int, int] = {}  # completions: text_offset per choice
+
+    def _choice(
+        self, index: int, text: str, finish: str | None, logprobs: list[Any] | None
+    ) -> bytes:
+        fr = b"null" if finish is None else b'"' + finish.encode() + b'"'
+        if logprobs is None:
+            lp = b"null"
+        elif self.chat:
+            lp = dumps(chat_logprobs(logprobs))
+        else:
+            off = self.offsets.get(index, 0)
+            lp = dumps(completion_logprobs(logprobs, off))
+            self.offsets[index] = off + sum(len(str(e.get("token", ""))) for e in logprobs)
+        if self.chat:
+            delta = b'{"content":' + _s(text) + b"}" if text or finish is None else b"{}"
+            body = b'"delta":' + delta
+        else:
+            body = b'"text":' + _s(text)
+        return b'{"index":%d,%s,"logprobs":%s,"finish_reason":%s}' % (index, body, lp, fr)
+
+    def start(self, index: int) -> bytes:
+        """The first chunk of a choice: the assistant role (chat), the echoed
+        prompt (completions with ``echo``), or nothing."""
+        if self.chat:
+            return (
+                self.head
+                + b'{"index":%d,"delta":{"role":"assistant","content":""},' % index
+                + b'"logprobs":null,"finish_reason":null}'
+                + self.tail
+            )
+        if self.echo_prompts is not None:
+            prompt = self.echo_prompts[index // self.n]
+            self.offsets[index] = len(prompt)
+            return self.head + self._choice(index, prompt, None, None) + self.tail
+        return b""
+
+    def deltas(self, index: int, batch: list[Delta]) -> bytes:
+        """One chunk for deltas read together."""
+        if len(batch) == 1:
+            d = batch[0]
+            text, finish, lps = d.text, d.finish_reason, d.logprobs
+        else:
+            text = "".join(d.text for d in batch)
+            finish = batch[-1].finish_reason
+            lps = None
+            for d in batch:
+                if d.logprobs:
+                    lps = (lps or []) + d.logprobs
+        return self.head + self._choice(index, text, finish, lps) + self.tail
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return self.head + b'],"usage":' + dumps(usage) + b"}\n\n"
+
+
+def error_event(err: APIError) -> bytes:
+    return b"data: " + err.body() + b"\n\n" + DONE
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected."""
+
+
+class DisconnectGuard:
+    """``async with DisconnectGuard(receive):`` cancels the current task when
+    the client disconnects, and turns that cancellation into ``ClientGone``.
+    Read the request body before entering."""
+
+    __slots__ = ("receive", "task", "watcher", "gone")
+
+    def __init__(self, receive: Any) -> None:
+        self.receive = receive
+        self.gone = False
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self.receive()
+            if msg["type"] == "http.disconnect":
+                self.gone = True
+                self.task.cancel()
+                return
+
+    async def __aenter__(self) -> DisconnectGuard:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
+        self.watcher.cancel()
+        if self.gone and et is asyncio.CancelledError:
+            self.task.uncancel()
+            raise ClientGone from None
+
+
+class SSEResponse:
+    """An ASGI response that streams ``body`` and stops it (closing the
+    generator, whose ``finally`` cancels the generation) when the client
+    disconnects. ``cleanup`` runs last in every case, even if ``body``
+    never started."""
+
+    def __init__(
+        self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        self.body = body
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        body = self.body
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            async with DisconnectGuard(receive):
+                async for chunk in body:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ClientGone:
+            pass
+        finally:
+            await body.aclose()  # type: ignore[attr-defined]
+            if self.cleanup is not None:
+                await self.cleanup()
