@@ -141,6 +141,16 @@ def wait_models(frontend: str, models: Sequence[str], timeout: float) -> None:
         wait_for(lambda: set(models) <= set(c.models()), timeout, f"models {list(models)}")
 
 
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def run_stack(
     engine: str,
     model_dir: str,
@@ -152,6 +162,12 @@ def run_stack(
     """Broker + one worker (+ the gateway where installed) until Ctrl-C."""
     procs: list[Proc] = []
     model = "tiny"
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM (or SIGINT when backgrounded) stops it all too
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     try:
         broker, fe, be = start_broker(frontend=frontend, backend=backend, log_level=log_level)
         procs.append(broker)
@@ -185,6 +201,12 @@ def run_stack(
             pass
         print("waiting for the worker to register ...", flush=True)
         wait_models(fe, [model], 600)
+        if gateway is not None:
+            wait_for(
+                lambda: _http_ok(f"http://127.0.0.1:{gateway_port}/health") or not gateway.alive(),
+                60,
+                "the gateway",
+            )
         print(
             f"\nzserve is up.\n"
             f"  broker frontend : {fe}\n"
