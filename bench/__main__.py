@@ -1,0 +1,157 @@
+"""``make bench``: every benchmark in turn, then one summary table.
+
+    python -m bench [--quick] [--only overhead,http,engines]
+
+Each benchmark measures zserve side by side with its baseline in the same
+run and writes ``bench/results/<name>.json``; this runner reads those files
+back and prints one table (also written as ``bench/results/summary.md``, the
+table the README shows). A benchmark that fails is reported and the others
+still run; the exit status is non-zero if any failed to run (a missed target
+is reported in the table, not as a failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from bench.common import RESULTS_DIR, machine_info
+
+BENCHES = ("overhead", "http", "engines")
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            s = f"{v:,.0f}"
+        elif abs(v) >= 10:
+            s = f"{v:.1f}"
+        else:
+            s = f"{v:.3f}".rstrip("0").rstrip(".") if v else "0"
+    else:
+        s = str(v)
+    return f"{s}{unit}"
+
+
+def _met(v: Any) -> str:
+    return "-" if v is None else "yes" if v else "**no**"
+
+
+def _overhead_rows(r: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for x in r["rows"]:
+        ratio = x.get("ratio")
+        if not x.get("floor") or not ratio or ratio < 0:
+            ratio = None  # e.g. RSS growth: a ratio of two near-zeros means nothing
+        rows.append([
+            "overhead", x["workload"], "bare ROUTER/ROUTER forwarder",
+            _fmt(x.get("floor")), _fmt(x.get("zserve")),
+            "-" if ratio is None else f"{ratio:g}x", x.get("target", "-"), _met(x.get("pass")),
+        ])  # fmt: skip
+    return rows
+
+
+def _http_rows(r: dict[str, Any]) -> list[list[str]]:
+    m = r["measured"]
+    z, fc, fl = m.get("zserve"), m.get("fastchat"), m.get("starlette_floor")
+    rows = []
+    if z and fc:
+        rows.append([
+            "http", "1-token request p50 (ms)", "FastChat 0.2.36",
+            _fmt(fc["latency_1_token"]["p50_ms"]), _fmt(z["latency_1_token"]["p50_ms"]),
+            f"{r['p50_ratio']}x lower", f">= {r['p50_target']:g}x lower",
+            _met(r["p50_ratio"] >= r["p50_target"]),
+        ])  # fmt: skip
+        rows.append([
+            "http", "32 concurrent x 128 (tok/s)", "FastChat 0.2.36",
+            _fmt(fc["stream"]["tok_s"]), _fmt(z["stream"]["tok_s"]),
+            f"{r['tok_s_ratio']}x", f">= {r['tok_s_target']:g}x",
+            _met(r["tok_s_ratio"] >= r["tok_s_target"]),
+        ])  # fmt: skip
+    if z and fl:
+        zl, fll = z["latency_1_token"]["p50_ms"], fl["latency_1_token"]["p50_ms"]
+        rows.append([
+            "http", "1-token request p50 (ms)", "bare Starlette SSE floor",
+            _fmt(fll), _fmt(zl), f"{zl / fll:.2f}x", "-", "-",
+        ])  # fmt: skip
+    return rows
+
+
+def _engines_rows(r: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for x in r.get("rows", []):
+        ratio = x.get("ratio")
+        rows.append([
+            "engines", x["workload"], x.get("baseline_name", "same engine, in process"),
+            _fmt(x.get("baseline")), _fmt(x.get("zserve")),
+            "-" if ratio is None else f"{ratio:g}x", x.get("target", "-"), _met(x.get("pass")),
+        ])  # fmt: skip
+    return rows
+
+
+SUMMARIZE: dict[str, Callable[[dict[str, Any]], list[list[str]]]] = {
+    "overhead": _overhead_rows,
+    "http": _http_rows,
+    "engines": _engines_rows,
+}
+
+
+def markdown(rows: list[list[str]]) -> str:
+    head = ["bench", "workload", "baseline (same run)", "baseline", "zserve", "ratio",
+            "target", "met"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--quick", action="store_true", help="fewer samples, each bench in minutes")
+    ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
+    a = ap.parse_args(argv)
+    names = [n.strip() for n in a.only.split(",") if n.strip()]
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    failed: list[str] = []
+    rows: list[list[str]] = []
+    t0 = time.monotonic()
+    for name in names:
+        print(f"\n=== bench/{name}.py {'--quick' if a.quick else ''}".rstrip(), flush=True)
+        mod = __import__(f"bench.{name}", fromlist=["main"])
+        try:
+            mod.main(["--quick"] if a.quick else [])
+        except (Exception, SystemExit) as e:  # one broken bench must not hide the others
+            if isinstance(e, SystemExit) and not e.code:
+                pass
+            else:
+                traceback.print_exc()
+                failed.append(name)
+                continue
+        result = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+        rows += SUMMARIZE[name](result)
+    info = machine_info()
+    table = markdown(rows)
+    summary = (
+        f"`make bench`{' --quick' if a.quick else ''} on {info['cpus']} CPUs, "
+        f"Python {info['python']}, libzmq {info['libzmq']}, {info['time']} "
+        f"({time.monotonic() - t0:.0f} s):\n\n{table}\n"
+    )
+    (RESULTS_DIR / "summary.md").write_text(summary)
+    print("\n" + summary)
+    if failed:
+        print(f"failed to run: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
