@@ -110,3 +110,39 @@ def test_delta_roundtrip_property(rid, text, ids, finish):
 
 def test_expiry_is_derived():
     assert p.HEARTBEAT_EXPIRY == p.HEARTBEAT_INTERVAL * p.HEARTBEAT_LIVENESS
+
+
+@pytest.mark.parametrize(
+    ("prompt", "messages"),
+    [("hi", None), (None, [{"role": "user", "content": "hi"}]), ("a", [{"role": "user"}])],
+)
+def test_encode_generate_is_the_plain_msgpack_map(prompt, messages):
+    sp = p.SamplingParams.from_dict({"max_tokens": 3, "stop": ["x"], "temperature": 0})
+    body = p.encode_generate(prompt, messages, sp.encode())
+    want = {"kind": "generate", "params": sp.to_dict()}
+    if prompt is not None:
+        want["prompt"] = prompt
+    if messages is not None:
+        want["messages"] = messages
+    assert msgpack.unpackb(body) == want
+    back = p.Request.decode(body)
+    assert (back.prompt, back.messages, back.params) == (prompt, messages, sp)
+
+
+def test_heartbeat_ms_codec():
+    assert p.encode_heartbeat_ms(1.0) == b"1000"
+    assert p.encode_heartbeat_ms(0.0001) == b"1"
+    assert p.decode_heartbeat_ms(b"250") == 0.25
+    assert p.decode_heartbeat_ms(b"999999999") == p.MAX_CLIENT_HEARTBEAT_INTERVAL
+    for bad in (b"", b"-5", b"1.5", b"abc", b"1" * 12):
+        with pytest.raises(ValueError):
+            p.decode_heartbeat_ms(bad)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"temperature": float("nan")}, {"top_p": True}, {"max_tokens": True}, {"seed": 1.5}],
+)
+def test_sampling_params_refuse_nan_and_bools(params):
+    with pytest.raises(ValueError):
+        p.SamplingParams.from_dict(params)

@@ -1,6 +1,6 @@
 """zserve: serve LLMs to many clients from many workers through one ZeroMQ broker."""
 
-from zserve._client_core import Completion
+from zserve._client_core import Completion, Embeddings
 from zserve.client import AsyncClient, AsyncStream, Client, Stream
 from zserve.errors import (
     BadRequest,
@@ -30,6 +30,7 @@ __all__ = [
     "ContextOverflow",
     "Delta",
     "EngineError",
+    "Embeddings",
     "ModelNotFound",
     "Overloaded",
     "ProtocolError",

@@ -27,18 +27,40 @@ class Completion:
 
 
 @dataclass(slots=True)
+class Embeddings:
+    """What ``embed_with_usage`` returns: one vector per text, and the usage."""
+
+    embeddings: list[list[float]]
+    usage: dict[str, int]  # {prompt_tokens, completion_tokens}
+
+    @classmethod
+    def from_delta(cls, d: Delta) -> Embeddings:
+        return cls(d.embeddings or [], dict(d.usage or {}))
+
+
+@dataclass(slots=True)
 class StreamState:
     """Per-request receive state: records buffered until the caller reads them."""
 
     records: deque[list[Any]] = field(default_factory=deque)
     done: bool = False  # final record received
-    waiter: Any = None  # async: a future the reader resolves
+    waiter: Any = None  # async: a future the reader resolves (and clears)
+    last: float = 0.0  # monotonic time of the request's send or latest record; 0: not sent
+
+
+PARAMS_CACHE = 256  # distinct parameter sets remembered per client
 
 
 class ClientCore:
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_interval: float = p.HEARTBEAT_INTERVAL) -> None:
         self._ids = itertools.count(1)
         self.streams: dict[bytes, StreamState] = {}
+        # Our heartbeat interval, advertised on every REQUEST and HEARTBEAT so
+        # that the broker does not expire us sooner than we promise to speak.
+        self._hb = p.encode_heartbeat_ms(heartbeat_interval)
+        self.HEARTBEAT = [p.CLIENT, p.C_HEARTBEAT, self._hb]
+        # sampling arguments -> their validated, encoded params (see _params)
+        self._params_cache: dict[Any, bytes] = {}
 
     def next_id(self) -> bytes:
         return b"%x" % next(self._ids)
@@ -50,16 +72,39 @@ class ClientCore:
         model: str,
         prompt: str | None,
         messages: list[dict[str, Any]] | None,
-        params: dict[str, Any],
+        args: tuple[Any, ...],
+        extra: dict[str, Any],
     ) -> tuple[bytes, list[bytes]]:
+        """A generate REQUEST; ``args`` and ``extra`` as ``sampling_params`` takes them."""
         if prompt is None and messages is None:
             raise BadRequest("give a prompt or messages")
+        return self._open(model, p.encode_generate(prompt, messages, self._params(args, extra)))
+
+    def _params(self, args: tuple[Any, ...], extra: dict[str, Any]) -> bytes:
+        """Validated, encoded sampling parameters, once per distinct set of values.
+
+        The cache key keeps each value's type, so ``1``, ``1.0`` and ``True``
+        (equal in Python) are validated apart.
+        """
+        if extra or args[4] is not None:
+            key: Any = (_frozen(args), _frozen(sorted(extra.items())) if extra else ())
+        else:
+            key = (args, tuple(map(type, args)))
         try:
-            sp = SamplingParams.from_dict(params)
+            return self._params_cache[key]
+        except KeyError:
+            pass
+        except TypeError:  # something unhashable: validate without the cache
+            key = None
+        try:
+            b = SamplingParams.from_dict(sampling_params(*args, extra)).encode()
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        body = Request(prompt=prompt, messages=messages, params=sp).encode()
-        return self._open(model, body)
+        if key is not None:
+            if len(self._params_cache) >= PARAMS_CACHE:
+                self._params_cache.clear()
+            self._params_cache[key] = b
+        return b
 
     def embed_frames(self, model: str, texts: list[str]) -> tuple[bytes, list[bytes]]:
         if isinstance(texts, str):
@@ -71,8 +116,8 @@ class ClientCore:
     def _open(self, model: str, body: bytes) -> tuple[bytes, list[bytes]]:
         rid = self.next_id()
         self.streams[rid] = StreamState()
-        # [ZSC1, REQUEST, request_id, model, body]
-        return rid, [p.CLIENT, p.C_REQUEST, rid, model.encode(), body]
+        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
+        return rid, [p.CLIENT, p.C_REQUEST, rid, model.encode(), body, self._hb]
 
     def query_frames(self, service: bytes) -> tuple[bytes, list[bytes]]:
         rid = self.next_id()
@@ -84,28 +129,38 @@ class ClientCore:
     def cancel_frames(rid: bytes) -> list[bytes]:
         return [p.CLIENT, p.C_CANCEL, rid]
 
-    HEARTBEAT = [p.CLIENT, p.C_HEARTBEAT]
-
     # ------------------------------------------------------------ incoming
 
-    def on_message(self, frames: list[bytes]) -> list[StreamState]:
-        """Route a broker message; return the streams that got records."""
-        if len(frames) < 2 or frames[0] != p.CLIENT:
-            return []
-        if frames[1] != p.C_TOKENS or len(frames) != 3:
-            return []  # HEARTBEAT, or something this version does not know
-        touched = []
+    def on_message(self, frames: list[bytes], now: float) -> None:
+        """Route a broker message to its streams, in one pass over its records.
+
+        Each stream that gets a record has ``last`` set to ``now`` and its
+        waiter (if any) resolved and cleared. Raises ``ValueError`` for a
+        payload that is not msgpack; skips records that are malformed or
+        for request ids it does not know (cancelled, given up on).
+        """
+        if len(frames) != 3 or frames[1] != p.C_TOKENS or frames[0] != p.CLIENT:
+            return  # HEARTBEAT, or something this version does not know
+        recs = p.unpack(frames[2])
+        if type(recs) is not list:
+            raise ValueError("token payload must be an array")
         streams = self.streams
-        for rec in p.decode_tokens(frames[2]):
+        for rec in recs:
+            if type(rec) is not list or len(rec) != 5 or type(rec[0]) is not bytes:
+                continue  # malformed record
             st = streams.get(rec[0])
             if st is None:
-                continue  # a request we cancelled or gave up on
+                continue
             st.records.append(rec)
+            st.last = now
             if rec[3] is not None:
                 st.done = True
                 del streams[rec[0]]
-            touched.append(st)
-        return touched
+            w = st.waiter
+            if w is not None:
+                st.waiter = None
+                if not w.done():
+                    w.set_result(None)
 
     def forget(self, rid: bytes) -> bool:
         """Drop a request's state; True if it was still running."""
@@ -122,9 +177,19 @@ class ClientCore:
         self.streams.clear()
         return out
 
+    def fail(self, rid: bytes, code: str, message: str) -> StreamState | None:
+        """End one open stream with an error record (a client-side timeout)."""
+        st = self.streams.pop(rid, None)
+        if st is not None:
+            st.records.append(p.error_record(rid, code, message))
+            st.done = True
+        return st
+
 
 def to_delta(rec: list[Any]) -> Delta:
     """A record as the caller sees it; an error record raises its exception."""
+    if rec[4] is None and rec[3] is None:  # the common case: a partial record
+        return Delta(rec[1], rec[2])
     _, d = Delta.from_record(rec)
     if d.finish_reason == p.FINISH_ERROR:
         err = d.error or {}
@@ -169,6 +234,13 @@ class Accumulator:
             self.usage,
             self.logprobs,
         )
+
+
+def _frozen(v: Any) -> Any:
+    """A hashable stand-in for ``v`` that tells types apart (``1`` from ``True``)."""
+    if type(v) is list or type(v) is tuple:
+        return (type(v), tuple(_frozen(x) for x in v))
+    return (type(v), v)
 
 
 def sampling_params(

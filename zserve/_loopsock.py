@@ -85,12 +85,11 @@ class LoopSocket:
         if self.closed:
             return
         sock = self.sock
-        getsockopt = sock.getsockopt
         for _ in range(BATCH):
-            ev = getsockopt(_EVENTS)
+            ev = _get(sock, _EVENTS)
             if self._out and ev & _POLLOUT:
                 self._flush_out()
-                ev = getsockopt(_EVENTS)
+                ev = _get(sock, _EVENTS)
             if not ev & _POLLIN:
                 return
             try:

@@ -26,15 +26,26 @@ from zserve._client_core import (
     Accumulator,
     ClientCore,
     Completion,
+    Embeddings,
     StreamState,
-    sampling_params,
     to_delta,
 )
 from zserve._loopsock import LoopSocket, recv_frames, send_frames
 from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
 from zserve.protocol import Delta
 
-__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Stream"]
+__all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Embeddings", "Stream"]
+
+
+# The backend's plain calls (pyzmq's sugar converts flags to enums on each call).
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+_set = zmq.backend.Socket.set
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_RCVTIMEO = int(zmq.RCVTIMEO)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
@@ -60,7 +71,7 @@ class _Base:
         self.heartbeat_interval = heartbeat_interval
         self.expiry = heartbeat_interval * heartbeat_liveness
         self.connect_timeout = connect_timeout
-        self._core = ClientCore()
+        self._core = ClientCore(heartbeat_interval)
         self._last_recv = time.monotonic()
         self._last_send = 0.0
         self._closed = False
@@ -138,8 +149,7 @@ class Client(_Base):
     ) -> None:
         super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
         self._sock = _dealer(zmq.Context.instance(), address)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set
 
     def _send(self, frames: list[bytes], quiet: bool = False) -> None:
         try:
@@ -153,15 +163,35 @@ class Client(_Base):
         self._last_send = time.monotonic()
 
     def _pump(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for broker messages and route them."""
-        if self._poller.poll(timeout * 1000):
-            self._last_recv = time.monotonic()
+        """Wait up to ``timeout`` for broker messages and route them.
+
+        A blocking receive with ``ZMQ_RCVTIMEO`` (set only when it changes)
+        costs less than a poll then a receive; then whatever else is waiting
+        is read without blocking, checking ``ZMQ_EVENTS`` rather than
+        provoking ``zmq.Again``.
+        """
+        sock = self._sock
+        ms = max(0, int(timeout * 1000))
+        if ms != self._rcvtimeo:
+            _set(sock, _RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            frames = [_recv(sock, 0)]
+        except zmq.Again:
+            pass
+        else:
+            while _get(sock, _RCVMORE):
+                frames.append(_recv(sock, _NOBLOCK))
+            now = self._last_recv = time.monotonic()
+            core = self._core
             while True:
                 try:
-                    frames = recv_frames(self._sock)
-                except zmq.Again:
+                    core.on_message(frames, now)
+                except (ValueError, TypeError):
+                    pass  # malformed: ignore
+                if not _get(sock, _EVENTS) & _POLLIN:
                     break
-                self._core.on_message(frames)
+                frames = recv_frames(sock)
         now = time.monotonic()
         if self._core.streams and now - self._last_send >= self.heartbeat_interval:
             self._send(self._core.HEARTBEAT, quiet=True)
@@ -170,7 +200,7 @@ class Client(_Base):
 
     def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
         st = self._core.streams[rid]
-        if not self._core.streams.keys() - {rid}:
+        if len(self._core.streams) == 1:
             self._last_recv = time.monotonic()  # liveness counts from the first request
         try:
             self._send(frames)
@@ -194,8 +224,8 @@ class Client(_Base):
         ignore_eos: bool | None = None,
         **params: Any,
     ) -> Stream:
-        sp = sampling_params(max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos, params)
-        rid, frames = self._core.request_frames(model, prompt, messages, sp)
+        args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
+        rid, frames = self._core.request_frames(model, prompt, messages, args, params)
         return Stream(self, rid, self._open(rid, frames))
 
     def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -210,7 +240,12 @@ class Client(_Base):
             return next(s)
 
     def embed(self, model: str, texts: list[str]) -> list[list[float]]:
-        return self._final(*self._core.embed_frames(model, texts)).embeddings or []
+        """One unit vector per text."""
+        return self.embed_with_usage(model, texts).embeddings
+
+    def embed_with_usage(self, model: str, texts: list[str]) -> Embeddings:
+        """The vectors and the usage (``prompt_tokens``) the worker reported."""
+        return Embeddings.from_delta(self._final(*self._core.embed_frames(model, texts)))
 
     def models(self) -> list[str]:
         return list(self._final(*self._core.query_frames(p.SERVICE_MODELS)).result)
@@ -259,25 +294,27 @@ class AsyncStream:
     async def __anext__(self) -> Delta:
         if self._finished:
             raise StopAsyncIteration
+        records = self._state.records
+        if not records:
+            await self._wait()
+        rec = records.popleft()
+        if rec[3] is None and rec[4] is None:  # a partial record: the hot path
+            return Delta(rec[1], rec[2])
+        self._finished = rec[3] is not None
+        return to_delta(rec)
+
+    async def _wait(self) -> None:
+        """Until a record is there (sending the request first if not yet sent)."""
         if self._frames is not None:
             await self.start()
         st = self._state
         while not st.records:
-            fut = asyncio.get_running_loop().create_future()
-            st.waiter = fut
+            fut = self._client._loop.create_future()
+            st.waiter = fut  # the reader resolves and clears it
             try:
                 await fut
             finally:
                 st.waiter = None
-        rec = st.records.popleft()
-        try:
-            d = to_delta(rec)
-        except ZServeError:
-            self._finished = True
-            raise
-        if d.finish_reason is not None:
-            self._finished = True
-        return d
 
     async def next_batch(self) -> list[Delta]:
         """Every delta received so far and not yet read (waiting for at least
@@ -285,18 +322,10 @@ class AsyncStream:
         raises its exception, after the deltas before it have been returned."""
         if self._finished:
             return []
-        if self._frames is not None:
-            await self.start()
-        st = self._state
-        while not st.records:
-            fut = asyncio.get_running_loop().create_future()
-            st.waiter = fut
-            try:
-                await fut
-            finally:
-                st.waiter = None
+        records = self._state.records
+        if not records:
+            await self._wait()
         out: list[Delta] = []
-        records = st.records
         while records:
             if out and records[0][3] in (p.FINISH_ERROR, p.FINISH_CANCELLED):
                 break  # deliver what came before; the next call raises
@@ -355,14 +384,14 @@ class AsyncClient(_Base):
         self._raw = _dealer(zmq.Context.instance(), address)
         self._sock: LoopSocket | None = None  # bound to the loop on first use
         self._ticker: asyncio.Task[None] | None = None
-        # request id -> monotonic time of its last record (for timeouts)
-        self._activity: dict[bytes, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _loop_sock(self) -> LoopSocket:
         if self._sock is None:
             if self._closed:
                 raise Cancelled("client closed")
-            self._sock = LoopSocket(self._raw, self._on_message)
+            self._loop = asyncio.get_running_loop()
+            self._sock = LoopSocket(self._raw, self._on_message, self._loop)
             self._ticker = asyncio.create_task(self._tick())
         return self._sock
 
@@ -385,30 +414,21 @@ class AsyncClient(_Base):
         now = time.monotonic()
         if len(self._core.streams) == 1:
             self._last_recv = now  # liveness counts from the first request
-        self._activity[rid] = now
+        st = self._core.streams.get(rid)
+        if st is not None:
+            st.last = now  # its timeout counts from here
         try:
             await self._send(frames)
         except BrokerUnreachable:
             self._core.forget(rid)
-            self._activity.pop(rid, None)
             raise
 
     def _on_message(self, frames: list[bytes]) -> None:
         now = self._last_recv = time.monotonic()
         try:
-            touched = self._core.on_message(frames)
-        except ValueError:
+            self._core.on_message(frames, now)
+        except (ValueError, TypeError):
             return  # malformed: ignore
-        activity = self._activity
-        for st in touched:
-            rid = st.records[-1][0]
-            if st.done:
-                activity.pop(rid, None)
-            else:
-                activity[rid] = now
-            w = st.waiter
-            if w is not None and not w.done():
-                w.set_result(None)
 
     async def _tick(self) -> None:
         while True:
@@ -420,27 +440,23 @@ class AsyncClient(_Base):
             if self._broker_silent(now):
                 err = BrokerUnreachable(f"broker at {self.address} went silent")
                 self._wake(self._core.fail_all(err))
-                self._activity.clear()
                 continue
-            for rid, last in list(self._activity.items()):
-                if now - last > self.timeout:
-                    st = self._core.streams.get(rid)
-                    self._activity.pop(rid, None)
-                    if st is None:
-                        continue
-                    self._core.forget(rid)
+            stale = now - self.timeout
+            late = [rid for rid, st in self._core.streams.items() if 0.0 < st.last < stale]
+            for rid in late:
+                st = self._core.fail(rid, "timeout", f"no reply in {self.timeout} s")
+                if st is not None:
                     self._send_nowait(self._core.cancel_frames(rid))
-                    msg = f"no reply in {self.timeout} s"
-                    st.records.append(p.error_record(rid, "timeout", msg))
-                    st.done = True
                     self._wake([st])
 
     @staticmethod
     def _wake(states: list[StreamState]) -> None:
         for st in states:
             w = st.waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            if w is not None:
+                st.waiter = None
+                if not w.done():
+                    w.set_result(None)
 
     def stream(
         self,
@@ -457,8 +473,8 @@ class AsyncClient(_Base):
         ignore_eos: bool | None = None,
         **params: Any,
     ) -> AsyncStream:
-        sp = sampling_params(max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos, params)
-        rid, frames = self._core.request_frames(model, prompt, messages, sp)
+        args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
+        rid, frames = self._core.request_frames(model, prompt, messages, args, params)
         return AsyncStream(self, rid, frames)
 
     async def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -473,7 +489,13 @@ class AsyncClient(_Base):
             return await s.__anext__()
 
     async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
-        return (await self._final(*self._core.embed_frames(model, texts))).embeddings or []
+        """One unit vector per text."""
+        return (await self.embed_with_usage(model, texts)).embeddings
+
+    async def embed_with_usage(self, model: str, texts: list[str]) -> Embeddings:
+        """The vectors and the usage (``prompt_tokens``) the worker reported."""
+        d = await self._final(*self._core.embed_frames(model, texts))
+        return Embeddings.from_delta(d)
 
     async def models(self) -> list[str]:
         return list((await self._final(*self._core.query_frames(p.SERVICE_MODELS))).result)

@@ -29,6 +29,7 @@ more partial records and exactly one final record (``finish_reason`` set;
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,9 +43,9 @@ WORKER = b"ZSW1"
 # --------------------------------------------------------------------------
 # Command codes (frame 1), one byte each.
 # client -> broker
-C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body]
+C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?]
 C_CANCEL = b"\x02"  # [ZSC1, CANCEL, request_id]
-C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT]
+C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT, heartbeat_ms?]
 C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
 C_QUERY = b"\x05"  # [ZSC1, QUERY, request_id, service]
 # broker -> client
@@ -80,6 +81,11 @@ FINISH_ERROR = "error"
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_LIVENESS = 3
 HEARTBEAT_EXPIRY = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+# A client advertises its own heartbeat interval (the optional last frame of
+# REQUEST and HEARTBEAT); the broker expires it after
+# max(broker interval, client interval) x broker liveness, the client's
+# interval capped at this.
+MAX_CLIENT_HEARTBEAT_INTERVAL = 60.0
 RECONNECT_INITIAL = 1.0
 RECONNECT_MAX = 32.0
 QUEUE_TIMEOUT = 30.0
@@ -193,57 +199,51 @@ class SamplingParams:
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._FIELDS}
 
+    def encode(self) -> bytes:
+        """The ``params`` map of a REQUEST body."""
+        return pack(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         """Validate and build; raises ValueError with a clear message."""
         p = cls()
         for k in cls._FIELDS:
             v = d.get(k)
-            if v is None:
-                continue
-            setattr(p, k, v)
+            if v is not None:
+                setattr(p, k, v)
         p.validate()
         return p
 
     def validate(self) -> None:
-        def num(name: str, lo: float, hi: float | None = None) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{name} must be a number")
-            if v < lo or (hi is not None and v > hi):
-                raise ValueError(f"{name} must be in [{lo}, {hi if hi is not None else 'inf'}]")
-            setattr(self, name, float(v))
-
-        if self.max_tokens is not None and (
-            isinstance(self.max_tokens, bool)
-            or not isinstance(self.max_tokens, int)
-            or self.max_tokens < 1
-        ):
+        mt = self.max_tokens
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError("max_tokens must be a positive integer")
-        num("temperature", 0.0, 100.0)
-        num("top_p", 0.0, 1.0)
+        self.temperature = _number(self.temperature, "temperature", 0.0, 100.0)
+        self.top_p = _number(self.top_p, "top_p", 0.0, 1.0)
         if self.top_p == 0.0:
             raise ValueError("top_p must be in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise ValueError("top_k must be an integer")
         if self.top_k < 0:
             self.top_k = 0  # -1 (vLLM/OpenAI style) means disabled
-        num("repetition_penalty", 0.0)
+        self.repetition_penalty = _number(
+            self.repetition_penalty, "repetition_penalty", 0.0, math.inf
+        )
         if self.repetition_penalty == 0.0:
             raise ValueError("repetition_penalty must be > 0")
-        num("presence_penalty", -2.0, 2.0)
-        num("frequency_penalty", -2.0, 2.0)
+        self.presence_penalty = _number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
+        self.frequency_penalty = _number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError("seed must be an integer")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ValueError("stop must be a string or a list of strings")
-        self.stop = [s for s in self.stop if s]
-        if not isinstance(self.stop_token_ids, list) or not all(
-            isinstance(t, int) for t in self.stop_token_ids
-        ):
+        self.stop = [s for s in stop if s] if stop else []
+        ids = self.stop_token_ids
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise ValueError("stop_token_ids must be a list of integers")
         self.ignore_eos = bool(self.ignore_eos)
         if self.logprobs is not None:
@@ -251,6 +251,17 @@ class SamplingParams:
                 self.logprobs = 1 if self.logprobs else None
             elif not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
                 raise ValueError("logprobs must be an integer in [0, 20]")
+
+
+def _number(v: Any, name: str, lo: float, hi: float) -> float:
+    """``v`` as a float in [lo, hi] (bools refused), or ValueError."""
+    if type(v) is not float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} must be a number")
+        v = float(v)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}]")
+    return v
 
 
 @dataclass(slots=True)
@@ -264,16 +275,9 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {"kind": self.kind}
         if self.kind == KIND_EMBED:
-            body["texts"] = self.texts
-        else:
-            if self.prompt is not None:
-                body["prompt"] = self.prompt
-            if self.messages is not None:
-                body["messages"] = self.messages
-            body["params"] = self.params.to_dict()
-        return pack(body)
+            return pack({"kind": self.kind, "texts": self.texts})
+        return encode_generate(self.prompt, self.messages, self.params.encode())
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
@@ -307,6 +311,30 @@ class Request:
         return cls(
             kind=kind, prompt=prompt, messages=messages, params=SamplingParams.from_dict(params)
         )
+
+
+# Pre-encoded pieces of a generate REQUEST body.
+_KIND_GENERATE = pack("kind") + pack(KIND_GENERATE)
+_KEY_PROMPT = pack("prompt")
+_KEY_MESSAGES = pack("messages")
+_KEY_PARAMS = pack("params")
+
+
+def encode_generate(
+    prompt: str | None, messages: list[dict[str, Any]] | None, params: bytes
+) -> bytes:
+    """A generate REQUEST body ``{kind, prompt?, messages?, params}`` around
+    already encoded ``params`` (``SamplingParams.encode``): a client that sends
+    the same parameters again validates and encodes them once."""
+    n = 2
+    out = _KIND_GENERATE
+    if prompt is not None:
+        n += 1
+        out += _KEY_PROMPT + pack(prompt)
+    if messages is not None:
+        n += 1
+        out += _KEY_MESSAGES + pack(messages)
+    return bytes((0x80 | n,)) + out + _KEY_PARAMS + params  # a fixmap of n entries
 
 
 @dataclass(slots=True)
@@ -363,6 +391,18 @@ class Delta:
 
 def error_record(request_id: bytes, code: str, message: str) -> list[Any]:
     return [request_id, "", None, FINISH_ERROR, {"error": {"code": code, "message": message}}]
+
+
+def encode_heartbeat_ms(interval: float) -> bytes:
+    """A heartbeat interval as the optional REQUEST/HEARTBEAT frame: ASCII milliseconds."""
+    return b"%d" % max(1, round(interval * 1000))
+
+
+def decode_heartbeat_ms(frame: bytes) -> float:
+    """The interval in seconds, capped at ``MAX_CLIENT_HEARTBEAT_INTERVAL``."""
+    if not frame.isdigit() or len(frame) > 9:
+        raise ValueError("heartbeat interval must be ASCII decimal milliseconds")
+    return min(int(frame) / 1000, MAX_CLIENT_HEARTBEAT_INTERVAL)
 
 
 def encode_tokens(records: list[list[Any]]) -> bytes:

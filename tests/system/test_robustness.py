@@ -192,3 +192,35 @@ def test_broker_dying_mid_stream_raises_broker_unreachable(stack):
         with pytest.raises(BrokerUnreachable, match="silent"):
             for _ in s:
                 pass
+
+
+def test_repeated_parameters_are_still_validated_by_type(stack):
+    """The client validates a set of parameters once; 1 and True stay apart."""
+    stack.start_broker()
+    stack.worker("--model", "m")
+    stack.wait_workers(1)
+    with stack.client() as c:
+        for _ in range(3):
+            assert c.generate("m", "x", max_tokens=1).token_ids == [0]
+        with pytest.raises(BadRequest, match="max_tokens"):
+            c.generate("m", "x", max_tokens=True)
+        with pytest.raises(BadRequest, match="stop_token_ids"):
+            c.generate("m", "x", max_tokens=1, stop_token_ids=[[1]])
+        assert c.generate("m", "x", max_tokens=2, stop=["zz"]).text == "t0 t1 "
+
+
+def test_bad_heartbeat_interval_frame_is_answered_with_bad_request(stack):
+    stack.start_broker()
+    stack.worker("--model", "m")
+    stack.wait_workers(1)
+    fe = _dealer(stack.frontend)
+    try:
+        body = p.Request(prompt="x", params=p.SamplingParams(max_tokens=1)).encode()
+        fe.send_multipart([p.CLIENT, p.C_REQUEST, b"1", b"m", body, b"soon"])
+        (rec,) = _records(fe)
+        assert rec[4]["error"]["code"] == "bad_request"
+        fe.send_multipart([p.CLIENT, p.C_REQUEST, b"2", b"m", body, b"500"])
+        recs = _records(fe)
+        assert recs[-1][3] == "length" and recs[-1][2] == [0]
+    finally:
+        fe.close()

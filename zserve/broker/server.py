@@ -56,6 +56,10 @@ class PendingRequest:
 @dataclass(eq=False)
 class ClientState:
     expiry: float  # cancel its requests if silent past it
+    # Silence allowed: max(broker interval, the interval the client
+    # advertised) x liveness, so a client that heartbeats slower than the
+    # broker is not taken for vanished.
+    ttl: float
     requests: set[RequestKey] = field(default_factory=set)
     # Requests the broker has already ended with its own final frame
     # (slow client, ...): their later records from the worker are dropped.
@@ -175,13 +179,16 @@ class Broker:
         client, cmd = frames[0], frames[2]
         c = self.clients.get(client)
         if c is not None:
-            c.expiry = time.monotonic() + self.cfg.expiry
+            c.expiry = time.monotonic() + c.ttl
         if cmd == p.C_REQUEST:
-            self._handle_client_request(client, frames)
+            self._handle_client_request(client, frames, c)
         elif cmd == p.C_CANCEL:
             self._handle_client_cancel(client, frames)
         elif cmd == p.C_HEARTBEAT:
-            pass  # any traffic counts
+            # [client, ZSC1, HEARTBEAT, heartbeat_ms?]; any traffic counts
+            if len(frames) == 4 and c is not None:
+                c.ttl = self._client_ttl(frames[3])
+                c.expiry = time.monotonic() + c.ttl
         elif cmd == p.C_QUERY:
             self._handle_client_query(client, frames)
         elif cmd == p.C_DISCONNECT:
@@ -189,15 +196,32 @@ class Broker:
         else:
             raise ValueError(f"frontend: unknown command {cmd!r}")
 
-    def _handle_client_request(self, client: bytes, frames: list[bytes]) -> None:
-        # [client, ZSC1, REQUEST, request_id, model, body]
-        if len(frames) != 6:
-            raise ValueError("REQUEST needs 6 frames")
+    def _client_ttl(self, heartbeat_ms: bytes | None) -> float:
+        """How long a client may stay silent, from the interval it advertised."""
+        cfg = self.cfg
+        if heartbeat_ms is None:
+            return cfg.expiry
+        interval = max(cfg.heartbeat_interval, p.decode_heartbeat_ms(heartbeat_ms))
+        return interval * cfg.heartbeat_liveness
+
+    def _handle_client_request(
+        self, client: bytes, frames: list[bytes], c: ClientState | None
+    ) -> None:
+        # [client, ZSC1, REQUEST, request_id, model, body, heartbeat_ms?]
+        if len(frames) != 6 and len(frames) != 7:
+            raise ValueError("REQUEST needs 6 or 7 frames")
         rid, model_b, body = frames[3], frames[4], frames[5]
         if not rid:
             raise ValueError("REQUEST with an empty request id")
         model = model_b.decode()
         self.counters["requests"] += 1
+        ttl = 0.0
+        if c is None:
+            try:
+                ttl = self._client_ttl(frames[6] if len(frames) == 7 else None)
+            except ValueError as e:
+                self._reply_error(client, rid, "bad_request", str(e))
+                return
         key = (client, rid)
         if key in self.requests:
             self._reply_error(client, rid, "bad_request", "duplicate request id in flight")
@@ -220,9 +244,8 @@ class Broker:
                 )
                 return
             q.append(req)
-        c = self.clients.get(client)
         if c is None:
-            c = self.clients[client] = ClientState(now + self.cfg.expiry)
+            c = self.clients[client] = ClientState(now + ttl, ttl)
         c.requests.add(key)
         self.requests[key] = req
         if ws:

@@ -62,7 +62,9 @@ class Outbox:
             self._blocked = fut
             fut.add_done_callback(self.flush)
 
-    def put(self, client: bytes, rid: bytes, d: Delta, first: bool) -> None:
+    def put(self, client: bytes, rid: bytes, d: Delta, first: bool, now: bool = False) -> None:
+        """Queue ``d`` for the next flush; ``now``: flush at once (nothing else
+        can join this step, e.g. a single request in flight)."""
         per = self._pending.get(client)
         if per is None:
             per = self._pending[client] = {}
@@ -75,7 +77,9 @@ class Outbox:
             self._started.setdefault(client, []).append(rid)
         if d.finish_reason is not None:
             self._finished.setdefault(client, []).append(rid)
-        if not self._scheduled:
+        if now:
+            self.flush()
+        elif not self._scheduled:
             self._schedule()
 
     def take(self) -> list[Message]:

@@ -232,6 +232,7 @@ class Worker:
 
     async def _serve(self, client: bytes, rid: bytes, model: str, req: Request, eid: str) -> None:
         put = self.outbox.put
+        active = self.active
         first = True
         finished = False  # our final frame is out
         engine_done = False  # the engine itself ended the request
@@ -253,46 +254,59 @@ class Worker:
             params = req.params
             limit = params.max_tokens
             stops = StopMatcher(params.stop)
-            count = 0
+            count = 0  # completion tokens, counted here
             prompt_tokens = 0  # from whichever delta carries usage first
+            # The engine's own completion count where it reports one (it knows
+            # better, e.g. text chunks from a remote server), and our count then.
+            reported: int | None = None
+            count_at_report = 0
             gen = self.engine.generate(
                 GenerateRequest(eid, model, req.prompt, req.messages, params)
             )
             try:
                 async for d in gen:
-                    engine_done = d.finish_reason is not None
-                    if d.usage is not None:
-                        prompt_tokens = d.usage.get("prompt_tokens", prompt_tokens)
-                    ntok = len(d.token_ids) if d.token_ids is not None else (1 if d.text else 0)
-                    count += ntok
-                    if limit is not None and count >= limit and d.finish_reason is None:
-                        d.finish_reason = p.FINISH_LENGTH
+                    finish = d.finish_reason
+                    engine_done = finish is not None
+                    ids = d.token_ids
+                    count += len(ids) if ids is not None else (1 if d.text else 0)
+                    usage = d.usage
+                    if usage is not None:
+                        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                        n = usage.get("completion_tokens")
+                        if n is not None:
+                            reported, count_at_report = n, count
+                    if limit is not None and count >= limit and finish is None:
+                        finish = d.finish_reason = p.FINISH_LENGTH
                     if stops.stops:
                         d.text, hit = stops.feed(d.text)
                         if hit:
-                            d.finish_reason = p.FINISH_STOP
-                        elif d.finish_reason is not None:
+                            finish = d.finish_reason = p.FINISH_STOP
+                        elif finish is not None:
                             d.text += stops.flush()
-                    if d.finish_reason is not None:
-                        d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count}
-                        put(client, rid, d, first)
+                    if finish is not None:
+                        done = count if reported is None else reported + count - count_at_report
+                        d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
+                        # alone in flight: no other request can join this step
+                        put(client, rid, d, first, len(active) == 1)
                         finished = True
                         break
-                    if d.text or d.token_ids:
+                    if d.text or ids or d.logprobs:
+                        # logprobs alone (a token still inside a character) must travel too
                         d.usage = None  # usage travels on the final frame only
-                        put(client, rid, d, first)
+                        put(client, rid, d, first, len(active) == 1)
                         first = False
             finally:
                 await gen.aclose()
             if not finished:
                 # The engine ended without a finish reason: treat as length.
+                done = count if reported is None else reported + count - count_at_report
                 put(
                     client,
                     rid,
                     Delta(
                         text=stops.flush(),
                         finish_reason=p.FINISH_LENGTH,
-                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": count},
+                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": done},
                     ),
                     first,
                 )

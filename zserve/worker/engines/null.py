@@ -10,7 +10,8 @@ import asyncio
 import hashlib
 import math
 import struct
-from collections.abc import AsyncIterator
+import types
+from collections.abc import AsyncIterator, Generator
 
 from zserve.protocol import FINISH_LENGTH, Delta
 from zserve.worker.engine import Engine, GenerateRequest
@@ -44,17 +45,26 @@ class NullEngine(Engine):
         prompt_tokens = len(prompt.split())
         n = request.params.max_tokens or DEFAULT_MAX_TOKENS
         delay = self.token_delay
-        usage = {"prompt_tokens": prompt_tokens}
+        texts = _texts(n)
+        cached = len(texts)
         # One engine step per token; with no delay the first token is
         # instant and each later one waits one loop turn.
-        for i in range(n - 1):
-            if delay or i:
-                await asyncio.sleep(delay)
-            yield Delta(f"t{i} ", [i], usage=usage if i == 0 else None)
-        if delay or n > 1:
+        if delay:
             await asyncio.sleep(delay)
+        if n > 1:
+            yield Delta(_text(0), [0], usage={"prompt_tokens": prompt_tokens})
+            for i in range(1, n - 1):
+                if delay:
+                    await asyncio.sleep(delay)
+                else:
+                    await _next_step()
+                yield Delta(texts[i] if i < cached else f"t{i} ", [i])
+            if delay:
+                await asyncio.sleep(delay)
+            else:
+                await _next_step()
         yield Delta(
-            f"t{n - 1} ",
+            _text(n - 1),
             [n - 1],
             FINISH_LENGTH,
             usage={"prompt_tokens": prompt_tokens, "completion_tokens": n},
@@ -65,6 +75,33 @@ class NullEngine(Engine):
 
     async def count_tokens(self, model: str, text: str) -> int:
         return len(text.split())
+
+
+@types.coroutine
+def _next_step() -> Generator[None, None, None]:
+    """Give the loop one turn: what ``asyncio.sleep(0)`` does, without its frames.
+
+    A bare ``yield`` inside a task makes the task reschedule itself behind
+    everything already ready, exactly like ``asyncio.sleep(0)``.
+    """
+    yield
+
+
+_TEXTS: list[str] = []
+_TEXTS_CACHED = 1 << 16  # token texts kept, at most (a few MiB)
+
+
+def _texts(n: int) -> list[str]:
+    """Token texts ``t{i} `` made once (a fake engine should make little garbage);
+    the list may be shorter than ``n``: past its end, make the text on the spot."""
+    have = len(_TEXTS)
+    if have < n and have < _TEXTS_CACHED:
+        _TEXTS.extend(f"t{i} " for i in range(have, min(n, _TEXTS_CACHED)))
+    return _TEXTS
+
+
+def _text(i: int) -> str:
+    return _TEXTS[i] if i < len(_TEXTS) else f"t{i} "
 
 
 def embed_text(text: str, dim: int = EMBED_DIM) -> list[float]:

@@ -1,0 +1,104 @@
+"""Heartbeat intervals that differ between a client and the broker.
+
+A client advertises its own interval on REQUEST and HEARTBEAT; the broker
+expires it after max(broker interval, client interval) x liveness. So a
+client with the default 1 s interval keeps a long stream alive through a
+broker that heartbeats every 0.1 s, and a client that truly vanishes is
+still cancelled, within its own interval x liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from zserve import AsyncClient, Client
+from zserve import protocol as p
+from zserve.launcher import wait_for
+
+BROKER_HB = ["--heartbeat-interval", "0.1", "--heartbeat-liveness", "3"]  # expiry 0.3 s
+TOKEN_DELAY = 0.05
+TOKENS = 50  # 2.5 s of stream: many broker expiries, more than two client intervals
+
+
+def _start(stack) -> None:
+    stack.start_broker(*BROKER_HB)
+    stack.worker("--model", "m", "--capacity", "4", "--token-delay", str(TOKEN_DELAY), *BROKER_HB)
+    stack.wait_workers(1)
+
+
+def _assert_nobody_expired(stack) -> None:
+    st = stack.status()
+    assert st["counters"].get("clients_expired", 0) == 0
+    assert st["counters"].get("cancels", 0) == 0
+    assert st["requests_in_flight"] == 0
+
+
+def test_slow_heartbeat_sync_client_keeps_a_long_stream(stack):
+    _start(stack)
+    with Client(stack.frontend, timeout=30) as c:  # default interval: 1 s
+        assert c.heartbeat_interval == p.HEARTBEAT_INTERVAL
+        t0 = time.monotonic()
+        r = c.generate("m", "x", max_tokens=TOKENS)
+        assert time.monotonic() - t0 > 6 * 0.3  # outlived the broker's own expiry many times
+    assert r.finish_reason == "length"
+    assert r.token_ids == list(range(TOKENS))
+    _assert_nobody_expired(stack)
+
+
+def test_slow_heartbeat_async_client_keeps_long_streams(stack):
+    _start(stack)
+
+    async def run() -> list[list[int]]:
+        async with AsyncClient(stack.frontend, timeout=30) as ac:
+
+            async def one() -> list[int]:
+                ids: list[int] = []
+                async for d in ac.stream("m", "x", max_tokens=TOKENS):
+                    ids.extend(d.token_ids or [])
+                return ids
+
+            return await asyncio.gather(one(), one(), one())
+
+    assert asyncio.run(run()) == [list(range(TOKENS))] * 3
+    _assert_nobody_expired(stack)
+
+
+def test_vanished_slow_heartbeat_client_is_still_cancelled(stack):
+    _start(stack)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from zserve import Client
+        c = Client({stack.frontend!r}, heartbeat_interval=0.5)
+        s = c.stream("m", "x", max_tokens=100000)
+        next(s)
+        print("streaming", flush=True)
+        for _ in s:  # keep reading (and heartbeating) until stopped
+            pass
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "streaming"
+        time.sleep(0.6)  # past the broker's own 0.3 s expiry: the client's interval counts
+        assert stack.status()["workers"][0]["in_flight"] == 1
+        # Freeze it: the connection stays open, so only its silence can tell.
+        os.kill(child.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(
+            lambda: stack.status()["workers"][0]["in_flight"] == 0, 10, "request cancelled"
+        )
+        took = time.monotonic() - t0
+        # 0.5 s x 3, less up to one interval since its last heartbeat, plus a tick
+        assert 0.9 < took < 3.0, took
+        assert stack.status()["counters"].get("clients_expired", 0) == 1
+        wait_for(lambda: stack.status()["workers"][0]["queue_length"] == 0, 3, "worker idle")
+    finally:
+        child.kill()
+        child.wait()
