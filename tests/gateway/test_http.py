@@ -145,6 +145,7 @@ def test_metrics(gw: GatewayStack) -> None:
     httpx.post(url + "/chat/completions", json=chat("wide", 10), headers=h)  # 20 ms a token
     httpx.post(url + "/chat/completions", json=chat("unknown-model", 5), headers=h)
     httpx.post(url + "/chat/completions", json=chat("m", 5, temperature=-3), headers=h)
+    emb = httpx.post(url + "/embeddings", json={"model": "m", "input": ["a b"]}, headers=h)
     after = httpx.get(gw.root + "/metrics").text
 
     def delta(name: str, **labels: str) -> float:
@@ -155,11 +156,13 @@ def test_metrics(gw: GatewayStack) -> None:
         return sample(after, name, **labels) - b
 
     assert delta("zserve_gateway_requests_total", model="m", endpoint="chat") == 4
+    assert delta("zserve_gateway_requests_total", model="m", endpoint="embeddings") == 1
     assert delta("zserve_gateway_completion_tokens_total", model="m") == 20
-    assert delta("zserve_gateway_prompt_tokens_total", model="m") == 4
+    emb_tokens = emb.json()["usage"]["prompt_tokens"]
+    assert delta("zserve_gateway_prompt_tokens_total", model="m") == 4 + emb_tokens
     assert delta("zserve_gateway_time_to_first_token_seconds_count", model="m") == 4
     assert delta("zserve_gateway_inter_token_latency_seconds_count", model="wide") >= 1
-    assert delta("zserve_gateway_request_duration_seconds_count", model="m") == 4
+    assert delta("zserve_gateway_request_duration_seconds_count", model="m") == 5  # + embeddings
     assert delta("zserve_gateway_errors_total", code="model_not_found", status="404") == 1
     assert delta("zserve_gateway_errors_total", code="bad_request", status="400") == 1
     assert sample(after, "zserve_gateway_requests_in_flight") == 0

@@ -149,3 +149,29 @@ def test_error_event_then_done() -> None:
     raw = error_event(APIError("died", "worker_lost"))
     assert raw.endswith(DONE)
     assert json.loads(raw[6 : -len(DONE) - 2])["error"]["code"] == "worker_lost"
+
+
+def test_metrics_render_from_plain_counters() -> None:
+    from zserve.gateway.metrics import _DURATION_BUCKETS, Metrics, Tracker, _observe
+
+    m = Metrics()
+    t = Tracker(m, "mo", "chat", 2)
+    t.batch(0)
+    t.batch(0)
+    t.batch(1)
+    t.done(3, 7)
+    Tracker(m, "never-accepted", "chat", 1).failed("model_not_found", 404)
+    m.model("mo").duration.counts[:] = [0] * len(m.model("mo").duration.counts)
+    _observe(m.model("mo").duration, _DURATION_BUCKETS, 0.01)  # a bound is inclusive (le)
+    text = m.render(None).decode()
+    assert 'zserve_gateway_requests_total{endpoint="chat",model="mo"} 1.0' in text
+    assert 'zserve_gateway_completion_tokens_total{model="mo"} 7.0' in text
+    assert 'zserve_gateway_time_to_first_token_seconds_count{model="mo"} 1.0' in text
+    assert 'zserve_gateway_inter_token_latency_seconds_count{model="mo"} 1.0' in text
+    assert 'zserve_gateway_inter_token_latency_seconds_bucket{le="+Inf",model="mo"} 1.0' in text
+    assert 'zserve_gateway_errors_total{code="model_not_found",status="404"} 1.0' in text
+    assert "zserve_gateway_requests_in_flight 0.0" in text
+    assert "never-accepted" not in text
+    assert 'zserve_gateway_request_duration_seconds_bucket{le="0.005",model="mo"} 0.0' in text
+    assert 'zserve_gateway_request_duration_seconds_bucket{le="0.01",model="mo"} 1.0' in text
+    assert "zserve_broker_up 0.0" in text

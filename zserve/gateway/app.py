@@ -18,6 +18,15 @@ the same reason. The standard json module costs about 10 us a request here
 (profiled), under 1 % of that latency, so orjson is not worth a dependency.
 uvicorn picks uvloop and httptools when installed
 (``uvicorn[standard]``).
+
+The POST endpoints (the ones on the token path) go further: they are plain
+ASGI handlers that ``GatewayApp`` calls before Starlette's middleware and
+router, read the body from ``receive`` and answer with two ``send`` calls.
+That skips five wrapping layers, a ``Request`` and a ``Response`` per
+request: in a py-spy profile of 1-token requests they held about 15 % of
+the gateway's busy time. The same handlers are also mounted as Starlette
+routes, so other methods still get 405 and a root path still routes. The
+GET endpoints stay on Starlette.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -43,16 +52,79 @@ from zserve.gateway.errors import APIError, to_api_error
 from zserve.gateway.generation import close_all, complete, first_batches, open_streams, stream_body
 from zserve.gateway.metrics import CONTENT_TYPE, Metrics, Tracker
 from zserve.gateway.schema import dumps
-from zserve.gateway.sse import ChunkEncoder, ClientGone, DisconnectGuard, SSEResponse
+from zserve.gateway.sse import HEADERS as SSE_HEADERS
+from zserve.gateway.sse import ChunkEncoder, ClientGone, DisconnectGuard
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 STATUS_TIMEOUT = 2.0  # seconds for /health, /v1/models and /metrics broker queries
 
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_JSON = JSON.encode()
+_END = {"type": "http.response.body", "body": b"", "more_body": False}
+
 
 def error_response(err: APIError) -> Response:
     return Response(err.body(), status_code=err.status, media_type=JSON)
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body; ``ClientGone`` if the client left first."""
+    msg = await receive()
+    if msg["type"] == "http.disconnect":
+        raise ClientGone
+    body: bytes = msg.get("body", b"")
+    if msg.get("more_body"):
+        parts = [body]
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone
+            parts.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body = b"".join(parts)
+    return body
+
+
+async def send_json(send: Send, body: bytes, status: int = 200) -> None:
+    headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Raw:
+    """A plain ASGI handler as a Starlette route endpoint (a bound method
+    would be wrapped as a Request -> Response function)."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
+
+
+class GatewayApp(Starlette):
+    """Starlette, with the POST endpoints taken before its middleware and router."""
+
+    def __init__(self, fast: dict[str, Handler], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast = fast  # path -> handler, for POST
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.fast.get(scope["path"])
+            if handler is not None:
+                await handler(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)  # type: ignore[arg-type]
 
 
 class Gateway:
@@ -75,6 +147,7 @@ class Gateway:
         self.metrics = Metrics()
         self.created = int(time.time())
         self._client: AsyncClient | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def client(self) -> AsyncClient:
@@ -84,6 +157,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.loop = asyncio.get_running_loop()
         self._client = AsyncClient(
             self.broker,
             timeout=self.timeout,
@@ -97,20 +171,34 @@ class Gateway:
         finally:
             await self._client.aclose()
 
-    def fail(self, e: BaseException) -> Response:
+    def _error(self, e: BaseException) -> APIError:
         err = to_api_error(e)
         if err.status == 500:
             log.error("request failed: %s", err.message)
+        return err
+
+    def fail(self, e: BaseException) -> Response:
+        err = self._error(e)
         self.metrics.error(err.code, err.status)
         return error_response(err)
 
-    def check_key(self, request: Request) -> None:
+    async def send_fail(self, send: Send, e: BaseException) -> None:
+        err = self._error(e)
+        self.metrics.error(err.code, err.status)
+        await send_json(send, err.body(), err.status)
+
+    def check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """``headers``: the ASGI scope's (lower-case names)."""
         if not self.api_keys:
             return
-        auth = request.headers.get("authorization", "")
-        scheme, _, key = auth.partition(" ")
-        if scheme.lower() == "bearer" and key:
-            k = key.strip().encode()
+        auth = b""
+        for name, value in headers:
+            if name == b"authorization":
+                auth = value
+                break
+        scheme, _, key = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and key:
+            k = key.strip()
             if any(hmac.compare_digest(k, good) for good in self.api_keys):
                 return
         raise APIError("invalid or missing API key", "invalid_api_key")
@@ -128,7 +216,7 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         try:
-            self.check_key(request)
+            self.check_key(request.scope["headers"])
             names = await self._query("models")
         except Exception as e:
             return self.fail(e)
@@ -138,91 +226,106 @@ class Gateway:
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         try:
-            self.check_key(request)
+            self.check_key(request.scope["headers"])
             if name not in await self._query("models"):
                 raise APIError(f"the model {name!r} does not exist", "model_not_found", "model")
         except Exception as e:
             return self.fail(e)
         return Response(dumps(schema.model_card(name, self.created)), media_type=JSON)
 
-    async def chat(self, request: Request) -> Response | SSEResponse:
-        return await self._generate(request, True)
+    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, True)
 
-    async def completions(self, request: Request) -> Response | SSEResponse:
-        return await self._generate(request, False)
+    async def completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._generate(scope, receive, send, False)
 
-    async def _generate(self, request: Request, chat: bool) -> Response | SSEResponse:
+    async def _generate(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
         try:
-            self.check_key(request)
-            body = schema.load_json(await request.body())
+            self.check_key(scope["headers"])
+            body = schema.load_json(await read_body(receive))
             req = schema.parse_chat(body) if chat else schema.parse_completion(body)
             streams = open_streams(self.client, req)
+        except ClientGone:
+            return
         except Exception as e:
-            return self.fail(e)
-        endpoint = "chat" if chat else "completions"
-        tracker = Tracker(self.metrics, req.model, endpoint, len(streams))
+            await self.send_fail(send, e)
+            return
+        tracker = Tracker(self.metrics, req.model, "chat" if chat else "completions", len(streams))
+        started = False  # the response has begun: errors go in the body from here on
         try:
-            async with DisconnectGuard(request.receive):
-                if req.stream:
-                    firsts = await first_batches(streams, tracker)
-                else:
+            async with DisconnectGuard(receive, self.loop):
+                if not req.stream:
                     choices = await complete(streams, req, tracker)
+                    rid = schema.new_id("chatcmpl-" if chat else "cmpl-")
+                    build = schema.chat_response if chat else schema.completion_response
+                    out = build(rid, int(time.time()), req, choices)
+                    u = out["usage"]
+                    tracker.done(u["prompt_tokens"], u["completion_tokens"])
+                    started = True
+                    await send_json(send, dumps(out))
+                    return
+                firsts = await first_batches(streams, tracker)
+                rid = schema.new_id("chatcmpl-" if chat else "cmpl-")
+                enc = ChunkEncoder(
+                    chat, rid, int(time.time()), req.model, req.include_usage,
+                    req.prompts if req.echo else None, req.n,
+                )  # fmt: skip
+                chunks = stream_body(streams, firsts, req, enc, tracker)
+                started = True
+                try:
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+                    )
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    await chunks.aclose()  # type: ignore[attr-defined]
+                await send(_END)
         except ClientGone:
             tracker.failed("client_gone", 499)
-            return Response(status_code=499)
         except Exception as e:
-            err = to_api_error(e)
+            if started:
+                raise
+            err = self._error(e)
             tracker.failed(err.code, err.status)
-            if err.status == 500:
-                log.error("request failed: %s", err.message)
-            return error_response(err)
-        rid = schema.new_id("chatcmpl-" if chat else "cmpl-")
-        created = int(time.time())
-        if not req.stream:
-            build = schema.chat_response if chat else schema.completion_response
-            out = build(rid, created, req, choices)
-            u = out["usage"]
-            tracker.done(u["prompt_tokens"], u["completion_tokens"])
-            return Response(dumps(out), media_type=JSON)
-        enc = ChunkEncoder(
-            chat, rid, created, req.model, req.include_usage,
-            req.prompts if req.echo else None, req.n,
-        )  # fmt: skip
+            await send_json(send, err.body(), err.status)
+        finally:
+            if req.stream:
+                await close_all(streams)  # the body may never have started
+            tracker.failed("client_gone", 499)  # a no-op once done or failed
 
-        async def cleanup() -> None:
-            await close_all(streams)
-            tracker.failed("client_gone", 499)  # a no-op unless the body never ran
-
-        return SSEResponse(stream_body(streams, firsts, req, enc, tracker), cleanup)
-
-    async def embeddings(self, request: Request) -> Response:
+    async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            self.check_key(request)
-            body = schema.load_json(await request.body())
+            self.check_key(scope["headers"])
+            body = schema.load_json(await read_body(receive))
             model, texts, fmt = schema.parse_embedding(body)
+        except ClientGone:
+            return
         except Exception as e:
-            return self.fail(e)
+            await self.send_fail(send, e)
+            return
         tracker = Tracker(self.metrics, model, "embeddings", 1)
         try:
-            async with DisconnectGuard(request.receive):
+            async with DisconnectGuard(receive, self.loop):
                 vectors, prompt_tokens = await self._embed(model, texts)
         except ClientGone:
             tracker.failed("client_gone", 499)
-            return Response(status_code=499)
+            return
         except Exception as e:
-            err = to_api_error(e)
+            err = self._error(e)
             tracker.failed(err.code, err.status)
-            return error_response(err)
+            await send_json(send, err.body(), err.status)
+            return
+        except BaseException:
+            tracker.failed("client_gone", 499)  # cancelled: the server is stopping
+            raise
         tracker.done(prompt_tokens, 0)
         out = schema.embedding_response(model, vectors, prompt_tokens, fmt)
-        return Response(dumps(out), media_type=JSON)
+        await send_json(send, dumps(out))
 
     async def _embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], int]:
-        # AsyncClient.embed drops the usage the worker sends with the
-        # vectors; this reads the final delta itself to keep it.
-        c = self.client
-        d = await c._final(*c._core.embed_frames(model, texts))
-        return d.embeddings or [], int((d.usage or {}).get("prompt_tokens", 0))
+        r = await self.client.embed_with_usage(model, texts)
+        return r.embeddings, int(r.usage.get("prompt_tokens", 0))
 
     async def health(self, request: Request) -> Response:
         try:
@@ -260,17 +363,20 @@ def create_app(
     gw = Gateway(
         broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness
     )
+    fast: dict[str, Handler] = {
+        "/v1/chat/completions": gw.chat,
+        "/v1/completions": gw.completions,
+        "/v1/embeddings": gw.embeddings,
+    }
     routes = [
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
-        Route("/v1/chat/completions", gw.chat, methods=["POST"]),
-        Route("/v1/completions", gw.completions, methods=["POST"]),
-        Route("/v1/embeddings", gw.embeddings, methods=["POST"]),
+        *(Route(path, _Raw(handler), methods=["POST"]) for path, handler in fast.items()),
         Route("/health", gw.health, methods=["GET"]),
         Route("/metrics", gw.prometheus, methods=["GET"]),
     ]
-    app = Starlette(
-        routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_error}
+    app = GatewayApp(
+        fast, routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_error}
     )
     app.state.gateway = gw
     return app
@@ -304,3 +410,4 @@ def serve(
         timeout_graceful_shutdown=3,
     )
     uvicorn.Server(config).run()
+

@@ -16,20 +16,21 @@ them, so a client sending made-up model names cannot grow the label set.
 
 from __future__ import annotations
 
-import time
+import itertools
+from bisect import bisect_left
 from collections.abc import Iterator
+from time import perf_counter
 from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -45,7 +46,7 @@ class _BrokerCollector(Collector):
     def __init__(self) -> None:
         self.status: dict[str, Any] | None = None
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         st = self.status
         up = GaugeMetricFamily("zserve_broker_up", "1 if the broker answered the last scrape")
         up.add_metric([], 0.0 if st is None else 1.0)
@@ -84,68 +85,130 @@ class _BrokerCollector(Collector):
         yield queued
 
 
+class _Histogram:
+    """One label set's buckets (non-cumulative counts, the last is +Inf) and sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.sum = 0.0
+
+
+class ModelStats:
+    """One model's numbers: plain ints and floats, turned into Prometheus
+    families only when ``/metrics`` is scraped."""
+
+    __slots__ = ("ttft", "itl", "duration", "prompt_tokens", "completion_tokens")
+
+    def __init__(self) -> None:
+        self.ttft = _Histogram(len(_LATENCY_BUCKETS))
+        self.itl = _Histogram(len(_LATENCY_BUCKETS))
+        self.duration = _Histogram(len(_DURATION_BUCKETS))
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+def _observe(h: _Histogram, bounds: tuple[float, ...], v: float) -> None:
+    h.counts[bisect_left(bounds, v)] += 1  # le is inclusive: v == bound counts in it
+    h.sum += v
+
+
+def _histogram(
+    name: str, doc: str, bounds: tuple[float, ...], per_model: dict[str, ModelStats], key: str
+) -> HistogramMetricFamily:
+    fam = HistogramMetricFamily(name, doc, labels=["model"])
+    les = [floatToGoString(b) for b in bounds] + ["+Inf"]
+    for model, st in per_model.items():
+        h: _Histogram = getattr(st, key)
+        cum = list(itertools.accumulate(h.counts))
+        fam.add_metric([model], list(zip(les, cum, strict=True)), h.sum)
+    return fam
+
+
+class _GatewayCollector(Collector):
+    """The gateway's own families, read from ``Metrics``' plain counters."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        per_model = m.models
+        req = CounterMetricFamily(
+            "zserve_gateway_requests", "finished requests", labels=["model", "endpoint"]
+        )
+        for (model, endpoint), v in m.requests.items():
+            req.add_metric([model, endpoint], v)
+        yield req
+        for name, doc, key in (
+            ("zserve_gateway_prompt_tokens", "prompt tokens", "prompt_tokens"),
+            ("zserve_gateway_completion_tokens", "generated tokens", "completion_tokens"),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["model"])
+            for model, st in per_model.items():
+                fam.add_metric([model], getattr(st, key))
+            yield fam
+        yield _histogram(
+            "zserve_gateway_time_to_first_token_seconds",
+            "request received to first token read",
+            _LATENCY_BUCKETS, per_model, "ttft",
+        )  # fmt: skip
+        yield _histogram(
+            "zserve_gateway_inter_token_latency_seconds",
+            "gap between successive token batches of one choice",
+            _LATENCY_BUCKETS, per_model, "itl",
+        )  # fmt: skip
+        yield _histogram(
+            "zserve_gateway_request_duration_seconds",
+            "request received to last byte",
+            _DURATION_BUCKETS, per_model, "duration",
+        )  # fmt: skip
+        inf = GaugeMetricFamily("zserve_gateway_requests_in_flight", "requests being served")
+        inf.add_metric([], m.in_flight)
+        yield inf
+        err = CounterMetricFamily(
+            "zserve_gateway_errors", "failed requests", labels=["code", "status"]
+        )
+        for (code, status), v in m.errors.items():
+            err.add_metric([code, status], v)
+        yield err
+
+
 class Metrics:
-    """The gateway's metrics, in a registry of their own."""
+    """The gateway's metrics, in a registry of their own.
+
+    The request path only adds to plain ints, floats and lists (the event
+    loop is the only writer); ``render`` builds the Prometheus families from
+    them at scrape time. prometheus_client's own Counter and Histogram take
+    a lock and check their arguments on every call: about 2 us each, and a
+    1-token request made seven of them.
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         self.broker = _BrokerCollector()
         r.register(self.broker)
-        m = ["model"]
-        self.requests = Counter(
-            "zserve_gateway_requests", "finished requests", ["model", "endpoint"], registry=r
-        )
-        self.prompt_tokens = Counter(
-            "zserve_gateway_prompt_tokens", "prompt tokens", m, registry=r
-        )
-        self.completion_tokens = Counter(
-            "zserve_gateway_completion_tokens", "generated tokens", m, registry=r
-        )
-        self.ttft = Histogram(
-            "zserve_gateway_time_to_first_token_seconds",
-            "request received to first token read",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "zserve_gateway_inter_token_latency_seconds",
-            "gap between successive token batches of one choice",
-            m,
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "zserve_gateway_request_duration_seconds",
-            "request received to last byte",
-            m,
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "zserve_gateway_requests_in_flight", "requests being served", registry=r
-        )
-        self.errors = Counter(
-            "zserve_gateway_errors", "failed requests", ["code", "status"], registry=r
-        )
-        self._children: dict[str, tuple[Any, ...]] = {}
+        r.register(_GatewayCollector(self))
+        self.models: dict[str, ModelStats] = {}
+        self.requests: dict[tuple[str, str], int] = {}  # (model, endpoint) -> finished
+        self.errors: dict[tuple[str, str], int] = {}  # (code, status) -> failed
+        self.in_flight = 0
 
-    def model(self, model: str) -> tuple[Any, ...]:
-        """(ttft, itl, prompt, completion, duration) children for a model."""
-        ch = self._children.get(model)
-        if ch is None:
-            ch = self._children[model] = (
-                self.ttft.labels(model),
-                self.itl.labels(model),
-                self.prompt_tokens.labels(model),
-                self.completion_tokens.labels(model),
-                self.duration.labels(model),
-            )
-        return ch
+    def model(self, model: str) -> ModelStats:
+        st = self.models.get(model)
+        if st is None:
+            st = self.models[model] = ModelStats()
+        return st
 
     def error(self, code: str, status: int) -> None:
-        self.errors.labels(code, str(status)).inc()
+        key = (code, str(status))
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+    def finished(self, model: str, endpoint: str) -> None:
+        key = (model, endpoint)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def render(self, status: dict[str, Any] | None) -> bytes:
         self.broker.status = status
@@ -155,30 +218,31 @@ class Metrics:
 class Tracker:
     """One request's timings and counts; ``done`` records them."""
 
-    __slots__ = ("metrics", "model", "endpoint", "t0", "last", "first", "closed", "_ch")
+    __slots__ = ("metrics", "model", "endpoint", "t0", "last", "first", "closed", "_st")
 
     def __init__(self, metrics: Metrics, model: str, endpoint: str, choices: int) -> None:
         self.metrics = metrics
         self.model = model
         self.endpoint = endpoint
-        self.t0 = time.perf_counter()
+        self.t0 = perf_counter()
         self.last: list[float] = [0.0] * choices
         self.first = True
         self.closed = False
-        self._ch: tuple[Any, ...] | None = None
-        metrics.in_flight.inc()
+        self._st: ModelStats | None = None
+        metrics.in_flight += 1
 
     def batch(self, index: int) -> None:
         """A batch of deltas was read for choice ``index``."""
-        now = time.perf_counter()
-        if self._ch is None:
-            self._ch = self.metrics.model(self.model)
+        now = perf_counter()
+        st = self._st
+        if st is None:
+            st = self._st = self.metrics.model(self.model)
         last = self.last[index]
         if last:
-            self._ch[1].observe(now - last)
+            _observe(st.itl, _LATENCY_BUCKETS, now - last)
         elif self.first:
             self.first = False
-            self._ch[0].observe(now - self.t0)
+            _observe(st.ttft, _LATENCY_BUCKETS, now - self.t0)
         self.last[index] = now
 
     def done(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
@@ -186,19 +250,19 @@ class Tracker:
             return
         self.closed = True
         m = self.metrics
-        m.in_flight.dec()
-        ch = self._ch or m.model(self.model)
-        ch[2].inc(prompt_tokens)
-        ch[3].inc(completion_tokens)
-        ch[4].observe(time.perf_counter() - self.t0)
-        m.requests.labels(self.model, self.endpoint).inc()
+        m.in_flight -= 1
+        st = self._st or m.model(self.model)
+        st.prompt_tokens += prompt_tokens
+        st.completion_tokens += completion_tokens
+        _observe(st.duration, _DURATION_BUCKETS, perf_counter() - self.t0)
+        m.finished(self.model, self.endpoint)
 
     def failed(self, code: str, status: int) -> None:
         if self.closed:
             return
         self.closed = True
         m = self.metrics
-        m.in_flight.dec()
+        m.in_flight -= 1
         m.error(code, status)
-        if self._ch is not None:  # the broker had accepted it: count it for the model
-            m.requests.labels(self.model, self.endpoint).inc()
+        if self._st is not None:  # the broker had accepted it: count it for the model
+            m.finished(self.model, self.endpoint)

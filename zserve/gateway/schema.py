@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import random
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +26,18 @@ _PASSTHROUGH = (
 )  # fmt: skip
 
 
+# json.dumps with any keyword builds a new encoder per call; this one is built once.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_rng = random.Random()  # seeded from os.urandom once
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    return _encode(obj).encode()
 
 
 def new_id(prefix: str) -> str:
-    return prefix + os.urandom(12).hex()
+    """A unique response id (96 random bits, without a system call per id)."""
+    return f"{prefix}{_rng.getrandbits(96):024x}"
 
 
 @dataclass(slots=True)
