@@ -420,6 +420,21 @@ def test_missing_model_path(tmp_path: Path) -> None:
         load_engine("hf", EngineOptions(models=[missing]))
     with pytest.raises(ValueError, match="unknown hf engine arguments"):
         HFEngine.from_options(EngineOptions(models=[str(tmp_path)], engine_args={"bogus": 1}))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        HFEngine.from_options(EngineOptions(models=[str(tmp_path)], engine_args={"threads": -2}))
+
+
+async def test_threads_argument_sets_torch_threads(tiny_model_dir: Path, ref: Any) -> None:
+    before = torch.get_num_threads()
+    eng = HFEngine([(str(tiny_model_dir), ["tiny"])], engine_args={"threads": 1})
+    await eng.start()
+    try:
+        assert torch.get_num_threads() == 1
+        got = await run(eng, request(prompt=PROMPTS[0], temperature=0, max_tokens=5))
+        assert got.ids == greedy_ref(ref, prompt_ids(ref, PROMPTS[0]), 5)
+    finally:
+        await eng.close()
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- several models, embeddings

@@ -32,7 +32,10 @@ Limits, chosen and documented here:
 Engine arguments (``--engine-arg K=V``): ``max_batch_size`` (default 256),
 ``prefill_budget`` (prompt tokens admitted per step, default 4096),
 ``embed_batch_size`` (default 32), ``task`` (``generate`` | ``embed``: force
-how every model is used).
+how every model is used), ``threads`` (torch's intra-op threads for this
+worker; default torch's own, one per core. On a small machine shared with the
+broker and clients, fewer threads leave cores for them: torch's idle threads
+spin and starve other processes).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class HFEngine(Engine):
         self.prefill_budget = int(args.pop("prefill_budget", 4096))
         self.embed_batch_size = int(args.pop("embed_batch_size", 32))
         self.task = args.pop("task", None)
+        self.threads = int(args.pop("threads", 0)) or None
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, not {self.threads}")
         if self.task not in (None, "generate", "embed"):
             raise ValueError(f"task must be generate or embed, not {self.task!r}")
         if args:
@@ -108,6 +114,10 @@ class HFEngine(Engine):
         from zserve.worker.engines.hf_batch import BatchRunner
 
         loaded: list[ServedModel] = []
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         try:
             for where, local, names in self._specs:
                 sm = await asyncio.to_thread(
@@ -122,7 +132,8 @@ class HFEngine(Engine):
                 )
                 if sm.task == "generate":
                     sm.runner = BatchRunner(
-                        sm.model, names[0], self.max_batch_size, self.prefill_budget
+                        sm.model, names[0], self.max_batch_size, self.prefill_budget,
+                        threads=self.threads,
                     )
                     sm.runner.start()
                 loaded.append(sm)

@@ -103,8 +103,10 @@ class BatchRunner:
         name: str = "model",
         max_batch_size: int = 256,
         prefill_budget: int = 4096,
+        threads: int | None = None,
     ) -> None:
         self.model = model
+        self.threads = threads  # torch intra-op threads, set in the batch thread itself
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step
@@ -171,6 +173,8 @@ class BatchRunner:
         )
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # OpenMP's setting is per calling thread
         with torch.inference_mode(), self._attention_backends():
             while True:
                 with self._cv:
