@@ -26,3 +26,12 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"no MiniLM model files in {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def ref(tiny_model_dir: Path) -> tuple[object, object]:
+    """The tiny model through plain transformers: (model, tokenizer)."""
+    pytest.importorskip("transformers")
+    from tests.worker.reference import load_reference
+
+    return load_reference(tiny_model_dir)

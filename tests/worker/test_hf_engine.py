@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.worker.reference import greedy_ref, prompt_ids
 from zserve.errors import BadRequest, ContextOverflow, EngineError, ModelNotFound
 from zserve.protocol import Delta, SamplingParams
 from zserve.worker.engine import GenerateRequest
@@ -75,29 +76,6 @@ def engine(tiny_model_dir: Path) -> Iterator[HFEngine]:
     eng = start(HFEngine([(str(tiny_model_dir), ["tiny"])]))
     yield eng
     asyncio.run(eng.close())
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_model_dir: Path) -> tuple[Any, Any]:
-    """The tiny model through plain transformers, for reference outputs."""
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
-    return model.eval(), tok
-
-
-def greedy_ref(ref: tuple[Any, Any], ids: list[int], n: int) -> list[int]:
-    model, _ = ref
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(
-            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n
-        )
-    return out[0, len(ids) :].tolist()
-
-
-def prompt_ids(ref: tuple[Any, Any], prompt: str) -> list[int]:
-    return ref[1](prompt)["input_ids"]
-
 
 # ---------------------------------------------------------------- generation
 

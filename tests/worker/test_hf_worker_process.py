@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.worker.reference import greedy_ref, prompt_ids
 from zserve.errors import BadRequest, ContextOverflow
 from zserve.launcher import wait_for
 
@@ -17,22 +18,8 @@ transformers = pytest.importorskip("transformers")
 PROMPT = "Once upon a time there was a small dragon"
 
 
-@pytest.fixture(scope="module")
-def ref(tiny_model_dir: Path) -> tuple[Any, Any]:
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    return model.eval(), tok
-
-
 def greedy(ref: tuple[Any, Any], prompt: str, n: int) -> list[int]:
-    model, tok = ref
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-            do_sample=False, pad_token_id=tok.eos_token_id,
-        )  # fmt: skip
-    return out[0, ids.shape[1] :].tolist()
+    return greedy_ref(ref, prompt_ids(ref, prompt), n, ignore_eos=True)
 
 
 def test_hf_worker_streams_cancels_and_embeds(

@@ -24,6 +24,7 @@ pytest.importorskip("vllm")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.worker.reference import greedy_ref  # noqa: E402
 from zserve.worker.engines.vllm import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -81,26 +82,6 @@ async def engine(tiny_model_dir: Path) -> AsyncIterator[VLLMEngine]:
         yield eng
     finally:
         await eng.close()
-
-
-@pytest.fixture(scope="module")
-def ref(tiny_model_dir: Path) -> tuple[Any, Any]:
-    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, local_files_only=True, dtype=torch.float32
-    )
-    return model.eval(), tok
-
-
-def greedy_ref(ref: tuple[Any, Any], ids: list[int], n: int) -> list[int]:
-    model, _ = ref
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        out = model.generate(
-            x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n
-        )
-    return out[0, len(ids) :].tolist()
-
 
 # ---------------------------------------------------------------- options
 
