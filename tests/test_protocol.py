@@ -146,3 +146,17 @@ def test_heartbeat_ms_codec():
 def test_sampling_params_refuse_nan_and_bools(params):
     with pytest.raises(ValueError):
         p.SamplingParams.from_dict(params)
+
+
+def test_encode_tokens_takes_tuples_and_subclasses_too():
+    """The exact-types fast packer falls back to the general one, whole."""
+
+    class Text(str):
+        pass
+
+    recs = [[b"r", Text("hi"), (1, 2), None, {"logprobs": ({"token": "h"},)}]]
+    assert p.decode_tokens(p.encode_tokens(recs)) == [
+        [b"r", "hi", [1, 2], None, {"logprobs": [{"token": "h"}]}]
+    ]
+    plain = [[b"r", "a", [1], None, None]]
+    assert p.decode_tokens(p.encode_tokens(plain)) == plain  # nothing left over from the failure

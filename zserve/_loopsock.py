@@ -27,7 +27,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
-BATCH = 512  # messages handled per loop turn before yielding
+BATCH = 512  # messages handled per loop turn before yielding (default)
 
 # pyzmq's sugar send_multipart/recv_multipart spend more time on flag enums
 # than ZeroMQ spends on small frames; these call the backend with plain ints.
@@ -63,8 +63,10 @@ class LoopSocket:
         sock: zmq.Socket,
         on_message: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        batch: int = BATCH,
     ) -> None:
         self.sock = sock
+        self.batch = batch  # messages handled per loop turn before yielding
         self.on_message = on_message
         self.loop = loop or asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
@@ -85,7 +87,7 @@ class LoopSocket:
         if self.closed:
             return
         sock = self.sock
-        for _ in range(BATCH):
+        for _ in range(self.batch):
             ev = _get(sock, _EVENTS)
             if self._out and ev & _POLLOUT:
                 self._flush_out()

@@ -5,6 +5,12 @@ expires it after max(broker interval, client interval) x liveness. So a
 client with the default 1 s interval keeps a long stream alive through a
 broker that heartbeats every 0.1 s, and a client that truly vanishes is
 still cancelled, within its own interval x liveness.
+
+The other way round, the broker answers each HEARTBEAT of a client with
+requests in flight, so a client that heartbeats faster than the broker
+hears from it at its own pace and does not take a slower broker for dead,
+while a broker that truly stops is still noticed within the client's
+interval x liveness.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from zserve import AsyncClient, Client
 from zserve import protocol as p
+from zserve.errors import BrokerUnreachable
 from zserve.launcher import wait_for
 
 BROKER_HB = ["--heartbeat-interval", "0.1", "--heartbeat-liveness", "3"]  # expiry 0.3 s
@@ -102,3 +111,71 @@ def test_vanished_slow_heartbeat_client_is_still_cancelled(stack):
     finally:
         child.kill()
         child.wait()
+
+
+# ------------------------------------------------- the reverse: a fast client
+
+SLOW_BROKER_HB = ["--heartbeat-interval", "1.0", "--heartbeat-liveness", "3"]
+FAST_CLIENT_HB = 0.1  # client expiry 0.3 s, a third of the broker's interval
+FIRST_TOKEN_DELAY = 1.5  # a long silence before the first token (a slow prefill)
+
+
+def _start_slow_broker(stack) -> None:
+    stack.start_broker(*SLOW_BROKER_HB)
+    stack.worker(
+        "--model", "m", "--capacity", "4", "--token-delay", str(FIRST_TOKEN_DELAY),
+        *SLOW_BROKER_HB,
+    )
+    stack.wait_workers(1)
+
+
+def test_fast_heartbeat_sync_client_waits_out_a_slow_broker(stack):
+    """A client that heartbeats faster than the broker hears back at its own
+    pace (the broker answers its HEARTBEAT), so a token that takes several
+    client expiries to come is waited for, not taken for a dead broker."""
+    _start_slow_broker(stack)
+    with Client(stack.frontend, timeout=30, heartbeat_interval=FAST_CLIENT_HB) as c:
+        t0 = time.monotonic()
+        r = c.generate("m", "x", max_tokens=2)
+        assert time.monotonic() - t0 > 2 * FIRST_TOKEN_DELAY - 0.1
+    assert r.finish_reason == "length" and r.token_ids == [0, 1]
+    _assert_nobody_expired(stack)
+
+
+def test_fast_heartbeat_async_client_waits_out_a_slow_broker(stack):
+    _start_slow_broker(stack)
+
+    async def run() -> list[list[int]]:
+        async with AsyncClient(
+            stack.frontend, timeout=30, heartbeat_interval=FAST_CLIENT_HB
+        ) as ac:
+
+            async def one() -> list[int]:
+                ids: list[int] = []
+                async for d in ac.stream("m", "x", max_tokens=2):
+                    ids.extend(d.token_ids or [])
+                return ids
+
+            return await asyncio.gather(one(), one())
+
+    assert asyncio.run(run()) == [[0, 1]] * 2
+    _assert_nobody_expired(stack)
+
+
+def test_fast_heartbeat_client_still_notices_a_frozen_broker(stack):
+    """Answered heartbeats must not hide a broker that truly stops: frozen,
+    it is declared unreachable within the client's own interval x liveness
+    (plus a tick), long before the broker's would have run out."""
+    _start_slow_broker(stack)
+    with Client(stack.frontend, timeout=30, heartbeat_interval=FAST_CLIENT_HB) as c:
+        s = c.stream("m", "x", max_tokens=1000)
+        os.kill(stack.broker.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(BrokerUnreachable):
+                for _ in s:
+                    pass
+            took = time.monotonic() - t0
+        finally:
+            os.kill(stack.broker.pid, signal.SIGCONT)
+    assert took < 1.5, took  # 0.3 s expiry, far below the broker's 3 s

@@ -100,3 +100,35 @@ async def test_outbox_merges_while_the_socket_is_full():
     assert len(sent) == 2
     (rec,) = sent[1][3]
     assert rec[1] == "b" * 99 and rec[2] == list(range(1, 100))
+
+
+async def test_outbox_merges_logprobs_and_the_final_record_into_one():
+    ob = Outbox()
+    ob.put(b"c", b"r", Delta("a", [1], logprobs=[{"token": "a"}], usage={"x": 1}), first=True)
+    ob.put(b"c", b"r", Delta("b", [2], logprobs=[{"token": "b"}]), first=False)
+    ob.put(
+        b"c", b"r",
+        Delta("", None, "length", usage={"prompt_tokens": 1, "completion_tokens": 2}),
+        first=False,
+    )
+    ((client, started, finished, recs),) = ob.take()
+    assert started == [b"r"] and finished == [b"r"]
+    # usage on a partial delta does not travel; the final record's does
+    assert recs == [
+        [
+            b"r", "ab", [1, 2], "length",
+            {
+                "logprobs": [{"token": "a"}, {"token": "b"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+            },
+        ]
+    ]
+
+
+async def test_outbox_final_record_alone_keeps_its_extras():
+    ob = Outbox()
+    err = {"code": "engine_error", "message": "boom"}
+    ob.put(b"c", b"r", Delta(finish_reason="error", error=err), first=True)
+    ((_, started, finished, recs),) = ob.take()
+    assert started == finished == [b"r"]
+    assert recs == [[b"r", "", None, "error", {"error": err}]]

@@ -186,9 +186,15 @@ class Broker:
             self._handle_client_cancel(client, frames)
         elif cmd == p.C_HEARTBEAT:
             # [client, ZSC1, HEARTBEAT, heartbeat_ms?]; any traffic counts
-            if len(frames) == 4 and c is not None:
-                c.ttl = self._client_ttl(frames[3])
-                c.expiry = time.monotonic() + c.ttl
+            if c is not None:
+                if len(frames) == 4:
+                    c.ttl = self._client_ttl(frames[3])
+                    c.expiry = time.monotonic() + c.ttl
+                if c.requests:
+                    # Answered at once: a client that heartbeats faster than
+                    # we do hears from us at its own pace, so it does not
+                    # take our slower ticks for a dead broker.
+                    self._send_client(client, [p.CLIENT, p.C_HEARTBEAT])
         elif cmd == p.C_QUERY:
             self._handle_client_query(client, frames)
         elif cmd == p.C_DISCONNECT:

@@ -7,6 +7,10 @@ flush runs the moment a single delta exists. While a send waits on a full
 socket, flushing pauses and new deltas for the same request merge into one,
 so memory stays bounded by what the engine produced, never by the number of
 steps.
+
+Deltas are turned into their wire records as they are put (a partial one is
+``[rid, text, token_ids, nil, nil]``, built inline), so a flush hands each
+client's records to the encoder as they are, with no per-record work.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ Sender = Callable[[Message], "asyncio.Future[Any]"]
 
 class Outbox:
     def __init__(self) -> None:
-        # client id -> request id -> pending delta (merged)
-        self._pending: dict[bytes, dict[bytes, Delta]] = {}
+        # client id -> request id -> pending record (merged)
+        self._pending: dict[bytes, dict[bytes, list[Any]]] = {}
         self._started: dict[bytes, list[bytes]] = {}
         self._finished: dict[bytes, list[bytes]] = {}
         self._send: Sender | None = None
@@ -64,19 +68,29 @@ class Outbox:
 
     def put(self, client: bytes, rid: bytes, d: Delta, first: bool, now: bool = False) -> None:
         """Queue ``d`` for the next flush; ``now``: flush at once (nothing else
-        can join this step, e.g. a single request in flight)."""
+        can join this step, e.g. a single request in flight).
+
+        A partial delta travels as text, token ids and logprobs; what else it
+        carries (usage, ...) goes on the final record only.
+        """
         per = self._pending.get(client)
         if per is None:
             per = self._pending[client] = {}
-        prev = per.get(rid)
-        if prev is None:
-            per[rid] = d
+        rec = per.get(rid)
+        if rec is None:
+            if d.finish_reason is None:
+                lp = d.logprobs
+                extra = None if lp is None else {"logprobs": lp}
+                per[rid] = [rid, d.text, d.token_ids, None, extra]
+            else:
+                per[rid] = d.record(rid)
+                self._finished.setdefault(client, []).append(rid)
         else:
-            _merge(prev, d)
+            _merge(rec, d)
+            if d.finish_reason is not None:
+                self._finished.setdefault(client, []).append(rid)
         if first:
             self._started.setdefault(client, []).append(rid)
-        if d.finish_reason is not None:
-            self._finished.setdefault(client, []).append(rid)
         if now:
             self.flush()
         elif not self._scheduled:
@@ -84,16 +98,11 @@ class Outbox:
 
     def take(self) -> list[Message]:
         """Everything pending: (client, started, finished, records) per client."""
-        out = []
-        for client, per in self._pending.items():
-            out.append(
-                (
-                    client,
-                    self._started.pop(client, []),
-                    self._finished.pop(client, []),
-                    [d.record(rid) for rid, d in per.items()],
-                )
-            )
+        started, finished = self._started, self._finished
+        out = [
+            (client, started.pop(client, []), finished.pop(client, []), list(per.values()))
+            for client, per in self._pending.items()
+        ]
         self._pending = {}
         return out
 
@@ -103,16 +112,24 @@ class Outbox:
         self._finished.clear()
 
 
-def _merge(a: Delta, b: Delta) -> None:
-    """Fold delta ``b`` into the earlier, still unsent delta ``a``."""
-    a.text += b.text
-    if b.token_ids:
-        a.token_ids = (a.token_ids or []) + b.token_ids
-    if b.logprobs:
-        a.logprobs = (a.logprobs or []) + b.logprobs
-    if b.finish_reason is not None:
-        a.finish_reason = b.finish_reason
-        a.usage = b.usage
-        a.error = b.error
-        a.embeddings = b.embeddings
-        a.result = b.result
+def _merge(rec: list[Any], d: Delta) -> None:
+    """Fold delta ``d`` into the earlier, still unsent record ``rec``."""
+    if d.text:
+        rec[1] += d.text
+    if d.token_ids:
+        rec[2] = d.token_ids if rec[2] is None else rec[2] + d.token_ids
+    if d.logprobs:
+        extra = rec[4]
+        if extra is None:
+            extra = rec[4] = {}
+        extra["logprobs"] = extra.get("logprobs", []) + d.logprobs
+    if d.finish_reason is not None:
+        rec[3] = d.finish_reason
+        final = d.record(rec[0])[4]
+        if final is not None:
+            final.pop("logprobs", None)  # merged above
+        if final:
+            if rec[4] is None:
+                rec[4] = final
+            else:
+                rec[4].update(final)

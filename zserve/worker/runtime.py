@@ -253,7 +253,11 @@ class Worker:
                 return
             params = req.params
             limit = params.max_tokens
+            # No stop strings and no limit short of it: a partial delta only
+            # needs counting and queueing (the fast path below).
+            cap = limit if limit is not None else 1 << 62
             stops = StopMatcher(params.stop)
+            plain = not stops.stops
             count = 0  # completion tokens, counted here
             prompt_tokens = 0  # from whichever delta carries usage first
             # The engine's own completion count where it reports one (it knows
@@ -265,19 +269,25 @@ class Worker:
             )
             try:
                 async for d in gen:
-                    finish = d.finish_reason
-                    engine_done = finish is not None
                     ids = d.token_ids
                     count += len(ids) if ids is not None else (1 if d.text else 0)
+                    finish = d.finish_reason
+                    if finish is None and plain and count < cap and d.usage is None:
+                        if ids or d.text or d.logprobs:
+                            # alone in flight: no other request can join this step
+                            put(client, rid, d, first, len(active) == 1)
+                            first = False
+                        continue
+                    engine_done = finish is not None
                     usage = d.usage
                     if usage is not None:
                         prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
                         n = usage.get("completion_tokens")
                         if n is not None:
                             reported, count_at_report = n, count
-                    if limit is not None and count >= limit and finish is None:
+                    if count >= cap and finish is None:
                         finish = d.finish_reason = p.FINISH_LENGTH
-                    if stops.stops:
+                    if not plain:
                         d.text, hit = stops.feed(d.text)
                         if hit:
                             finish = d.finish_reason = p.FINISH_STOP
@@ -286,13 +296,12 @@ class Worker:
                     if finish is not None:
                         done = count if reported is None else reported + count - count_at_report
                         d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
-                        # alone in flight: no other request can join this step
                         put(client, rid, d, first, len(active) == 1)
                         finished = True
                         break
                     if d.text or ids or d.logprobs:
-                        # logprobs alone (a token still inside a character) must travel too
-                        d.usage = None  # usage travels on the final frame only
+                        # logprobs alone (a token still inside a character) must
+                        # travel too; usage travels on the final record only
                         put(client, rid, d, first, len(active) == 1)
                         first = False
             finally:
