@@ -95,6 +95,8 @@ class Broker:
         self.registry = Registry(config.expiry)
         self.policy = make_policy(config.dispatch)
         self.rng = random.Random(config.seed)
+        self._malformed_logged_at = -1e9  # monotonic time of the last malformed-message log line
+        self._malformed_unreported = 0  # malformed messages since that line
         self.requests: dict[RequestKey, PendingRequest] = {}
         self.queues: dict[str, deque[PendingRequest]] = {}  # model -> waiting
         self.clients: dict[bytes, ClientState] = {}
@@ -157,7 +159,23 @@ class Broker:
                 handler(frames)
             except (ValueError, TypeError, KeyError, UnicodeDecodeError, IndexError) as e:
                 self.counters["malformed"] += 1
-                log.warning("malformed message ignored: %s", e)
+                self._report_malformed(e)
+            except Exception:  # a bug of ours, not the peer's: log it, keep serving
+                self.counters["internal_error"] += 1
+                log.exception("internal error handling a message; message dropped")
+
+    def _report_malformed(self, e: Exception) -> None:
+        """At most one log line a second: a peer sending garbage must not flood the log."""
+        now = time.monotonic()
+        self._malformed_unreported += 1
+        if now - self._malformed_logged_at >= 1.0:
+            more = self._malformed_unreported - 1
+            log.warning(
+                "malformed message ignored: %s%s", e, f" (and {more} more since the last report)"
+                if more else "",
+            )  # fmt: skip
+            self._malformed_logged_at = now
+            self._malformed_unreported = 0
 
     def _tick(self, now: float) -> None:
         self._purge_workers(now)
