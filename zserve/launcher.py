@@ -164,7 +164,11 @@ def run_stack(
     model = "tiny"
 
     def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # SIGTERM (or SIGINT when backgrounded) stops it all too
+        # The first SIGINT/SIGTERM stops it all; later ones (a second Ctrl-C, a
+        # supervisor signalling the whole group) must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)

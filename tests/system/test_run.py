@@ -1,0 +1,73 @@
+"""`zserve run`, the embedded stack: it serves, and Ctrl-C / SIGTERM leave nothing running."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from zserve import Client
+from zserve.launcher import Proc, free_port, wait_for, zserve_cmd
+
+psutil = pytest.importorskip("psutil")
+
+
+def _start_run() -> tuple[Proc, str, int, list[str]]:
+    fe, be, gw = (free_port() for _ in range(3))
+    proc = Proc(
+        zserve_cmd(
+            "run", "--engine", "null", "--frontend", f"tcp://127.0.0.1:{fe}",
+            "--backend", f"tcp://127.0.0.1:{be}", "--gateway-port", str(gw),
+        ),
+        name="run", stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    assert proc.popen.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.popen.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            return proc, f"tcp://127.0.0.1:{fe}", gw, lines
+    proc.stop()
+    raise AssertionError(f"zserve run never came up: {''.join(lines)}")
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [[signal.SIGINT], [signal.SIGINT, signal.SIGINT, signal.SIGTERM], [signal.SIGTERM]],
+    ids=["ctrl-c", "ctrl-c-twice-then-term", "sigterm"],
+)
+def test_run_serves_then_stops_everything(signals: list[int]) -> None:
+    proc, frontend, gw, lines = _start_run()
+    children: list = []
+    try:
+        out = "".join(lines)
+        assert "zserve generate" in out and f"127.0.0.1:{gw}/v1/chat/completions" in out
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # broker, worker, gateway
+        with Client(frontend, timeout=10) as c:
+            assert c.generate("tiny", "hi", max_tokens=3).text == "t0 t1 t2 "
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw}/health", timeout=5) as r:
+            assert r.status == 200
+        for sig in signals:  # to the parent only, as a terminal's Ctrl-C reaches it
+            proc.popen.send_signal(sig)
+            time.sleep(0.05)
+        assert proc.popen.wait(30) == 0
+        wait_for(
+            lambda: not any(ch.is_running() and ch.status() != "zombie" for ch in children),
+            15,
+            "every child of zserve run to exit",
+        )
+    finally:
+        proc.stop()
+        for ch in children:  # even when the test fails, leave nothing running
+            try:
+                ch.kill()
+            except psutil.NoSuchProcess:
+                pass
