@@ -86,11 +86,16 @@ def _http_rows(r: dict[str, Any]) -> list[list[str]]:
 
 def _engines_rows(r: dict[str, Any]) -> list[list[str]]:
     rows = []
+    baselines = {
+        "hf": "zserve's HFEngine in one process",
+        "vllm": "vLLM's AsyncLLM in one process",
+    }
     for x in r.get("rows", []):
         ratio = x.get("ratio")
+        engine = x["workload"].split(":", 1)[0]
         rows.append([
-            "engines", x["workload"], x.get("baseline_name", "same engine, in process"),
-            _fmt(x.get("baseline")), _fmt(x.get("zserve")),
+            "engines", x["workload"], baselines.get(engine, "same engine, in one process"),
+            _fmt(x.get("direct")), _fmt(x.get("zserve")),
             "-" if ratio is None else f"{ratio:g}x", x.get("target", "-"), _met(x.get("pass")),
         ])  # fmt: skip
     return rows
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="fewer samples, each bench in minutes")
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: print the table from the last results")  # fmt: skip
     a = ap.parse_args(argv)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     unknown = set(names) - set(BENCHES)
@@ -123,28 +130,40 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     failed: list[str] = []
     rows: list[list[str]] = []
+    results: dict[str, dict[str, Any]] = {}
     t0 = time.monotonic()
     for name in names:
-        print(f"\n=== bench/{name}.py {'--quick' if a.quick else ''}".rstrip(), flush=True)
-        mod = __import__(f"bench.{name}", fromlist=["main"])
-        try:
-            mod.main(["--quick"] if a.quick else [])
-        except (Exception, SystemExit) as e:  # one broken bench must not hide the others
-            if isinstance(e, SystemExit) and not e.code:
-                pass
-            else:
-                traceback.print_exc()
-                failed.append(name)
-                continue
-        result = json.loads((RESULTS_DIR / f"{name}.json").read_text())
-        rows += SUMMARIZE[name](result)
+        if not a.report:
+            print(f"\n=== bench/{name}.py {'--quick' if a.quick else ''}".rstrip(), flush=True)
+            mod = __import__(f"bench.{name}", fromlist=["main"])
+            try:
+                mod.main(["--quick"] if a.quick else [])
+            except (Exception, SystemExit) as e:  # one broken bench must not hide the others
+                if isinstance(e, SystemExit) and not e.code:
+                    pass
+                else:
+                    traceback.print_exc()
+                    failed.append(name)
+                    continue
+        path = RESULTS_DIR / f"{name}.json"
+        if not path.exists():
+            print(f"no results for {name} ({path})", file=sys.stderr)
+            continue
+        results[name] = json.loads(path.read_text())
+        rows += SUMMARIZE[name](results[name])
     info = machine_info()
     table = markdown(rows)
-    summary = (
-        f"`make bench`{' --quick' if a.quick else ''} on {info['cpus']} CPUs, "
-        f"Python {info['python']}, libzmq {info['libzmq']}, {info['time']} "
-        f"({time.monotonic() - t0:.0f} s):\n\n{table}\n"
-    )
+    if a.report:  # the times the results were measured, not now
+        when = ", ".join(f"{n} {results[n]['machine']['time']}" for n in names if n in results)
+        modes = sorted({results[n].get("mode", "?") for n in names if n in results})
+        head = f"`make bench` results ({'/'.join(modes)}: {when})"
+    else:
+        head = (
+            f"`make bench`{' --quick' if a.quick else ''} on {info['cpus']} CPUs, "
+            f"Python {info['python']}, libzmq {info['libzmq']}, {info['time']} "
+            f"({time.monotonic() - t0:.0f} s)"
+        )
+    summary = f"{head}:\n\n{table}\n"
     (RESULTS_DIR / "summary.md").write_text(summary)
     print("\n" + summary)
     if failed:
