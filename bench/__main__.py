@@ -48,7 +48,7 @@ def _overhead_rows(r: dict[str, Any]) -> list[list[str]]:
     rows = []
     for x in r["rows"]:
         ratio = x.get("ratio")
-        if not x.get("floor") or not ratio or ratio < 0:
+        if not x.get("floor") or not ratio or ratio < 0 or "RSS" in x["workload"]:
             ratio = None  # e.g. RSS growth: a ratio of two near-zeros means nothing
         rows.append([
             "overhead", x["workload"], "bare ROUTER/ROUTER forwarder",
