@@ -20,41 +20,33 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import RESULTS_DIR, machine_info
+from bench.common import RESULTS_DIR, cell, machine_info
 
 BENCHES = ("overhead", "http", "engines")
-
-
-def _fmt(v: Any, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if abs(v) >= 1000:
-            s = f"{v:,.0f}"
-        elif abs(v) >= 10:
-            s = f"{v:.1f}"
-        else:
-            s = f"{v:.3f}".rstrip("0").rstrip(".") if v else "0"
-    else:
-        s = str(v)
-    return f"{s}{unit}"
+Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
 
 def _met(v: Any) -> str:
     return "-" if v is None else "yes" if v else "**no**"
 
 
-def _overhead_rows(r: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    for x in r["rows"]:
-        ratio = x.get("ratio")
-        if not x.get("floor") or not ratio or ratio < 0 or "RSS" in x["workload"]:
-            ratio = None  # e.g. RSS growth: a ratio of two near-zeros means nothing
-        rows.append([
-            "overhead", x["workload"], "bare ROUTER/ROUTER forwarder",
-            _fmt(x.get("floor")), _fmt(x.get("zserve")),
-            "-" if ratio is None else f"{ratio:g}x", x.get("target", "-"), _met(x.get("pass")),
-        ])  # fmt: skip
+def _target_rows(bench: str, key: str, name: Callable[[str], str]) -> Summarizer:
+    """Rows of a benchmark whose JSON holds ``rows`` of {workload, ``key`` (the
+    baseline's figure), zserve, ratio, target, pass}; ``name`` names the baseline."""
+
+    def rows(r: dict[str, Any]) -> list[list[str]]:
+        out = []
+        for x in r.get("rows", []):
+            ratio = x.get("ratio")
+            if not x.get(key) or not ratio or ratio < 0 or "RSS" in x["workload"]:
+                ratio = None  # e.g. RSS growth: a ratio of two near-zeros means nothing
+            out.append([
+                bench, x["workload"], name(x["workload"]), cell(x.get(key)),
+                cell(x.get("zserve")), "-" if ratio is None else f"{ratio:g}x",
+                x.get("target", "-"), _met(x.get("pass")),
+            ])  # fmt: skip
+        return out
+
     return rows
 
 
@@ -65,13 +57,13 @@ def _http_rows(r: dict[str, Any]) -> list[list[str]]:
     if z and fc:
         rows.append([
             "http", "1-token request p50 (ms)", "FastChat 0.2.36",
-            _fmt(fc["latency_1_token"]["p50_ms"]), _fmt(z["latency_1_token"]["p50_ms"]),
+            cell(fc["latency_1_token"]["p50_ms"]), cell(z["latency_1_token"]["p50_ms"]),
             f"{r['p50_ratio']}x lower", f">= {r['p50_target']:g}x lower",
             _met(r["p50_ratio"] >= r["p50_target"]),
         ])  # fmt: skip
         rows.append([
             "http", "32 concurrent x 128 (tok/s)", "FastChat 0.2.36",
-            _fmt(fc["stream"]["tok_s"]), _fmt(z["stream"]["tok_s"]),
+            cell(fc["stream"]["tok_s"]), cell(z["stream"]["tok_s"]),
             f"{r['tok_s_ratio']}x", f">= {r['tok_s_target']:g}x",
             _met(r["tok_s_ratio"] >= r["tok_s_target"]),
         ])  # fmt: skip
@@ -79,33 +71,25 @@ def _http_rows(r: dict[str, Any]) -> list[list[str]]:
         zl, fll = z["latency_1_token"]["p50_ms"], fl["latency_1_token"]["p50_ms"]
         rows.append([
             "http", "1-token request p50 (ms)", "bare Starlette SSE floor",
-            _fmt(fll), _fmt(zl), f"{zl / fll:.2f}x", "-", "-",
+            cell(fll), cell(zl), f"{zl / fll:.2f}x", "-", "-",
         ])  # fmt: skip
     return rows
 
 
-def _engines_rows(r: dict[str, Any]) -> list[list[str]]:
-    rows = []
-    baselines = {
-        "hf": "zserve's HFEngine in one process",
-        "vllm": "vLLM's AsyncLLM in one process",
-    }
-    for x in r.get("rows", []):
-        ratio = x.get("ratio")
-        engine = x["workload"].split(":", 1)[0]
-        rows.append([
-            "engines", x["workload"], baselines.get(engine, "same engine, in one process"),
-            _fmt(x.get("direct")), _fmt(x.get("zserve")),
-            "-" if ratio is None else f"{ratio:g}x", x.get("target", "-"), _met(x.get("pass")),
-        ])  # fmt: skip
-    return rows
-
-
-SUMMARIZE: dict[str, Callable[[dict[str, Any]], list[list[str]]]] = {
-    "overhead": _overhead_rows,
-    "http": _http_rows,
-    "engines": _engines_rows,
+_ENGINE_BASELINES = {
+    "hf": "zserve's HFEngine in one process",
+    "vllm": "vLLM's AsyncLLM in one process",
 }
+
+
+SUMMARIZE: dict[str, Summarizer] = {
+    "overhead": _target_rows("overhead", "floor", lambda w: "bare ROUTER/ROUTER forwarder"),
+    "http": _http_rows,
+    "engines": _target_rows(
+        "engines", "direct",
+        lambda w: _ENGINE_BASELINES.get(w.split(":", 1)[0], "same engine, in one process"),
+    ),
+}  # fmt: skip
 
 
 def markdown(rows: list[list[str]]) -> str:

@@ -194,7 +194,7 @@ def machine_info() -> dict[str, Any]:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width text table (first column left-aligned, others right)."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in r] for r in rows]
+    cells = [[str(h) for h in headers]] + [[cell(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r: list[str]) -> str:
@@ -206,7 +206,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
 
 
-def _cell(v: Any) -> str:
+def cell(v: Any) -> str:
+    """One table cell: - for None, yes/NO for bools, numbers to a sensible precision."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -218,6 +219,16 @@ def _cell(v: Any) -> str:
             return f"{v:.1f}"
         return f"{v:.3f}"
     return str(v)
+
+
+def targets_table(rows: Sequence[dict[str, Any]], baseline: str) -> str:
+    """The table of a benchmark's target rows: {workload, ``baseline`` (the
+    baseline's figure), zserve, ratio, target, pass}."""
+    return format_table(
+        ["workload", baseline, "zserve", "ratio", "target", "pass?"],
+        [[r["workload"], r[baseline], r["zserve"], r["ratio"], r["target"], r["pass"]]
+         for r in rows],
+    )  # fmt: skip
 
 
 def write_json(name: str, data: dict[str, Any], directory: Path = RESULTS_DIR) -> Path:

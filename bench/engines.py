@@ -65,6 +65,7 @@ from bench.common import (
     format_table,
     machine_info,
     median,
+    targets_table,
     write_json,
 )
 from zserve.launcher import Proc, start_broker, start_worker
@@ -585,11 +586,7 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
-    table = format_table(
-        ["workload", "direct", "zserve", "ratio", "target", "pass?"],
-        [[r["workload"], r["direct"], r["zserve"], r["ratio"], r["target"], r["pass"]]
-         for r in rows],
-    )
+    table = targets_table(rows, "direct")
     cpu_rows: list[list[Any]] = []
     for engine, e in m.items():
         for lv in e["levels"].values():

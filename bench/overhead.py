@@ -42,6 +42,7 @@ from bench.common import (
     latency_summary_ms,
     machine_info,
     median,
+    targets_table,
     write_json,
 )
 from bench.floor import FloorClient, start_floor
@@ -383,11 +384,7 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
-    table = format_table(
-        ["workload", "floor", "zserve", "ratio", "target", "pass?"],
-        [[r["workload"], r["floor"], r["zserve"], r["ratio"], r["target"], r["pass"]]
-         for r in rows],
-    )
+    table = targets_table(rows, "floor")
     # CPU per unit of work, per process: steadier than wall-clock rates on a shared machine.
     cpu_rows: list[list[Any]] = []
     lat = m["latency_1_token"]
