@@ -48,6 +48,13 @@ class StreamState:
     last: float = 0.0  # monotonic time of the request's send or latest record; 0: not sent
 
 
+def wake(st: StreamState) -> None:
+    """Resolve and clear the stream's waiter: its reader has records to read."""
+    w, st.waiter = st.waiter, None
+    if w is not None and not w.done():
+        w.set_result(None)
+
+
 PARAMS_CACHE = 256  # distinct parameter sets remembered per client
 
 
@@ -156,11 +163,8 @@ class ClientCore:
             if rec[3] is not None:
                 st.done = True
                 del streams[rec[0]]
-            w = st.waiter
-            if w is not None:
-                st.waiter = None
-                if not w.done():
-                    w.set_result(None)
+            if st.waiter is not None:
+                wake(st)
 
     def forget(self, rid: bytes) -> bool:
         """Drop a request's state; True if it was still running."""

@@ -49,9 +49,10 @@ def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     _send(sock, frames[last], _NOBLOCK)
 
 
-def recv_frames(sock: zmq.Socket) -> list[bytes]:
-    """Non-blocking multipart receive; raises ``zmq.Again`` when nothing waits."""
-    parts = [_recv(sock, _NOBLOCK)]
+def recv_frames(sock: zmq.Socket, flags: int = _NOBLOCK) -> list[bytes]:
+    """Multipart receive, non-blocking by default (``zmq.Again`` when nothing
+    waits); ``flags=0`` blocks for the first frame up to ``ZMQ_RCVTIMEO``."""
+    parts = [_recv(sock, flags)]
     while _get(sock, _RCVMORE):
         parts.append(_recv(sock, _NOBLOCK))
     return parts

@@ -29,6 +29,7 @@ from zserve._client_core import (
     Embeddings,
     StreamState,
     to_delta,
+    wake,
 )
 from zserve._loopsock import LoopSocket, recv_frames, send_frames
 from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
@@ -38,11 +39,8 @@ __all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Embeddings", "
 
 
 # The backend's plain calls (pyzmq's sugar converts flags to enums on each call).
-_recv = zmq.backend.Socket.recv
 _get = zmq.backend.Socket.get
 _set = zmq.backend.Socket.set
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
@@ -184,12 +182,10 @@ class Client(_Base):
             _set(sock, _RCVTIMEO, ms)
             self._rcvtimeo = ms
         try:
-            frames = [_recv(sock, 0)]
+            frames = recv_frames(sock, 0)  # blocks up to RCVTIMEO
         except zmq.Again:
             pass
         else:
-            while _get(sock, _RCVMORE):
-                frames.append(_recv(sock, _NOBLOCK))
             now = self._last_recv = time.monotonic()
             core = self._core
             while True:
@@ -304,16 +300,7 @@ class AsyncStream:
             raise StopAsyncIteration
         records = self._state.records
         if not records:
-            # Wait here rather than in a helper coroutine: one coroutine per
-            # delta on the hot path, not two.
-            if self._frames is not None:
-                await self.start()
-            st = self._state
-            loop = self._client._loop
-            while not records:
-                fut = loop.create_future()
-                st.waiter = fut  # the reader resolves and clears it
-                await fut
+            await self._wait()
         rec = records.popleft()
         if rec[3] is None and rec[4] is None:  # a partial record: the hot path
             return Delta(rec[1], rec[2])
@@ -469,11 +456,8 @@ class AsyncClient(_Base):
     @staticmethod
     def _wake(states: list[StreamState]) -> None:
         for st in states:
-            w = st.waiter
-            if w is not None:
-                st.waiter = None
-                if not w.done():
-                    w.set_result(None)
+            if st.waiter is not None:
+                wake(st)
 
     def stream(
         self,
