@@ -261,9 +261,9 @@ class Worker:
             count = 0  # completion tokens, counted here
             prompt_tokens = 0  # from whichever delta carries usage first
             # The engine's own completion count where it reports one (it knows
-            # better, e.g. text chunks from a remote server), and our count then.
-            reported: int | None = None
-            count_at_report = 0
+            # better, e.g. text chunks from a remote server): how far it is from
+            # ours, carried forward over what arrives after the report.
+            correction = 0
             gen = self.engine.generate(
                 GenerateRequest(eid, model, req.prompt, req.messages, params)
             )
@@ -284,7 +284,7 @@ class Worker:
                         prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
                         n = usage.get("completion_tokens")
                         if n is not None:
-                            reported, count_at_report = n, count
+                            correction = n - count
                     if count >= cap and finish is None:
                         finish = d.finish_reason = p.FINISH_LENGTH
                     if not plain:
@@ -294,7 +294,7 @@ class Worker:
                         elif finish is not None:
                             d.text += stops.flush()
                     if finish is not None:
-                        done = count if reported is None else reported + count - count_at_report
+                        done = count + correction
                         d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
                         put(client, rid, d, first, len(active) == 1)
                         finished = True
@@ -308,7 +308,7 @@ class Worker:
                 await gen.aclose()
             if not finished:
                 # The engine ended without a finish reason: treat as length.
-                done = count if reported is None else reported + count - count_at_report
+                done = count + correction
                 put(
                     client,
                     rid,
