@@ -59,3 +59,28 @@ class Engine(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """``messages`` through the tokenizer's chat template, ready to generate
+    from (OpenAI content parts become one string); ``BadRequest`` when the
+    template refuses them (role order, missing keys, no template)."""
+    from zserve.errors import BadRequest
+
+    try:
+        return tokenizer.apply_chat_template(
+            [plain_message(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as e:  # jinja errors, a tokenizer without a template
+        raise BadRequest(f"chat template failed: {e}") from e
+
+
+def plain_message(m: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI content parts ([{type: text, text}, ...]) become one string."""
+    content = m.get("content")
+    if isinstance(content, list):
+        text = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return {**m, "content": text}
+    if content is None:
+        return {**m, "content": ""}
+    return m

@@ -47,7 +47,7 @@ from typing import Any
 
 from zserve.errors import BadRequest, ContextOverflow, EngineError, ModelNotFound
 from zserve.protocol import FINISH_ERROR, FINISH_STOP, Delta
-from zserve.worker.engine import Engine, GenerateRequest
+from zserve.worker.engine import Engine, GenerateRequest, plain_message, render_chat
 from zserve.worker.engines.hf_detok import IncrementalDetokenizer
 from zserve.worker.engines.hf_load import ServedModel, is_causal, load_model, resolve_model_path
 from zserve.worker.options import EngineOptions
@@ -175,16 +175,12 @@ class HFEngine(Engine):
     def _prompt_ids(self, sm: ServedModel, request: GenerateRequest) -> list[int]:
         tok = sm.tokenizer
         if request.messages is not None:
-            messages = [_plain_message(m) for m in request.messages]
             if getattr(tok, "chat_template", None):
-                try:
-                    text = tok.apply_chat_template(
-                        messages, add_generation_prompt=True, tokenize=False
-                    )
-                except Exception as e:  # jinja errors: role order, missing keys...
-                    raise BadRequest(f"chat template failed: {e}") from e
+                text = render_chat(tok, request.messages)
             else:
-                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+                text = "".join(
+                    f"{m['role']}: {plain_message(m)['content']}\n" for m in request.messages
+                )
                 text += "assistant:"
             return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
         if request.prompt is None:
@@ -352,17 +348,6 @@ class HFEngine(Engine):
         """Tokens ``text`` takes as a prompt (special tokens included)."""
         sm = self._model(model)
         return len(sm.tokenizer(text, verbose=False)["input_ids"])
-
-
-def _plain_message(m: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI content parts ([{type: text, text}...]) become one string."""
-    content = m.get("content")
-    if isinstance(content, list):
-        parts = [p.get("text", "") for p in content if isinstance(p, dict)]
-        m = {**m, "content": "".join(parts)}
-    elif content is None:
-        m = {**m, "content": ""}
-    return m
 
 
 def _lp_entry(sm: ServedModel, step: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from zserve.errors import BadRequest, ContextOverflow, EngineError
 from zserve.protocol import FINISH_LENGTH, FINISH_STOP, Delta
 from zserve.protocol import SamplingParams as ZSamplingParams
-from zserve.worker.engine import Engine, GenerateRequest
+from zserve.worker.engine import Engine, GenerateRequest, render_chat
 from zserve.worker.options import EngineOptions
 
 if TYPE_CHECKING:
@@ -185,14 +185,7 @@ class VLLMEngine(Engine):
         """Token ids of the prompt (a chat goes through the chat template) and its text."""
         tok = self._tokenizer
         if request.messages is not None:
-            try:
-                text = tok.apply_chat_template(
-                    [_plain_message(m) for m in request.messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-            except Exception as e:  # jinja errors, missing template
-                raise BadRequest(f"cannot apply the chat template: {e}") from e
+            text = render_chat(tok, request.messages)
             special = False  # the template writes its own special tokens
         else:
             text = request.prompt or ""
@@ -249,17 +242,6 @@ def _engine_args(
         args["max_model_len"] = context_length
     args.update(extra)  # explicit engine arguments win
     return args
-
-
-def _plain_message(m: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI content parts ([{type: text, text}, ...]) become one string."""
-    content = m.get("content")
-    if isinstance(content, list):
-        text = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        return {**m, "content": text}
-    if content is None:
-        return {**m, "content": ""}
-    return m
 
 
 def _openai_logprobs(
