@@ -334,10 +334,14 @@ def gateway(
     connect_timeout: Annotated[
         float, typer.Option(help="seconds to wait for an unreachable broker")
     ] = 5.0,
-    heartbeat_interval: Annotated[float, typer.Option(help="as the broker's")] = (
+    heartbeat_interval: Annotated[
+        float, typer.Option(help="seconds between heartbeats (advertised to the broker)")
+    ] = (
         p.HEARTBEAT_INTERVAL
     ),
-    heartbeat_liveness: Annotated[int, typer.Option(help="as the broker's")] = (
+    heartbeat_liveness: Annotated[
+        int, typer.Option(help="silent intervals before the broker counts as gone")
+    ] = (
         p.HEARTBEAT_LIVENESS
     ),
     log_level: LogLevel = "info",

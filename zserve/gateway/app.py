@@ -358,8 +358,8 @@ def create_app(
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
 ) -> Starlette:
-    """The ASGI app. Heartbeat settings must match the broker's: a broker
-    with a shorter interval takes a slower client for a vanished one."""
+    """The ASGI app. The gateway's heartbeat interval need not match the
+    broker's: it is advertised, and the broker waits on the slower of the two."""
     gw = Gateway(
         broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness
     )

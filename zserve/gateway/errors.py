@@ -26,6 +26,7 @@ import json
 from typing import Any
 
 from zserve.errors import ZServeError
+from zserve.protocol import SamplingParams
 
 STATUS: dict[str, int] = {
     "bad_request": 400,
@@ -76,10 +77,7 @@ class APIError(Exception):
 
 
 # Words that start a SamplingParams validation message, to fill ``param``.
-_PARAMS = (
-    "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs",
-)  # fmt: skip
+_PARAMS = frozenset(SamplingParams._FIELDS)
 
 
 def to_api_error(e: BaseException) -> APIError:
