@@ -247,7 +247,10 @@ def status(
             "workers": [
                 {
                     k: w[k]
-                    for k in ("id", "models", "capacity", "queue_length", "speed", "last_seen_s")
+                    for k in (
+                        "id", "models", "capacity", "in_flight", "queue_length", "speed",
+                        "last_seen_s",
+                    )
                 }
                 for w in st["workers"]
             ],

@@ -3,8 +3,10 @@ one hop to the broker.
 
 Endpoints: ``GET /v1/models[/{model}]``, ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /health``,
-``GET /metrics``. With API keys set, ``/v1/*`` wants
-``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open.
+``GET /ready``, ``GET /metrics``, and the chat page at ``GET /``
+(``page.py``). With API keys set, ``/v1/*`` wants
+``Authorization: Bearer <key>``; the page, ``/health``, ``/ready`` and
+``/metrics`` stay open.
 
 Bare Starlette, not FastAPI, by measurement: 1-token non-streaming chat
 completions, sequential on one keep-alive httpx connection, null engine,
@@ -47,7 +49,7 @@ from starlette.routing import Route
 
 from zserve import protocol as p
 from zserve.client import AsyncClient
-from zserve.gateway import schema
+from zserve.gateway import page, schema
 from zserve.gateway.errors import APIError, to_api_error
 from zserve.gateway.generation import close_all, complete, first_batches, open_streams, stream_body
 from zserve.gateway.metrics import CONTENT_TYPE, Metrics, Tracker
@@ -73,6 +75,9 @@ def error_response(err: APIError) -> Response:
     return Response(err.body(), status_code=err.status, media_type=JSON)
 
 
+MAX_BODY = 4 * p.MAX_REQUEST_SIZE  # bytes of one HTTP request body
+
+
 async def read_body(receive: Receive) -> bytes:
     """The whole request body; ``ClientGone`` if the client left first."""
     msg = await receive()
@@ -81,11 +86,15 @@ async def read_body(receive: Receive) -> bytes:
     body: bytes = msg.get("body", b"")
     if msg.get("more_body"):
         parts = [body]
+        size = len(body)
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 raise ClientGone
             parts.append(msg.get("body", b""))
+            size += len(parts[-1])
+            if size > MAX_BODY:
+                raise APIError(f"request body larger than {MAX_BODY} bytes", "bad_request")
             if not msg.get("more_body"):
                 break
         body = b"".join(parts)
@@ -277,7 +286,10 @@ class Gateway:
                         {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                     )
                     async for chunk in chunks:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        if chunk:  # deltas with nothing to show make no chunk
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
                 finally:
                     await chunks.aclose()  # type: ignore[attr-defined]
                 await send(_END)
@@ -328,11 +340,34 @@ class Gateway:
         return r.embeddings, int(r.usage.get("prompt_tokens", 0))
 
     async def health(self, request: Request) -> Response:
+        """200 while the broker answers (503 ``broker_unreachable`` when it
+        does not), with how many workers serve and which models."""
         try:
-            names = await self._query("models")
+            st = await self._query("status")
         except Exception as e:
             return self.fail(e)
-        return Response(dumps({"status": "ok", "models": sorted(names)}), media_type=JSON)
+        body = {
+            "status": "ok",
+            "broker": "reachable",
+            "workers": len(st["workers"]),
+            "models": sorted(st["models"]),
+        }
+        return Response(dumps(body), media_type=JSON)
+
+    async def ready(self, request: Request) -> Response:
+        """For load balancers and readiness probes: 503 until at least one
+        worker serves through a reachable broker, then 200."""
+        try:
+            st = await self._query("status")
+        except Exception as e:
+            err = self._error(e)
+            body = {"ready": False, "workers": 0, "reason": err.message}
+            return Response(dumps(body), status_code=503, media_type=JSON)
+        n = len(st["workers"])
+        body = {"ready": n > 0, "workers": n, "models": sorted(st["models"])}
+        if not n:
+            body["reason"] = "no worker serves yet"
+        return Response(dumps(body), status_code=200 if n else 503, media_type=JSON)
 
     async def prometheus(self, request: Request) -> Response:
         try:
@@ -373,6 +408,8 @@ def create_app(
         Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
         *(Route(path, _Raw(handler), methods=["POST"]) for path, handler in fast.items()),
         Route("/health", gw.health, methods=["GET"]),
+        Route("/ready", gw.ready, methods=["GET"]),
+        *page.routes(),
         Route("/metrics", gw.prometheus, methods=["GET"]),
     ]
     app = GatewayApp(

@@ -101,7 +101,9 @@ class ChunkEncoder:
         return b""
 
     def deltas(self, index: int, batch: list[Delta]) -> bytes:
-        """One chunk for deltas read together."""
+        """One chunk for deltas read together; ``b""`` when they carry no
+        text, no logprobs and no finish reason (a token held back by a stop
+        string or an unfinished UTF-8 character): no empty content chunks."""
         if len(batch) == 1:
             d = batch[0]
             text, finish, lps = d.text, d.finish_reason, d.logprobs
@@ -112,6 +114,8 @@ class ChunkEncoder:
             for d in batch:
                 if d.logprobs:
                     lps = (lps or []) + d.logprobs
+        if not text and finish is None and lps is None:
+            return b""
         return self.head + self._choice(index, text, finish, lps) + self.tail
 
     def usage(self, usage: dict[str, int]) -> bytes:
