@@ -8,24 +8,22 @@ Served models (all on the null engine, whose token i is ``t{i} ``):
 * ``wide``: capacity 4, 20 ms per token: ``n`` choices must run at once.
 * ``busy``: capacity 1, 50 ms per token, and the broker queues at most one
   request per model: the third concurrent request is turned away (429).
+* ``broken``: the engine raises before the first token (``engine_error``).
+* ``flaky``: the engine raises after two tokens (an error mid-stream).
 
 The gateway wants an API key (``KEY`` or ``KEY2``) on ``/v1/*``.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
-import zmq
 
 from tests.conftest import FAST_HB
-from zserve import protocol as p
 from zserve.client import Client
 from zserve.launcher import (
     Proc,
@@ -39,7 +37,7 @@ from zserve.launcher import (
 
 KEY = "sk-test-1"
 KEY2 = "sk-test-2"
-MODELS = ["m", "slow", "wide", "busy"]
+MODELS = ["m", "slow", "wide", "busy", "broken", "flaky"]
 
 
 @dataclass
@@ -111,6 +109,8 @@ def gw() -> Iterator[GatewayStack]:
             ["--model", "slow", "--capacity", "1", "--token-delay", "0.05"],
             ["--model", "wide", "--capacity", "4", "--token-delay", "0.02"],
             ["--model", "busy", "--capacity", "1", "--token-delay", "0.05"],
+            ["--model", "broken", "--capacity", "4", "--engine-arg", "fail_after=0"],
+            ["--model", "flaky", "--capacity", "4", "--engine-arg", "fail_after=2"],
         ):
             stack.procs.append(start_worker(be, "--engine", "null", *args, *FAST_HB))
         gateway, stack.root = start_gateway(fe, "--api-keys", f"{KEY},{KEY2}", *FAST_HB)
@@ -119,55 +119,3 @@ def gw() -> Iterator[GatewayStack]:
         yield stack
     finally:
         stack.stop()
-
-
-class FakeWorker:
-    """A worker speaking the ZSW protocol from a thread, for replies the null
-    engine never gives: every request ends with ``engine_error``."""
-
-    def __init__(self, backend: str, model: str) -> None:
-        self.backend = backend
-        self.model = model
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> FakeWorker:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.backend)
-        info = p.WorkerInfo(models=[self.model], capacity=4, engine="fake")
-        sock.send_multipart([p.WORKER, p.W_READY, info.encode()])
-        beat = p.pack({"queue_length": 0})
-        last = 0.0
-        try:
-            while not self._stop.is_set():
-                if sock.poll(50):
-                    frames = sock.recv_multipart()
-                    if len(frames) == 6 and frames[1] == p.W_REQUEST:
-                        # [ZSW1, REQUEST, client_id, request_id, model, body]
-                        client, rid = frames[2], frames[3]
-                        rec = p.error_record(rid, "engine_error", "the fake engine broke")
-                        sock.send_multipart(
-                            [
-                                p.WORKER,
-                                p.W_TOKENS,
-                                client,
-                                p.encode_header([rid], [rid]),
-                                p.encode_tokens([rec]),
-                            ]
-                        )
-                now = time.monotonic()
-                if now - last > 0.1:
-                    sock.send_multipart([p.WORKER, p.W_HEARTBEAT, beat])
-                    last = now
-            sock.send_multipart([p.WORKER, p.W_DISCONNECT])
-        finally:
-            sock.close(0)

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import FAST_HB
-from tests.gateway.conftest import KEY, KEY2, FakeWorker, GatewayStack, start_gateway
+from tests.gateway.conftest import KEY, KEY2, GatewayStack, start_gateway
 from zserve.launcher import free_port, start_worker, wait_for, wait_models
 
 USER = [{"role": "user", "content": "hi"}]
@@ -163,14 +163,38 @@ def test_429_when_the_queue_is_full(gw: GatewayStack) -> None:
 
 
 def test_500_engine_error(gw: GatewayStack) -> None:
-    with FakeWorker(gw.backend, "broken"):
-        wait_models(gw.frontend, ["broken"], 10)
-        client = sdk(gw)
-        for stream in (False, True):
-            with pytest.raises(openai.InternalServerError) as ei:
-                client.chat.completions.create(model="broken", messages=USER, stream=stream)
-            assert ei.value.status_code == 500
-            assert_error(ei.value.response.json(), "engine_error", "server_error")
+    """broken: a real null worker whose engine raises before the first token."""
+    client = sdk(gw)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as ei:
+            client.chat.completions.create(model="broken", messages=USER, stream=stream)
+        assert ei.value.status_code == 500
+        assert_error(ei.value.response.json(), "engine_error", "server_error")
+        assert "RuntimeError" in ei.value.response.json()["error"]["message"]
+    gw.wait_idle("broken")
+
+
+def test_engine_error_mid_stream_is_an_error_event_then_done(gw: GatewayStack) -> None:
+    """flaky: two tokens, then the engine raises. Streaming, the tokens come
+    first and the error is an event; not streaming, it is a 500."""
+    body = {"model": "flaky", "messages": USER, "max_tokens": 10, "stream": True}
+    with httpx.stream(
+        "POST", gw.base_url + "/chat/completions", json=body, headers=gw.headers, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert_error(json.loads(events[-2]), "engine_error", "server_error")
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in map(json.loads, events[:-2])
+        if c.get("choices")
+    )
+    assert text == "t0 t1 "
+    with pytest.raises(openai.InternalServerError) as ei:
+        sdk(gw).chat.completions.create(model="flaky", messages=USER, max_tokens=10)
+    assert_error(ei.value.response.json(), "engine_error", "server_error")
+    gw.wait_idle("flaky")
 
 
 # ------------------------------------------------------------------ 503

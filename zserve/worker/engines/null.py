@@ -2,6 +2,9 @@
 
 Token i is the word ``t{i}`` and a space, so n tokens make n words; token i's
 id is i. Embeddings are deterministic unit vectors derived from the text.
+
+``--engine-arg fail_after=N`` makes every generation raise after N tokens
+(N = 0: before the first), so tests drive a real worker into ``engine_error``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import struct
 import types
 from collections.abc import AsyncIterator, Generator
+from typing import Any
 
 from zserve.protocol import FINISH_LENGTH, Delta
 from zserve.worker.engine import Engine, GenerateRequest
@@ -25,19 +29,52 @@ class NullEngine(Engine):
     name = "null"
 
     def __init__(
-        self, models: list[str], token_delay: float = 0.0, context_length: int = 4096
+        self,
+        models: list[str],
+        token_delay: float = 0.0,
+        context_length: int = 4096,
+        fail_after: int | None = None,
     ) -> None:
         super().__init__()
         self.models = list(models)
         self.token_delay = token_delay
         self.context_length = context_length
+        self.fail_after = fail_after  # raise after this many tokens (tests)
 
     @classmethod
     def from_options(cls, opts: EngineOptions) -> NullEngine:
         names = [n for group in opts.served_names() for n in group]
-        return cls(names, opts.token_delay, opts.context_length or 4096)
+        extra = dict(opts.engine_args)
+        fail_after = extra.pop("fail_after", None)
+        if extra:
+            raise ValueError(f"the null engine takes no engine argument {sorted(extra)}")
+        if fail_after is not None and (not isinstance(fail_after, int) or fail_after < 0):
+            raise ValueError(f"fail_after wants a count >= 0, got {fail_after!r}")
+        return cls(names, opts.token_delay, opts.context_length or 4096, fail_after)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        if self.fail_after is None:
+            return self._generate(request)
+        return self._failing(request, self.fail_after)
+
+    async def _failing(self, request: GenerateRequest, n: int) -> AsyncIterator[Delta]:
+        """The first ``n`` deltas of a normal generation, then an engine failure
+        (none where the generation is ``n`` tokens or shorter)."""
+        gen: Any = self._generate(request)
+        sent = 0
+        try:
+            async for d in gen:
+                if sent == n:
+                    break
+                yield d
+                sent += 1
+            else:
+                return
+        finally:
+            await gen.aclose()
+        raise RuntimeError(f"null engine: failing after {n} tokens (fail_after)")
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         if request.prompt is not None:
             prompt = request.prompt
         else:
