@@ -324,6 +324,30 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="served model name")],
+    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    timeout: Annotated[float, typer.Option(help="seconds an answer may go without a token")] = (
+        60.0
+    ),
+) -> None:
+    """Chat with a model in the terminal: /clear starts over, /exit or Ctrl-D
+    leaves, Ctrl-C stops an answer."""
+    from zserve.chat import run_chat
+    from zserve.errors import ZServeError
+
+    try:
+        code = run_chat(broker, model, system, temperature, max_tokens, timeout)
+    except ZServeError as e:
+        typer.echo(f"error [{e.code}]: {e.message}", err=True)
+        raise typer.Exit(_EXIT.get(e.code, 1)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
 def gateway(
     broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
