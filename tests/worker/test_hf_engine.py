@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import transformers
 
 from tests.worker.reference import greedy_ref, prompt_ids
 from zserve.errors import BadRequest, ContextOverflow, EngineError, ModelNotFound
@@ -20,9 +22,6 @@ from zserve.worker.engines import load_engine
 from zserve.worker.engines.hf import HFEngine
 from zserve.worker.engines.hf_detok import IncrementalDetokenizer
 from zserve.worker.options import EngineOptions
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 PROMPTS = [
     "Hello",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,6 @@ import pytest
 from tests.worker.reference import greedy_ref, prompt_ids
 from zserve.errors import BadRequest, ContextOverflow
 from zserve.launcher import wait_for
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 PROMPT = "Once upon a time there was a small dragon"
 
@@ -49,10 +45,8 @@ def test_hf_worker_streams_cancels_and_embeds(
         wait_for(lambda: stack.status()["workers"][0]["in_flight"] == 1, 10, "one in flight")
         s.close()
         wait_for(lambda: stack.status()["workers"][0]["in_flight"] == 0, 10, "the slot freed")
-        t0 = time.monotonic()
         again = c.generate("tiny", PROMPT, max_tokens=4, temperature=0)
         assert again.token_ids == greedy(ref, PROMPT, 4)
-        assert time.monotonic() - t0 < 30
 
         # Embeddings from the encoder model: unit vectors, similar texts closer.
         a, b, z = c.embed("minilm", ["A man is eating food.", "A man eats a meal.", "Stocks fell."])

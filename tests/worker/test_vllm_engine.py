@@ -10,22 +10,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import pytest_asyncio
+import vllm  # noqa: F401 - a missing or broken vLLM fails here, it is not skipped
 
+from tests.worker.reference import greedy_ref
 from zserve.errors import BadRequest, ContextOverflow, EngineError
 from zserve.launcher import wait_for
 from zserve.protocol import Delta, SamplingParams
 from zserve.worker.engine import GenerateRequest
 from zserve.worker.engines import load_engine
+from zserve.worker.engines.vllm import VLLMEngine
 from zserve.worker.options import EngineOptions
-
-pytest.importorskip("vllm")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from tests.worker.reference import greedy_ref  # noqa: E402
-from zserve.worker.engines.vllm import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 # Every async test shares the module's event loop, where the engine lives.
@@ -267,11 +264,9 @@ async def test_context_overflow_and_bad_params(engine: VLLMEngine) -> None:
 @on_engine_loop
 async def test_engine_death_fails_requests_and_sets_dead(engine: VLLMEngine) -> None:
     """Last in the module: kills the engine core under the shared engine."""
-    psutil = pytest.importorskip("psutil")
     children = psutil.Process().children()  # ours only, not a stack worker's
     cores = [c for c in children if "EngineCore" in " ".join(c.cmdline() + [c.name()])]
-    if not cores:
-        pytest.skip(f"cannot find vLLM's engine core among {[c.name() for c in children]}")
+    assert cores, f"cannot find vLLM's engine core among {[c.name() for c in children]}"
     for c in cores:
         os.kill(c.pid, signal.SIGKILL)
     await wait_until(lambda: engine.dead, 30, "the engine never noticed its core died")
@@ -283,7 +278,6 @@ def test_worker_process_serves_and_leaves_when_the_engine_dies(
     stack: Any, tiny_model_dir: Path, ref: Any
 ) -> None:
     """zserve worker --engine vllm through the broker; a dead engine core ends the worker."""
-    psutil = pytest.importorskip("psutil")
     stack.start_broker("--heartbeat-interval", "0.2")
     worker = stack.worker(
         "--model", str(tiny_model_dir), "--model-names", "tiny", "--dtype", "float32",
