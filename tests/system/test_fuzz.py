@@ -1,11 +1,14 @@
 """Random frames on both broker sockets (hypothesis): the broker neither crashes
-nor stops serving, and its memory does not grow with the garbage."""
+nor stops serving, and its memory does not grow with the garbage: not even by
+a few dozen bytes per message."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import msgpack
+import psutil
 import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -14,8 +17,6 @@ from hypothesis import strategies as st
 from tests.conftest import Stack
 from zserve import protocol as p
 from zserve.launcher import wait_for
-
-psutil = pytest.importorskip("psutil")
 
 # Frames that look almost right reach deeper into the broker than random bytes.
 _tags = st.sampled_from([p.CLIENT, p.WORKER, b"ZSC9", b""])
@@ -88,28 +89,64 @@ def test_random_frames_never_break_the_broker(
     assert stack.broker is not None and stack.broker.alive()
 
 
+ROUND = 60_000  # messages per round of the memory check
+ROUNDS = 2  # rounds measured after the baseline
+# Growth allowed over ROUNDS x ROUND messages, measured against a baseline
+# taken in the same run after one round (the allocator has settled by then).
+# A leak of 40 bytes a message adds 2 x 60,000 x 40 B = 4.8 MB and fails.
+# Checked once by hand (2026-11, not committed): a broker subclass keeping
+# bytes(40) per malformed message grew 7.1 MB here and failed, bytes(100)
+# 12.3 MB; the unmodified broker grew 0-16 KiB.
+ALLOWED_GROWTH = 4 << 20
+_rids = itertools.count()
+
+
+def garbage_round(stack: Stack, fe: zmq.Socket, be: zmq.Socket, n: int) -> None:
+    """``n`` messages the broker must refuse, in three kinds that take three
+    paths (too few frames, a READY that is not msgpack, a REQUEST for a model
+    nobody serves, each with a new request id); returns once the broker has
+    counted every one of them."""
+    before = stack.status()["counters"]
+    kinds = 3
+    per = n // kinds
+    batch = 500
+    for start in range(0, per, batch):
+        for _ in range(min(batch, per - start)):
+            fe.send_multipart([p.CLIENT, p.C_REQUEST, b"1"])
+            be.send_multipart([p.WORKER, p.W_READY, b"\xc1"])
+            rid = b"%d" % next(_rids)
+            fe.send_multipart([p.CLIENT, p.C_REQUEST, rid, b"nobody", b"\x80"])
+        while fe.poll(0):  # the model_not_found answers
+            fe.recv_multipart()
+
+    def counted() -> bool:
+        while fe.poll(0):
+            fe.recv_multipart()
+        c = stack.status()["counters"]
+        return (
+            c.get("malformed", 0) >= before.get("malformed", 0) + 2 * per
+            and c.get("model_not_found", 0) >= before.get("model_not_found", 0) + per
+        )
+
+    wait_for(counted, 120, f"the broker to refuse {n} messages")
+
+
 def test_after_the_fuzz_the_broker_serves_and_its_memory_is_bounded(
     fuzz_stack: tuple[Stack, zmq.Socket, zmq.Socket],
 ) -> None:
     stack, fe, be = fuzz_stack
     assert stack.broker is not None
-    rss = psutil.Process(stack.broker.pid).memory_info().rss
-    # A second round of garbage, the same size as the first, must not grow the broker.
-    before = stack.status()["counters"].get("malformed", 0)
-    _send(
-        fe, be,
-        [[p.CLIENT, p.C_REQUEST, b"1"]] * 2000,  # too few frames
-        [[p.WORKER, p.W_READY, b"\xc1"]] * 2000,
-    )  # fmt: skip
+    broker = psutil.Process(stack.broker.pid)
+    garbage_round(stack, fe, be, ROUND)  # the baseline: the allocator settles
+    rss = broker.memory_info().rss
+    for _ in range(ROUNDS):
+        garbage_round(stack, fe, be, ROUND)
     assert stack.broker.alive()
-    counters = wait_for(
-        lambda: (c := stack.status()["counters"]).get("malformed", 0) >= before + 4000 and c,
-        10,
-        "the second round counted as malformed",
+    grown = broker.memory_info().rss - rss
+    assert grown < ALLOWED_GROWTH, (
+        f"broker grew {grown} bytes over {ROUNDS * ROUND} refused messages "
+        f"({grown / (ROUNDS * ROUND):.0f} B each)"
     )
-    assert counters["malformed"] == before + 4000
-    grown = psutil.Process(stack.broker.pid).memory_info().rss - rss
-    assert grown < 8 << 20, f"broker grew {grown >> 20} MiB on garbage"
     # The registered worker may have been confused by forged frames, never the broker:
     # a fresh worker and client still get served.
     stack.worker("--model", "m2")
