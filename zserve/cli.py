@@ -132,7 +132,13 @@ def worker(
         list[str] | None,
         typer.Option(help="served names, comma-separated; once per --model"),
     ] = None,
-    capacity: Annotated[int, typer.Option(help="concurrent requests")] = 1,
+    capacity: Annotated[
+        int | None,
+        typer.Option(
+            help="concurrent requests (default: the engine's own; vllm: max_num_seqs, "
+            "hf: max_batch_size, hf-api: 32 per endpoint, null: 1024)"
+        ),
+    ] = None,
     speed: Annotated[float, typer.Option(help="relative speed for dispatch")] = 1.0,
     token_delay: Annotated[float, typer.Option(help="null engine: seconds per token")] = 0.0,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda")] = "auto",
@@ -159,7 +165,7 @@ def worker(
     from zserve.worker.runtime import Worker, WorkerConfig
 
     _logging(log_level)
-    if capacity < 1:
+    if capacity is not None and capacity < 1:
         raise typer.BadParameter("--capacity must be >= 1")
     if speed <= 0:
         raise typer.BadParameter("--speed must be > 0")
@@ -187,7 +193,7 @@ def worker(
     opts = EngineOptions(
         models=models,
         model_names=[n.split(",") for n in model_names] if model_names else None,
-        capacity=capacity,
+        capacity=capacity or 1,
         token_delay=token_delay,
         device=device,
         dtype=dtype,
@@ -200,6 +206,11 @@ def worker(
     except (ValueError, FileNotFoundError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if capacity is None:
+        capacity, why = eng.default_capacity()
+    else:
+        why = "--capacity"
+    logging.getLogger("zserve.worker").info("capacity %d (%s)", capacity, why)
     w = Worker(
         eng,
         WorkerConfig(
@@ -396,20 +407,32 @@ def tiny_model(
     typer.echo(str(out))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
-    engine: Annotated[str, typer.Option(help="engine for the embedded worker")] = "hf",
+    ctx: typer.Context,
+    model: Annotated[
+        str | None, typer.Option(help="model path or hub id (default: the tiny model)")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="hf|vllm|null, the embedded worker's")] = "hf",
+    model_names: Annotated[
+        str | None, typer.Option(help="served names, comma-separated (default: the basename)")
+    ] = None,
     model_dir: Annotated[str, typer.Option(help="where the tiny model lives")] = ".models/tiny",
     frontend: str = p.DEFAULT_FRONTEND,
     backend: str = p.DEFAULT_BACKEND,
     gateway_port: int = 8000,
     log_level: LogLevel = "warning",
 ) -> None:
-    """The embedded default: broker + worker (+ gateway) until Ctrl-C."""
+    """Serve one model: broker + worker + gateway until Ctrl-C. Other options
+    (--capacity, --max-model-len, --engine-arg K=V, ...) go to the worker."""
     from zserve.launcher import run_stack
 
     _logging(log_level)
-    raise typer.Exit(run_stack(engine, model_dir, frontend, backend, gateway_port, log_level))
+    code = run_stack(
+        engine, model_dir, frontend, backend, gateway_port, log_level,
+        model=model, model_names=model_names, extra_worker_args=list(ctx.args),
+    )  # fmt: skip
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -151,6 +151,29 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+def worker_args(
+    engine: str, model: str | None, model_names: str | None, model_dir: str
+) -> tuple[str, list[str]]:
+    """The served name and the ``zserve worker`` arguments for ``zserve run``:
+    ``model`` (a path or hub id) when given, else the tiny model in
+    ``model_dir`` (written there first if missing); the null engine needs no
+    model. The worker's capacity is the engine's own unless passed through."""
+    if engine == "null":
+        name = model_names or model or "tiny"
+        return name.split(",")[0], ["--engine", "null", "--model", name.split(",")[0]]
+    if model is None:
+        path = Path(model_dir)
+        if not (path / "config.json").exists():
+            from zserve.tiny_model import write_tiny_model
+
+            print(f"writing the tiny model to {path} ...", flush=True)
+            write_tiny_model(path)
+        model = str(path)
+        model_names = model_names or "tiny"
+    names = model_names or (os.path.basename(model.rstrip("/")) or model)
+    return names.split(",")[0], ["--engine", engine, "--model", model, "--model-names", names]
+
+
 def run_stack(
     engine: str,
     model_dir: str,
@@ -158,10 +181,16 @@ def run_stack(
     backend: str = p.DEFAULT_BACKEND,
     gateway_port: int = 8000,
     log_level: str = "warning",
+    model: str | None = None,
+    model_names: str | None = None,
+    extra_worker_args: Sequence[str] = (),
 ) -> int:
-    """Broker + one worker (+ the gateway where installed) until Ctrl-C."""
+    """Broker + one worker (+ the gateway where installed) until Ctrl-C.
+
+    ``model``: a path or hub id, served under ``model_names`` (default: its
+    basename); without it, the tiny model. ``extra_worker_args`` go to
+    ``zserve worker`` as they are (engine options, ``--capacity``, ...)."""
     procs: list[Proc] = []
-    model = "tiny"
 
     def _terminate(signum: int, frame: object) -> None:
         # The first SIGINT/SIGTERM stops it all; later ones (a second Ctrl-C, a
@@ -175,20 +204,8 @@ def run_stack(
     try:
         broker, fe, be = start_broker(frontend=frontend, backend=backend, log_level=log_level)
         procs.append(broker)
-        if engine == "null":
-            wargs = ["--engine", "null", "--model", model, "--capacity", "32"]
-        else:
-            path = Path(model_dir)
-            if not (path / "config.json").exists():
-                from zserve.tiny_model import write_tiny_model
-
-                print(f"writing the tiny model to {path} ...", flush=True)
-                write_tiny_model(path)
-            wargs = [
-                "--engine", engine, "--model", str(path), "--model-names", model,
-                "--capacity", "8",
-            ]
-        procs.append(start_worker(be, *wargs, log_level=log_level))
+        model, wargs = worker_args(engine, model, model_names, model_dir)
+        procs.append(start_worker(be, *wargs, *extra_worker_args, log_level=log_level))
         gateway = None
         try:
             import zserve.gateway.app  # noqa: F401
@@ -203,14 +220,24 @@ def run_stack(
             procs.append(gateway)
         except ImportError:
             pass
-        print("waiting for the worker to register ...", flush=True)
-        wait_models(fe, [model], 600)
+        print(f"waiting for the worker to load {model} ...", flush=True)
+        worker = procs[1]
+        from zserve.client import Client
+
+        with Client(fe, timeout=5) as c:
+            wait_for(
+                lambda: model in c.models() or not worker.alive(), 1800, f"the model {model}"
+            )
+        if not worker.alive():
+            print(f"the worker exited ({worker.popen.returncode}) before serving", flush=True)
+            return 1
         if gateway is not None:
             wait_for(
                 lambda: _http_ok(f"http://127.0.0.1:{gateway_port}/health") or not gateway.alive(),
                 60,
                 "the gateway",
             )
+            print(f"\nChat page: http://127.0.0.1:{gateway_port}/", flush=True)
         print(
             f"\nzserve is up.\n"
             f"  broker frontend : {fe}\n"
@@ -219,6 +246,7 @@ def run_stack(
             f"Try:\n"
             f"  .venv/bin/zserve generate --broker {fe} --model {model} --max-tokens 16 "
             f"'Hello, world'\n"
+            f"  .venv/bin/zserve chat --broker {fe} --model {model}\n"
             f"  .venv/bin/zserve status --broker {fe}\n",
             flush=True,
         )

@@ -21,7 +21,9 @@ def test_status_json_shape(stack):
     out = json.loads(r.stdout)
     assert out["models"] == ["a", "b"]
     (w,) = out["workers"]
-    assert set(w) == {"id", "models", "capacity", "queue_length", "speed", "last_seen_s"}
+    assert set(w) == {
+        "id", "models", "capacity", "in_flight", "queue_length", "speed", "last_seen_s"
+    }
     assert w["capacity"] == 2 and w["speed"] == 1.5 and sorted(w["models"]) == ["a", "b"]
 
 

@@ -51,6 +51,12 @@ class Engine(abc.ABC):
 
         raise BadRequest(f"engine {self.name!r} does not serve embeddings")
 
+    def default_capacity(self) -> tuple[int, str]:
+        """The concurrent requests this engine serves well, and where that
+        number comes from: the worker advertises it unless ``--capacity``
+        says otherwise. Called before ``start``."""
+        return 1, "one request at a time"
+
     async def count_tokens(self, model: str, text: str) -> int:
         return len(text.split())
 

@@ -98,6 +98,10 @@ class HFEngine(Engine):
         # request id -> (its Sequence, the model running it), until it leaves the batch
         self._seqs: dict[str, tuple[Any, ServedModel]] = {}
 
+    def default_capacity(self) -> tuple[int, str]:
+        n = len(self._specs)
+        return self.max_batch_size * n, f"max_batch_size {self.max_batch_size} x {n} model(s)"
+
     @classmethod
     def from_options(cls, opts: EngineOptions) -> HFEngine:
         return cls(

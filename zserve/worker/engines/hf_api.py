@@ -106,6 +106,12 @@ class Endpoint:
         return {}
 
 
+# Requests in flight per remote endpoint when --capacity is not given: a
+# remote server (TGI, vLLM, the Hugging Face router) queues and batches on its
+# own side; this only bounds what one worker keeps open against it.
+REMOTE_CONCURRENCY = 32
+
+
 class HFApiEngine(Engine):
     name = "hf-api"
 
@@ -123,6 +129,10 @@ class HFApiEngine(Engine):
         self.context_length = max(ep.context_length for ep in endpoints)
         self._session: Any = None  # httpx2.AsyncClient for the completions endpoint
         self._closers: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    def default_capacity(self) -> tuple[int, str]:
+        n = len({id(ep) for ep in self.endpoints.values()})
+        return REMOTE_CONCURRENCY * n, f"{REMOTE_CONCURRENCY} per remote endpoint x {n}"
 
     @classmethod
     def from_options(cls, opts: EngineOptions) -> HFApiEngine:

@@ -22,6 +22,7 @@ from zserve.worker.engine import Engine, GenerateRequest
 from zserve.worker.options import EngineOptions
 
 DEFAULT_MAX_TOKENS = 16
+CAPACITY = 1024  # concurrent requests by default: fake tokens cost next to nothing
 EMBED_DIM = 64
 
 
@@ -51,6 +52,9 @@ class NullEngine(Engine):
         if fail_after is not None and (not isinstance(fail_after, int) or fail_after < 0):
             raise ValueError(f"fail_after wants a count >= 0, got {fail_after!r}")
         return cls(names, opts.token_delay, opts.context_length or 4096, fail_after)
+
+    def default_capacity(self) -> tuple[int, str]:
+        return CAPACITY, "the null engine's default"
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
         if self.fail_after is None:

@@ -82,16 +82,33 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------- lifecycle
 
+    def default_capacity(self) -> tuple[int, str]:
+        """vLLM's own ``max_num_seqs`` (what ``vllm serve`` schedules at once),
+        pinned in the engine arguments so that vLLM runs exactly the number
+        the worker advertises."""
+        given = self.engine_args.get("max_num_seqs")
+        if given:
+            return int(given), "the engine argument max_num_seqs"
+        n = _server_max_num_seqs(self.engine_args)
+        self.engine_args["max_num_seqs"] = n
+        return n, "vLLM's default max_num_seqs for a server"
+
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(**self.engine_args)
         log.info("starting vLLM on %s (%s)", self.model, self.engine_args)
-        self.llm = AsyncLLM.from_engine_args(args)
+        # The server's defaults (batch sizes), as `vllm serve` gets them.
+        self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         self._tokenizer = self.llm.get_tokenizer()
         self.context_length = int(self.llm.model_config.max_model_len)
-        log.info("vLLM ready: %s as %s, context %d", self.model, self.models, self.context_length)
+        seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
+        log.info(
+            "vLLM ready: %s as %s, context %d, max_num_seqs %d",
+            self.model, self.models, self.context_length, seqs,
+        )  # fmt: skip
 
     async def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -242,6 +259,28 @@ def _engine_args(
         args["max_model_len"] = context_length
     args.update(extra)  # explicit engine arguments win
     return args
+
+
+def _server_max_num_seqs(args: dict[str, Any]) -> int:
+    """The ``max_num_seqs`` vLLM picks for a server (``UsageContext.OPENAI_API_SERVER``)
+    on this platform when none is given: 128 per rank on CPU, up to 1024 on
+    large GPUs."""
+    from vllm.config.scheduler import SchedulerConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tp, pp = (int(args.get(k) or 1) for k in ("tensor_parallel_size", "pipeline_parallel_size"))
+    world = tp * pp
+    n = SchedulerConfig.DEFAULT_MAX_NUM_SEQS
+    try:
+        n = EngineArgs.get_batch_defaults(world)[1].get(UsageContext.OPENAI_API_SERVER, n)
+    except Exception as e:  # another vLLM version, a platform it cannot query
+        log.warning("vLLM's batch defaults unavailable (%s); max_num_seqs %d", e, n)
+    if args.get("performance_mode") == "throughput":
+        n *= 2  # as vLLM does for its own default
+    if args.get("max_num_batched_tokens"):
+        n = min(n, int(args["max_num_batched_tokens"]))
+    return int(n)
 
 
 def _openai_logprobs(
