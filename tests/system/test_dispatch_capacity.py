@@ -30,7 +30,7 @@ def test_shortest_queue_spreads_long_requests_evenly(stack):
     wait_for(lambda: sum(_in_flight(stack)) == 0, 10, "cancels to free every slot")
     wait_for(
         lambda: all(w["queue_length"] == 0 for w in stack.status()["workers"]),
-        5,
+        20,
         "every worker idle",
     )
 
@@ -76,9 +76,9 @@ def test_full_queue_answers_overloaded_at_once(stack):
     stack.wait_workers(1)
     with stack.client() as c:
         running = c.stream("m", "x", max_tokens=400)
-        wait_for(lambda: _in_flight(stack) == [1], 5, "first request running")
+        wait_for(lambda: _in_flight(stack) == [1], 20, "first request running")
         queued = c.stream("m", "x", max_tokens=2)
-        wait_for(lambda: stack.status()["queued"] == {"m": 1}, 5, "second request queued")
+        wait_for(lambda: stack.status()["queued"] == {"m": 1}, 20, "second request queued")
         with pytest.raises(Overloaded, match="queue"):
             c.generate("m", "x", max_tokens=1)
         running.close()  # frees the slot: the queued one runs
@@ -91,7 +91,7 @@ def test_queue_timeout(stack):
     stack.wait_workers(1)
     with stack.client() as c:
         hog = c.stream("m", "x", max_tokens=1000)
-        wait_for(lambda: _in_flight(stack) == [1], 5, "hog running")
+        wait_for(lambda: _in_flight(stack) == [1], 20, "hog running")
         with pytest.raises(Timeout, match="no free worker"):
             c.generate("m", "x", max_tokens=1)
         hog.close()
@@ -113,7 +113,7 @@ def test_cancel_frees_capacity(stack):
         s = c.stream("m", "x", max_tokens=10_000)
         assert next(s).text == "t0 "
         s.close()
-        wait_for(lambda: _in_flight(stack) == [0], 5, "the slot freed")
+        wait_for(lambda: _in_flight(stack) == [0], 20, "the slot freed")
         wait_for(
             lambda: stack.status()["workers"][0]["queue_length"] == 0, 5, "worker idle"
         )

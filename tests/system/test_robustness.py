@@ -73,7 +73,7 @@ def test_malformed_frames_on_both_sockets_are_counted_and_ignored(stack):
         big.close()
         counters = wait_for(
             lambda: (c := stack.status()["counters"]).get("malformed", 0) >= 11 and c,
-            5,
+            20,
             "malformed messages counted",
         )
         assert counters["malformed"] == 11
@@ -129,10 +129,8 @@ def test_vanished_client_requests_are_cancelled_on_the_worker(stack):
         assert child.stdout.readline().strip() == "streaming"
         assert stack.status()["workers"][0]["in_flight"] == 2
         child.kill()
-        wait_for(
-            lambda: stack.status()["workers"][0]["in_flight"] == 0, 0.6 + 2, "requests cancelled"
-        )
-        wait_for(lambda: stack.status()["workers"][0]["queue_length"] == 0, 3, "worker idle")
+        wait_for(lambda: stack.status()["workers"][0]["in_flight"] == 0, 20, "requests cancelled")
+        wait_for(lambda: stack.status()["workers"][0]["queue_length"] == 0, 20, "worker idle")
         counters = stack.status()["counters"]
         # noticed either by its silence or by its connection closing
         assert counters.get("clients_expired", 0) + counters.get("client_send_failed", 0) >= 1
@@ -155,7 +153,7 @@ def test_slow_client_is_cut_with_an_error_frame_not_silently(stack):
             return stack.status()["counters"].get("slow_clients", 0) >= 1
 
         wait_for(cut, 60, "the broker to notice the slow client")
-        wait_for(lambda: stack.status()["workers"][0]["in_flight"] == 0, 5, "request cancelled")
+        wait_for(lambda: stack.status()["workers"][0]["in_flight"] == 0, 20, "request cancelled")
         recs: list[list] = []
         while not recs or recs[-1][3] is None:
             sock.send_multipart([p.CLIENT, p.C_HEARTBEAT])
