@@ -45,13 +45,17 @@ WORKER = b"ZSW1"
 # client -> broker
 C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?]
 C_CANCEL = b"\x02"  # [ZSC1, CANCEL, request_id]
-C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT, heartbeat_ms?]
+C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT, heartbeat_ms?, quiet_request_ids?]
 C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
 C_QUERY = b"\x05"  # [ZSC1, QUERY, request_id, service]
 # broker -> client
 C_TOKENS = b"\x06"  # [ZSC1, TOKENS, payload]
 # (HEARTBEAT is also sent broker -> client while the client has requests in flight:
 # every broker interval, and in answer to each client HEARTBEAT)
+# A client HEARTBEAT may list (msgpack array of bin) the ids of its requests
+# in flight that have been quiet for a while; the broker answers each one it
+# does not hold (it restarted, or never got it) with a ``broker_unreachable``
+# final record, so such a stream ends instead of waiting out its timeout.
 
 # worker -> broker
 W_READY = b"\x01"  # [ZSW1, READY, info]
@@ -92,6 +96,16 @@ RECONNECT_MAX = 32.0
 QUEUE_TIMEOUT = 30.0
 MAX_QUEUE = 1024
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+# A worker splits its replies so that no TOKENS payload passes MAX_PAYLOAD
+# (records are sealed at RECORD_BUDGET and a message split between records),
+# well inside any broker's MAX_MESSAGE_SIZE.
+MAX_PAYLOAD = 1024 * 1024
+RECORD_BUDGET = 256 * 1024
+# What a client may send: a REQUEST body, and the inputs of one embed request.
+MAX_REQUEST_SIZE = 8 * 1024 * 1024
+MAX_EMBED_INPUTS = 2048
+# Quiet request ids listed on one client HEARTBEAT, at most.
+MAX_HEARTBEAT_IDS = 4096
 MAX_RETRIES = 2
 FRONTEND_HWM = 10_000
 
@@ -130,6 +144,9 @@ class WorkerInfo:
     engine: str = "null"
     speed: float = 1.0
     pid: int = 0
+    # The worker's own heartbeat interval (seconds): the broker expires it
+    # after max(broker interval, this) x liveness, as it does for clients.
+    heartbeat_interval: float = HEARTBEAT_INTERVAL
 
     def encode(self) -> bytes:
         return pack(
@@ -140,6 +157,7 @@ class WorkerInfo:
                 "engine": self.engine,
                 "speed": self.speed,
                 "pid": self.pid,
+                "heartbeat_ms": max(1, round(self.heartbeat_interval * 1000)),
             }
         )
 
@@ -159,6 +177,9 @@ class WorkerInfo:
             raise ValueError("READY capacity must be a positive int")
         if not isinstance(speed, (int, float)) or speed <= 0:
             raise ValueError("READY speed must be positive")
+        hb_ms = d.get("heartbeat_ms", round(HEARTBEAT_INTERVAL * 1000))
+        if isinstance(hb_ms, bool) or not isinstance(hb_ms, int) or hb_ms < 1:
+            raise ValueError("READY heartbeat_ms must be a positive int")
         return cls(
             models=models,
             capacity=capacity,
@@ -166,6 +187,7 @@ class WorkerInfo:
             engine=str(d.get("engine", "?")),
             speed=float(speed),
             pid=int(d.get("pid") or 0),
+            heartbeat_interval=min(hb_ms / 1000, MAX_CLIENT_HEARTBEAT_INTERVAL),
         )
 
 
@@ -445,3 +467,19 @@ def decode_header(data: bytes) -> tuple[list[bytes], list[bytes]]:
     ):
         raise ValueError("malformed TOKENS header")
     return h[0], h[1]
+
+
+def encode_request_ids(rids: list[bytes]) -> bytes:
+    """The quiet request ids a client HEARTBEAT lists (its optional last frame)."""
+    return _packer.pack(rids[:MAX_HEARTBEAT_IDS])
+
+
+def decode_request_ids(frame: bytes) -> list[bytes]:
+    ids = unpack(frame)
+    if (
+        not isinstance(ids, list)
+        or len(ids) > MAX_HEARTBEAT_IDS
+        or not all(isinstance(r, bytes) and r for r in ids)
+    ):
+        raise ValueError("HEARTBEAT request ids must be an array of non-empty bin")
+    return ids

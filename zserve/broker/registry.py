@@ -19,6 +19,9 @@ class WorkerState:
     info: WorkerInfo  # what it said in READY
     expiry: float  # monotonic deadline: dead if silent past it
     last_seen: float  # monotonic time of the last message from it
+    # Silence allowed: max(broker interval, the worker's advertised interval)
+    # x liveness; 0 means the registry's default.
+    ttl: float = 0.0
     queue_length: int = 0  # what its last HEARTBEAT reported
     # Requests dispatched to it and not yet finished: the broker's own count,
     # updated at dispatch and at completion (not only by heartbeats).
@@ -47,9 +50,13 @@ class Registry:
         self.workers: dict[bytes, WorkerState] = {}
         self.by_model: dict[str, list[WorkerState]] = {}
 
-    def add(self, identity: bytes, info: WorkerInfo, now: float) -> WorkerState:
-        """Register a worker (the caller removes any previous entry first)."""
-        w = WorkerState(identity, info, now + self.expiry_after, now)
+    def add(
+        self, identity: bytes, info: WorkerInfo, now: float, ttl: float = 0.0
+    ) -> WorkerState:
+        """Register a worker (the caller removes any previous entry first);
+        ``ttl``: how long it may stay silent (default: the registry's)."""
+        ttl = ttl or self.expiry_after
+        w = WorkerState(identity, info, now + ttl, now, ttl)
         self.workers[identity] = w
         for m in info.models:
             self.by_model.setdefault(m, []).append(w)
@@ -73,7 +80,7 @@ class Registry:
     def touch(self, w: WorkerState, now: float) -> None:
         """Any traffic from a worker counts as a heartbeat."""
         w.last_seen = now
-        w.expiry = now + self.expiry_after
+        w.expiry = now + w.ttl
 
     def expired(self, now: float) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.expiry < now]

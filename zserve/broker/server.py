@@ -203,22 +203,42 @@ class Broker:
         elif cmd == p.C_CANCEL:
             self._handle_client_cancel(client, frames)
         elif cmd == p.C_HEARTBEAT:
-            # [client, ZSC1, HEARTBEAT, heartbeat_ms?]; any traffic counts
-            if c is not None:
-                if len(frames) == 4:
-                    c.ttl = self._client_ttl(frames[3])
-                    c.expiry = time.monotonic() + c.ttl
-                if c.requests:
-                    # Answered at once: a client that heartbeats faster than
-                    # we do hears from us at its own pace, so it does not
-                    # take our slower ticks for a dead broker.
-                    self._send_client(client, [p.CLIENT, p.C_HEARTBEAT])
+            self._handle_client_heartbeat(client, frames, c)
         elif cmd == p.C_QUERY:
             self._handle_client_query(client, frames)
         elif cmd == p.C_DISCONNECT:
             self._forget_client(client)
         else:
             raise ValueError(f"frontend: unknown command {cmd!r}")
+
+    def _handle_client_heartbeat(
+        self, client: bytes, frames: list[bytes], c: ClientState | None
+    ) -> None:
+        # [client, ZSC1, HEARTBEAT, heartbeat_ms?, quiet_request_ids?]; any traffic counts
+        if len(frames) > 5:
+            raise ValueError("HEARTBEAT has at most 5 frames")
+        quiet = p.decode_request_ids(frames[4]) if len(frames) == 5 else []
+        if c is not None:
+            if len(frames) >= 4:
+                c.ttl = self._client_ttl(frames[3])
+                c.expiry = time.monotonic() + c.ttl
+            if c.requests:
+                # Answered at once: a client that heartbeats faster than
+                # we do hears from us at its own pace, so it does not
+                # take our slower ticks for a dead broker.
+                self._send_client(client, [p.CLIENT, p.C_HEARTBEAT])
+        if quiet:
+            # Requests the client waits on that we do not hold (we restarted,
+            # or never got them): end them now, not at the client's timeout.
+            owed = {r[0] for r in c.undelivered} if c is not None else set()
+            unknown = [
+                rid for rid in quiet if (client, rid) not in self.requests and rid not in owed
+            ]
+            if unknown:
+                self.counters["unknown_requests"] += len(unknown)
+                why = "the broker does not hold this request (it restarted or never got it)"
+                recs = [p.error_record(rid, "broker_unreachable", why) for rid in unknown]
+                self._send_client(client, [p.CLIENT, p.C_TOKENS, p.encode_tokens(recs)])
 
     def _client_ttl(self, heartbeat_ms: bytes | None) -> float:
         """How long a client may stay silent, from the interval it advertised."""
@@ -323,6 +343,10 @@ class Broker:
                 state = p.unpack(frames[3])
                 if isinstance(state, dict) and isinstance(state.get("queue_length"), int):
                     w.queue_length = state["queue_length"]
+            if w.info.heartbeat_interval < self.cfg.heartbeat_interval:
+                # A worker that heartbeats faster than we do judges us by
+                # its own interval: answer it at its pace.
+                self._send_worker(wid, [p.WORKER, p.W_HEARTBEAT])
         elif cmd == p.W_DISCONNECT:
             self._remove_worker(w, "worker disconnected")
         else:
@@ -337,7 +361,8 @@ class Broker:
         info = WorkerInfo.decode(frames[3])
         if old is not None:
             self._remove_worker(old, "worker re-registered")
-        self.registry.add(wid, info, time.monotonic())
+        interval = max(self.cfg.heartbeat_interval, info.heartbeat_interval)
+        self.registry.add(wid, info, time.monotonic(), interval * self.cfg.heartbeat_liveness)
         self._dirty_models.update(info.models)
         self.counters["workers_registered"] += 1
         log.info(
@@ -351,32 +376,45 @@ class Broker:
             raise ValueError("TOKENS needs 6 frames")
         client, header, payload = frames[3], frames[4], frames[5]
         started, finished = p.decode_header(header)
+        requests = self.requests
+        stale: set[bytes] | None = None
         for rid in started:
-            req = self.requests.get((client, rid))
+            req = requests.get((client, rid))
             if req is not None:
-                req.started = True
-        c = self.clients.get(client)
+                if req.worker is w:
+                    req.started = True
+                else:
+                    stale = stale or set()
+                    stale.add(rid)
         for rid in finished:
-            self._finish((client, rid), w)
+            req = requests.get((client, rid))
+            if req is not None and req.worker is not w:
+                stale = stale or set()
+                stale.add(rid)
+        if stale:
+            self.counters["stale_messages"] += 1
+        c = self.clients.get(client)
         if c is None:
             self.counters["frames_for_gone_clients"] += 1
-            return
-        if c.finalized:
-            payload = self._filter_finalized(c, payload, finished)
-            if payload is None:
-                return
-        self.counters["token_messages"] += 1
-        self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
-
-    def _filter_finalized(
-        self, c: ClientState, payload: bytes, finished: list[bytes]
-    ) -> bytes | None:
-        """Drop records of requests the broker already ended (rare path: decodes)."""
-        recs = p.decode_tokens(payload)
-        keep = [r for r in recs if r[0] not in c.finalized]
-        self.counters["records_after_final"] += len(recs) - len(keep)
+        else:
+            drop = c.finalized | stale if stale else c.finalized
+            if drop:
+                payload = self._filter(payload, drop)
+            if payload is not None:
+                self.counters["token_messages"] += 1
+                # Sent before the finals are booked: if the send fails, the
+                # client state (and the finals it is owed) still exists.
+                self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
         for rid in finished:
-            c.finalized.discard(rid)
+            if stale is None or rid not in stale:
+                self._finish((client, rid), w)
+
+    def _filter(self, payload: bytes, drop: set[bytes]) -> bytes | None:
+        """Drop records of requests the broker already ended, or that another
+        worker (or another session of this one) now runs (rare path: decodes)."""
+        recs = p.decode_tokens(payload)
+        keep = [r for r in recs if r[0] not in drop]
+        self.counters["records_dropped"] += len(recs) - len(keep)
         return p.encode_tokens(keep) if keep else None
 
     # ------------------------------------------------------------ bookkeeping
@@ -394,15 +432,23 @@ class Broker:
         )
 
     def _finish(self, key: RequestKey, w: WorkerState | None) -> None:
-        req = self.requests.pop(key, None)
+        """Forget a finished request. ``w``: the worker whose final it was
+        (None: the broker ended it); a final from any other worker is stale
+        and changes nothing."""
+        req = self.requests.get(key)
         if req is None:
             return
+        if w is not None and req.worker is not w:
+            self.counters["stale_finals"] += 1
+            return
+        del self.requests[key]
         if req.worker is not None:
             req.worker.in_flight.discard(key)
             self._dirty_models.update(req.worker.info.models)
         c = self.clients.get(req.client)
         if c is not None:
             c.requests.discard(key)
+            c.finalized.discard(key[1])  # nothing more can come for it
             self._gc_client(req.client, c)
 
     def _gc_client(self, client: bytes, c: ClientState) -> None:
@@ -455,7 +501,10 @@ class Broker:
             req.worker = None
             w.in_flight.discard(key)
             if req.cancelled:
-                self._reply_final(req.client, req.request_id, p.FINISH_CANCELLED)
+                c = self.clients.get(req.client)
+                if c is not None and req.request_id not in c.finalized:
+                    # (a slow client already owes its ``overloaded`` final)
+                    self._reply_final(req.client, req.request_id, p.FINISH_CANCELLED)
                 self._finish(key, None)
             elif (
                 not req.started
@@ -537,10 +586,20 @@ class Broker:
         """
         c = self.clients.get(client)
         self.counters["client_send_failed"] += 1
-        if c is None:
-            return
         if e.errno == zmq.EHOSTUNREACH:
-            self._forget_client(client)
+            if c is not None:
+                self._forget_client(client)
+            return
+        if c is None:
+            # Nothing in flight, but a final (an error reply, a query's
+            # answer) did not fit: owe it as it is until the client drains
+            # its pipe or goes silent past its expiry.
+            if frames[1] == p.C_TOKENS:
+                finals = [r for r in p.decode_tokens(frames[2]) if r[3] is not None]
+                if finals:
+                    now = time.monotonic()
+                    c = self.clients[client] = ClientState(now + self.cfg.expiry, self.cfg.expiry)
+                    c.undelivered.extend(finals)
             return
         self.counters["slow_clients"] += 1
         log.warning("client %s cannot keep up: cancelling its requests", client.hex())
