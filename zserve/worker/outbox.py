@@ -11,6 +11,12 @@ steps.
 Deltas are turned into their wire records as they are put (a partial one is
 ``[rid, text, token_ids, nil, nil]``, built inline), so a flush hands each
 client's records to the encoder as they are, with no per-record work.
+
+No message may pass the broker's size limit, however long a send waits: a
+record that merging has grown past ``RECORD_BUDGET`` is sealed (the next
+delta starts a new record of the same request), large embedding results go
+out as several records (``put_chunk``), and ``encode_message`` splits a
+message between records once its payload passes ``MAX_PAYLOAD``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from zserve import protocol as p
 from zserve.protocol import Delta
 
 Message = tuple[bytes, list[bytes], list[bytes], list[list[Any]]]
@@ -32,6 +39,9 @@ class Outbox:
         self._pending: dict[bytes, dict[bytes, list[Any]]] = {}
         self._started: dict[bytes, list[bytes]] = {}
         self._finished: dict[bytes, list[bytes]] = {}
+        # client id -> records closed to merging (over budget, embedding
+        # chunks), in order; they go out before the client's pending ones
+        self._sealed: dict[bytes, list[list[Any]]] = {}
         self._send: Sender | None = None
         self._scheduled = False  # a flush is queued on the loop
         self._blocked: asyncio.Future[Any] | None = None  # a send still waiting
@@ -45,7 +55,7 @@ class Outbox:
 
     @property
     def empty(self) -> bool:
-        return not self._pending
+        return not self._pending and not self._sealed
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -55,7 +65,7 @@ class Outbox:
     def flush(self, _: object = None) -> None:
         self._scheduled = False
         send = self._send
-        if send is None or not self._pending:
+        if send is None or not (self._pending or self._sealed):
             return
         if self._blocked is not None and not self._blocked.done():
             return  # its done-callback flushes again
@@ -89,6 +99,11 @@ class Outbox:
             _merge(rec, d)
             if d.finish_reason is not None:
                 self._finished.setdefault(client, []).append(rid)
+            elif _size(rec) > p.RECORD_BUDGET:
+                # A send has waited long enough for this request's deltas to
+                # pile up: close the record, the next delta starts another.
+                del per[rid]
+                self._sealed.setdefault(client, []).append(rec)
         if first:
             self._started.setdefault(client, []).append(rid)
         if now:
@@ -96,11 +111,29 @@ class Outbox:
         elif not self._scheduled:
             self._schedule()
 
+    def put_chunk(self, client: bytes, rid: bytes, d: Delta, first: bool) -> None:
+        """Queue a partial record that is never merged (a slice of a large
+        embedding result); the request's later records follow it."""
+        self._sealed.setdefault(client, []).append(d.record(rid))
+        if first:
+            self._started.setdefault(client, []).append(rid)
+        self._schedule()
+
     def take(self) -> list[Message]:
         """Everything pending: (client, started, finished, records) per client."""
         started, finished = self._started, self._finished
+        sealed = self._sealed
+        if sealed:
+            self._sealed = {}
+            for client in sealed:
+                self._pending.setdefault(client, {})
         out = [
-            (client, started.pop(client, []), finished.pop(client, []), list(per.values()))
+            (
+                client,
+                started.pop(client, []),
+                finished.pop(client, []),
+                sealed.pop(client, []) + list(per.values()) if sealed else list(per.values()),
+            )
             for client, per in self._pending.items()
         ]
         self._pending = {}
@@ -110,6 +143,58 @@ class Outbox:
         self._pending.clear()
         self._started.clear()
         self._finished.clear()
+        self._sealed.clear()
+
+
+def _size(rec: list[Any]) -> int:
+    """A cheap upper estimate of a partial record's encoded size."""
+    n = len(rec[1]) * 4 + 16  # UTF-8: at most 4 bytes a character
+    if rec[2]:
+        n += 9 * len(rec[2])
+    if rec[4] and rec[4].get("logprobs"):
+        n += 256 * len(rec[4]["logprobs"])
+    return n
+
+
+def embeddings_per_record(vecs: list[list[float]]) -> int:
+    """Vectors per record so that a record stays within ``RECORD_BUDGET``."""
+    dim = len(vecs[0]) if vecs else 1
+    return max(1, p.RECORD_BUDGET // (9 * dim + 8))
+
+
+def encode_message(msg: Message, limit: int = p.MAX_PAYLOAD) -> list[tuple[bytes, bytes, bytes]]:
+    """``(client, header, payload)`` for the wire, split between records while
+    the payload passes ``limit``: a request is marked started with its first
+    record's part and finished with its final record's part.
+
+    A single record over ``limit`` goes as is: sealing keeps records near
+    ``RECORD_BUDGET``, far below the broker's limit.
+    """
+    client, started, finished, records = msg
+    payload = p.encode_tokens(records)
+    if len(payload) <= limit or len(records) == 1:
+        return [(client, p.encode_header(started, finished), payload)]
+    half = len(records) // 2
+    head, tail = records[:half], records[half:]
+    in_head = {r[0] for r in head}
+    final_in_head = {r[0] for r in head if r[3] is not None}
+    return encode_message(
+        (
+            client,
+            [r for r in started if r in in_head],
+            [r for r in finished if r in final_in_head],
+            head,
+        ),
+        limit,
+    ) + encode_message(
+        (
+            client,
+            [r for r in started if r not in in_head],
+            [r for r in finished if r not in final_in_head],
+            tail,
+        ),
+        limit,
+    )
 
 
 def _merge(rec: list[Any], d: Delta) -> None:

@@ -25,7 +25,7 @@ from zserve._loopsock import LoopSocket
 from zserve.errors import BadRequest, ModelNotFound, ZServeError
 from zserve.protocol import Delta, Request, WorkerInfo
 from zserve.worker.engine import Engine, GenerateRequest
-from zserve.worker.outbox import Outbox
+from zserve.worker.outbox import Message, Outbox, embeddings_per_record, encode_message
 from zserve.worker.stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class Worker:
             engine=self.engine.name,
             speed=self.cfg.speed,
             pid=os.getpid(),
+            heartbeat_interval=self.cfg.heartbeat_interval,
         )
 
     async def _session(self) -> bool:
@@ -113,18 +114,12 @@ class Worker:
         sock.send([p.WORKER, p.W_READY, self._info().encode()])
         log.info("READY sent to %s: models=%s", self.cfg.broker, self.engine.models)
 
-        def send(msg: tuple[bytes, list[bytes], list[bytes], list[list[Any]]]) -> Any:
-            client, started, finished, records = msg
-            # [ZSW1, TOKENS, client_id, header, payload]
-            return sock.send(
-                [
-                    p.WORKER,
-                    p.W_TOKENS,
-                    client,
-                    p.encode_header(started, finished),
-                    p.encode_tokens(records),
-                ]
-            )
+        def send(msg: Message) -> Any:
+            fut = None
+            for client, header, payload in encode_message(msg):
+                # [ZSW1, TOKENS, client_id, header, payload]
+                fut = sock.send([p.WORKER, p.W_TOKENS, client, header, payload])
+            return fut
 
         self.outbox.attach(send)
         ticker = asyncio.create_task(self._heartbeats(sock))
@@ -135,16 +130,22 @@ class Worker:
             for t in (ticker, stopping):
                 t.cancel()
             if self._stopping.is_set():
+                # DISCONNECT first: the broker dispatches nothing more to us
+                # (and retries what had not started) while we drain.
+                sock.send([p.WORKER, p.W_DISCONNECT])
                 try:
                     await asyncio.wait_for(self._drain(), 2.0)
                 except TimeoutError:
                     pass
-                sock.send_now([p.WORKER, p.W_DISCONNECT])
+            # Stop reading before anything else is awaited: a REQUEST read
+            # now would run on into the next session, unknown to its broker.
             self.outbox.attach(None)
-            await self._abort_all()
-            self.outbox.drop_all()
             sock.close()
             self.sock = None
+            await self._abort_all()
+            # Every task of this session has ended: none of its records may
+            # reach the next session.
+            self.outbox.drop_all()
         return self._heard
 
     async def _drain(self) -> None:
@@ -239,15 +240,22 @@ class Worker:
         try:
             if req.kind == p.KIND_EMBED:
                 vecs, n = await self.engine.embed(model, req.texts or [])
+                # Large results travel as several records (see Outbox.put_chunk),
+                # so that no message passes the broker's size limit.
+                per = embeddings_per_record(vecs)
+                chunks = [vecs[i : i + per] for i in range(0, len(vecs), per)] or [[]]
+                for chunk in chunks[:-1]:
+                    self.outbox.put_chunk(client, rid, Delta(embeddings=chunk), first)
+                    first = False
                 put(
                     client,
                     rid,
                     Delta(
                         finish_reason=p.FINISH_STOP,
-                        embeddings=vecs,
+                        embeddings=chunks[-1],
                         usage={"prompt_tokens": n, "completion_tokens": 0},
                     ),
-                    True,
+                    first,
                 )
                 finished = True
                 return
@@ -321,17 +329,20 @@ class Worker:
                 )
                 finished = True
         except asyncio.CancelledError:
-            if self.sock is not None:
+            # (a CANCEL can land while ``gen.aclose()`` runs after the final)
+            if not finished and self.sock is not None:
                 put(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
             finished = True
             raise
         except ZServeError as e:
-            put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), first)
+            if not finished:
+                put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), first)
             finished = True
         except Exception as e:  # an engine failure must not kill the worker
             log.exception("engine failed on request %s", eid)
-            err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
-            put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+            if not finished:
+                err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
+                put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
             finished = True
         finally:
             self.active.pop((client, rid), None)
