@@ -34,8 +34,13 @@ class Embeddings:
     usage: dict[str, int]  # {prompt_tokens, completion_tokens}
 
     @classmethod
-    def from_delta(cls, d: Delta) -> Embeddings:
-        return cls(d.embeddings or [], dict(d.usage or {}))
+    def from_deltas(cls, ds: list[Delta]) -> Embeddings:
+        """From every record of an embed request (a large result comes in slices)."""
+        vecs: list[list[float]] = []
+        for d in ds:
+            if d.embeddings:
+                vecs.extend(d.embeddings)
+        return cls(vecs, dict(ds[-1].usage or {}) if ds else {})
 
 
 @dataclass(slots=True)
@@ -62,6 +67,13 @@ class ClientCore:
     def __init__(self, heartbeat_interval: float = p.HEARTBEAT_INTERVAL) -> None:
         self._ids = itertools.count(1)
         self.streams: dict[bytes, StreamState] = {}
+        # Broker liveness: streams sent and not ended, and when we last heard
+        # the broker or last had nothing in flight, whichever is later (a
+        # client idle for an hour must not take the broker for dead the
+        # moment its next requests go out).
+        self.in_flight = 0
+        self.heard = 0.0
+        self.heartbeat_interval = heartbeat_interval
         # Our heartbeat interval, advertised on every REQUEST and HEARTBEAT so
         # that the broker does not expire us sooner than we promise to speak.
         self._hb = p.encode_heartbeat_ms(heartbeat_interval)
@@ -118,9 +130,17 @@ class ClientCore:
             texts = [texts]
         if not texts or not all(isinstance(t, str) for t in texts):
             raise BadRequest("texts must be a non-empty list of strings")
+        if len(texts) > p.MAX_EMBED_INPUTS:
+            raise BadRequest(
+                f"{len(texts)} texts in one embed request; at most {p.MAX_EMBED_INPUTS}"
+            )
         return self._open(model, Request(kind=p.KIND_EMBED, texts=list(texts)).encode())
 
     def _open(self, model: str, body: bytes) -> tuple[bytes, list[bytes]]:
+        if len(body) > p.MAX_REQUEST_SIZE:
+            raise BadRequest(
+                f"request of {len(body)} bytes exceeds the {p.MAX_REQUEST_SIZE}-byte limit"
+            )
         rid = self.next_id()
         self.streams[rid] = StreamState()
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
@@ -136,6 +156,29 @@ class ClientCore:
     def cancel_frames(rid: bytes) -> list[bytes]:
         return [p.CLIENT, p.C_CANCEL, rid]
 
+    def mark_sent(self, rid: bytes, now: float) -> None:
+        """The request is on its way: its timeout counts from ``now``, and if
+        nothing else was in flight, so does the broker's liveness."""
+        st = self.streams.get(rid)
+        if st is None or st.last:
+            return
+        st.last = now
+        if not self.in_flight:
+            self.heard = now
+        self.in_flight += 1
+
+    def broker_silent(self, now: float, expiry: float) -> bool:
+        return self.in_flight > 0 and now - self.heard > expiry
+
+    def heartbeat_frames(self, now: float) -> list[bytes]:
+        """A HEARTBEAT; it lists the requests that have been quiet for an
+        interval, so that the broker can say which of them it does not hold."""
+        quiet_since = now - self.heartbeat_interval
+        quiet = [rid for rid, st in self.streams.items() if 0.0 < st.last < quiet_since]
+        if not quiet:
+            return self.HEARTBEAT
+        return [*self.HEARTBEAT, p.encode_request_ids(quiet)]
+
     # ------------------------------------------------------------ incoming
 
     def on_message(self, frames: list[bytes], now: float) -> None:
@@ -146,6 +189,7 @@ class ClientCore:
         payload that is not msgpack; skips records that are malformed or
         for request ids it does not know (cancelled, given up on).
         """
+        self.heard = now
         if len(frames) != 3 or frames[1] != p.C_TOKENS or frames[0] != p.CLIENT:
             return  # HEARTBEAT, or something this version does not know
         recs = p.unpack(frames[2])
@@ -163,27 +207,36 @@ class ClientCore:
             if rec[3] is not None:
                 st.done = True
                 del streams[rec[0]]
+                self.in_flight -= 1
             if st.waiter is not None:
                 wake(st)
 
+    def _pop(self, rid: bytes) -> StreamState | None:
+        st = self.streams.pop(rid, None)
+        if st is not None and st.last:
+            self.in_flight -= 1
+        return st
+
     def forget(self, rid: bytes) -> bool:
         """Drop a request's state; True if it was still running."""
-        st = self.streams.pop(rid, None)
+        st = self._pop(rid)
         return st is not None and not st.done
 
-    def fail_all(self, err: ZServeError) -> list[StreamState]:
-        """End every open stream with ``err`` (broker lost, client closed)."""
+    def fail_all(self, err: ZServeError) -> list[tuple[bytes, StreamState]]:
+        """End every open stream with ``err`` (broker lost, client closed);
+        returns them, so the caller can cancel those that were sent."""
         out = []
         for rid, st in list(self.streams.items()):
             st.records.append(p.error_record(rid, err.code, err.message))
             st.done = True
-            out.append(st)
+            out.append((rid, st))
         self.streams.clear()
+        self.in_flight = 0
         return out
 
     def fail(self, rid: bytes, code: str, message: str) -> StreamState | None:
         """End one open stream with an error record (a client-side timeout)."""
-        st = self.streams.pop(rid, None)
+        st = self._pop(rid)
         if st is not None:
             st.records.append(p.error_record(rid, code, message))
             st.done = True

@@ -155,12 +155,16 @@ class LoopSocket:
         self._schedule()
         return True
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; with ``linger_ms``, what waits is handed to ZeroMQ first (as
+        far as there is room) and may go on being delivered that long."""
         if self.closed:
             return
         self.closed = True
         self.loop.remove_reader(self._fd)
+        if linger_ms and self._out:
+            self._flush_out()
         if self._drained is not None and not self._drained.done():
             self._drained.cancel()
         self._out.clear()
-        self.sock.close(0)
+        self.sock.close(linger_ms)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -54,6 +55,15 @@ _POLLIN = int(zmq.POLLIN)
 READ_BATCH = 16
 
 
+# On close, how long ZeroMQ may go on delivering what was sent (the CANCELs
+# of requests still running) after the socket is gone.
+CLOSE_LINGER_MS = 1000
+
+
+def _close(sock: zmq.Socket, sent: bool) -> None:
+    sock.close(CLOSE_LINGER_MS if sent else 0)
+
+
 def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IMMEDIATE, 1)
@@ -78,12 +88,13 @@ class _Base:
         self.expiry = heartbeat_interval * heartbeat_liveness
         self.connect_timeout = connect_timeout
         self._core = ClientCore(heartbeat_interval)
-        self._last_recv = time.monotonic()
         self._last_send = 0.0
         self._closed = False
 
-    def _broker_silent(self, now: float) -> bool:
-        return bool(self._core.streams) and now - self._last_recv > self.expiry
+    def _silent_error(self) -> BrokerUnreachable:
+        return BrokerUnreachable(
+            f"broker at {self.address} went silent for {self.expiry:g} s"
+        )
 
 
 # ---------------------------------------------------------------- sync
@@ -128,7 +139,7 @@ class Stream:
         if not self._finished:
             self._finished = True
             if self._client._core.forget(self._rid) and not self._client._closed:
-                self._client._send(self._client._core.cancel_frames(self._rid), quiet=True)
+                self._client._send_cancel(self._rid)
 
     def __enter__(self) -> Stream:
         return self
@@ -156,8 +167,31 @@ class Client(_Base):
         super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
         self._sock = _dealer(zmq.Context.instance(), address)
         self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set
+        # CANCELs that found the pipe full: sent before anything else, so a
+        # cancel is never lost while the request it names can still run.
+        self._backlog: deque[list[bytes]] = deque()
+
+    def _flush_backlog(self) -> bool:
+        """Send what waits; True once nothing does."""
+        while self._backlog:
+            try:
+                send_frames(self._sock, self._backlog[0])
+            except zmq.Again:
+                return False
+            self._backlog.popleft()
+        return True
 
     def _send(self, frames: list[bytes], quiet: bool = False) -> None:
+        """Send, waiting up to ``connect_timeout`` for room; ``quiet``: a
+        heartbeat, dropped if there is no room at once."""
+        if not self._flush_backlog():
+            if quiet:
+                return
+            deadline = time.monotonic() + self.connect_timeout
+            while not self._flush_backlog():
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(left * 1000, zmq.POLLOUT):
+                    raise BrokerUnreachable(f"no broker at {self.address}")
         try:
             send_frames(self._sock, frames)
         except zmq.Again:
@@ -168,6 +202,17 @@ class Client(_Base):
             send_frames(self._sock, frames)
         self._last_send = time.monotonic()
 
+    def _send_cancel(self, rid: bytes) -> None:
+        """A CANCEL goes out now or, if the pipe is full, before the next send."""
+        frames = self._core.cancel_frames(rid)
+        if not self._flush_backlog():
+            self._backlog.append(frames)
+            return
+        try:
+            send_frames(self._sock, frames)
+        except zmq.Again:
+            self._backlog.append(frames)
+
     def _pump(self, timeout: float) -> None:
         """Wait up to ``timeout`` for broker messages and route them.
 
@@ -177,6 +222,8 @@ class Client(_Base):
         provoking ``zmq.Again``.
         """
         sock = self._sock
+        if self._backlog:
+            self._flush_backlog()
         ms = max(0, int(timeout * 1000))
         if ms != self._rcvtimeo:
             _set(sock, _RCVTIMEO, ms)
@@ -186,7 +233,7 @@ class Client(_Base):
         except zmq.Again:
             pass
         else:
-            now = self._last_recv = time.monotonic()
+            now = time.monotonic()
             core = self._core
             while True:
                 try:
@@ -197,20 +244,21 @@ class Client(_Base):
                     break
                 frames = recv_frames(sock)
         now = time.monotonic()
-        if self._core.streams and now - self._last_send >= self.heartbeat_interval:
-            self._send(self._core.HEARTBEAT, quiet=True)
-        if self._broker_silent(now):
-            self._core.fail_all(BrokerUnreachable(f"broker at {self.address} went silent"))
+        core = self._core
+        if core.streams and now - self._last_send >= self.heartbeat_interval:
+            self._send(core.heartbeat_frames(now), quiet=True)
+        if core.broker_silent(now, self.expiry):
+            for rid, _ in core.fail_all(self._silent_error()):
+                self._send_cancel(rid)  # delivered if the broker was only slow
 
     def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
         st = self._core.streams[rid]
-        if len(self._core.streams) == 1:
-            self._last_recv = time.monotonic()  # liveness counts from the first request
         try:
             self._send(frames)
         except BrokerUnreachable:
             self._core.forget(rid)
             raise
+        self._core.mark_sent(rid, time.monotonic())
         return st
 
     def stream(
@@ -249,7 +297,9 @@ class Client(_Base):
 
     def embed_with_usage(self, model: str, texts: list[str]) -> Embeddings:
         """The vectors and the usage (``prompt_tokens``) the worker reported."""
-        return Embeddings.from_delta(self._final(*self._core.embed_frames(model, texts)))
+        rid, frames = self._core.embed_frames(model, texts)
+        with Stream(self, rid, self._open(rid, frames)) as s:
+            return Embeddings.from_deltas(list(s))
 
     def models(self) -> list[str]:
         return list(self._final(*self._core.query_frames(p.SERVICE_MODELS)).result)
@@ -260,11 +310,13 @@ class Client(_Base):
     def close(self) -> None:
         if self._closed:
             return
-        for rid in list(self._core.streams):
-            self._send(self._core.cancel_frames(rid), quiet=True)
-        self._core.streams.clear()
+        for rid, st in list(self._core.streams.items()):
+            if st.last:
+                self._send_cancel(rid)
+        self._core.fail_all(Cancelled("client closed"))
         self._closed = True
-        self._sock.close(0)
+        self._flush_backlog()
+        _close(self._sock, self._last_send > 0)
 
     def __enter__(self) -> Client:
         return self
@@ -353,7 +405,7 @@ class AsyncStream:
             self._finished = True
             c = self._client
             if c._core.forget(self._rid) and self._frames is None and not c._closed:
-                c._send_nowait(c._core.cancel_frames(self._rid))
+                c._send_cancel(self._rid)
 
     async def __aenter__(self) -> AsyncStream:
         await self.start()
@@ -411,16 +463,20 @@ class AsyncClient(_Base):
         self._last_send = time.monotonic()
 
     def _send_nowait(self, frames: list[bytes]) -> None:
+        """Best effort (heartbeats): dropped if the pipe has no room."""
         if self._sock is not None:
             self._sock.send_now(frames)
 
+    def _send_cancel(self, rid: bytes) -> None:
+        """Never dropped: queued behind anything not yet sent (the REQUEST
+        it names, if that still waits) and sent when there is room."""
+        if self._sock is not None and not self._sock.closed:
+            self._sock.send(self._core.cancel_frames(rid))
+
     async def _open(self, rid: bytes, frames: list[bytes]) -> None:
-        now = time.monotonic()
-        if len(self._core.streams) == 1:
-            self._last_recv = now  # liveness counts from the first request
-        st = self._core.streams.get(rid)
-        if st is not None:
-            st.last = now  # its timeout counts from here
+        # its timeout, and the broker's liveness if nothing else was in
+        # flight, count from here
+        self._core.mark_sent(rid, time.monotonic())
         try:
             await self._send(frames)
         except BrokerUnreachable:
@@ -428,29 +484,32 @@ class AsyncClient(_Base):
             raise
 
     def _on_message(self, frames: list[bytes]) -> None:
-        now = self._last_recv = time.monotonic()
         try:
-            self._core.on_message(frames, now)
+            self._core.on_message(frames, time.monotonic())
         except (ValueError, TypeError):
             return  # malformed: ignore
 
     async def _tick(self) -> None:
+        core = self._core
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             now = time.monotonic()
-            if not self._core.streams:
+            if not core.streams:
                 continue
-            self._send_nowait(self._core.HEARTBEAT)
-            if self._broker_silent(now):
-                err = BrokerUnreachable(f"broker at {self.address} went silent")
-                self._wake(self._core.fail_all(err))
+            self._send_nowait(core.heartbeat_frames(now))
+            if core.broker_silent(now, self.expiry):
+                ended = core.fail_all(self._silent_error())
+                for rid, st in ended:
+                    if st.last:
+                        self._send_cancel(rid)  # delivered if the broker was only slow
+                self._wake([st for _, st in ended])
                 continue
             stale = now - self.timeout
-            late = [rid for rid, st in self._core.streams.items() if 0.0 < st.last < stale]
+            late = [rid for rid, st in core.streams.items() if 0.0 < st.last < stale]
             for rid in late:
-                st = self._core.fail(rid, "timeout", f"no reply in {self.timeout} s")
+                st = core.fail(rid, "timeout", f"no reply in {self.timeout} s")
                 if st is not None:
-                    self._send_nowait(self._core.cancel_frames(rid))
+                    self._send_cancel(rid)
                     self._wake([st])
 
     @staticmethod
@@ -495,8 +554,9 @@ class AsyncClient(_Base):
 
     async def embed_with_usage(self, model: str, texts: list[str]) -> Embeddings:
         """The vectors and the usage (``prompt_tokens``) the worker reported."""
-        d = await self._final(*self._core.embed_frames(model, texts))
-        return Embeddings.from_delta(d)
+        rid, frames = self._core.embed_frames(model, texts)
+        async with AsyncStream(self, rid, frames) as s:
+            return Embeddings.from_deltas([d async for d in s])
 
     async def models(self) -> list[str]:
         return list((await self._final(*self._core.query_frames(p.SERVICE_MODELS))).result)
@@ -507,16 +567,17 @@ class AsyncClient(_Base):
     async def aclose(self) -> None:
         if self._closed:
             return
-        for rid in list(self._core.streams):
-            self._send_nowait(self._core.cancel_frames(rid))
-        self._wake(self._core.fail_all(Cancelled("client closed")))
+        for rid, st in list(self._core.streams.items()):
+            if st.last:
+                self._send_cancel(rid)
+        self._wake([st for _, st in self._core.fail_all(Cancelled("client closed"))])
         self._closed = True
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         if self._sock is not None:
-            self._sock.close()
+            self._sock.close(CLOSE_LINGER_MS)
         else:
             self._raw.close(0)
 

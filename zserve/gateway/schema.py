@@ -16,8 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zserve.gateway.errors import APIError
+from zserve.protocol import MAX_EMBED_INPUTS, MAX_REQUEST_SIZE
 
 MAX_N = 128  # choices per request (OpenAI's own limit)
+MAX_PROMPTS = 2048  # prompts in one completions request
+# Inputs of one embeddings request, in characters (each request body the
+# client sends is bounded by MAX_REQUEST_SIZE bytes too)
+MAX_INPUT_CHARS = MAX_REQUEST_SIZE // 4
 
 # Sampling fields passed through as they are (extensions included).
 _PASSTHROUGH = (
@@ -168,6 +173,8 @@ def parse_completion(body: dict[str, Any]) -> GenRequest:
         raise _bad("token-id prompts are not supported; send text", "prompt")
     else:
         raise _bad("prompt must be a string or a non-empty list of strings", "prompt")
+    if len(req.prompts) > MAX_PROMPTS:
+        raise _bad(f"prompt has {len(req.prompts)} entries; at most {MAX_PROMPTS}", "prompt")
     if body.get("logprobs") is not None:
         req.logprobs = _int(body, "logprobs", 0, 0, 20)
     req.echo = bool(body.get("echo") or False)
@@ -184,6 +191,10 @@ def parse_embedding(body: dict[str, Any]) -> tuple[str, list[str], str]:
         texts = list(inp)
     else:
         raise _bad("input must be a string or a non-empty list of strings", "input")
+    if len(texts) > MAX_EMBED_INPUTS:
+        raise _bad(f"input has {len(texts)} entries; at most {MAX_EMBED_INPUTS}", "input")
+    if sum(map(len, texts)) > MAX_INPUT_CHARS:
+        raise _bad(f"input is longer than {MAX_INPUT_CHARS} characters in all", "input")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise _bad("encoding_format must be 'float' or 'base64'", "encoding_format")
