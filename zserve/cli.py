@@ -56,8 +56,10 @@ def _run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-class _Terminate(Exception):
-    pass
+class _Terminate(BaseException):
+    """SIGTERM as an exception; a BaseException, so that no ``except
+    Exception`` on the way (a log handler, the broker's message loop) can
+    swallow it."""
 
 
 def _raise_terminate(signum: int, frame: Any) -> None:
@@ -317,17 +319,22 @@ def generate(
         "seed": seed,
         "stop": stop or None,
     }
+    signal.signal(signal.SIGTERM, _raise_terminate)
     try:
         with Client(broker, timeout=timeout) as c:
             if chat:
                 s = c.stream(model, messages=[{"role": "user", "content": prompt}], **kwargs)
             else:
                 s = c.stream(model, prompt, **kwargs)
-            with s:
+            with s:  # leaving it early (Ctrl-C) cancels the request on the worker
                 for d in s:
                     sys.stdout.write(d.text)
                     sys.stdout.flush()
         sys.stdout.write("\n")
+    except (KeyboardInterrupt, _Terminate):
+        sys.stdout.write("\n")
+        typer.echo("error [cancelled]: interrupted; the request was cancelled", err=True)
+        raise typer.Exit(_EXIT["cancelled"]) from None
     except ZServeError as e:
         sys.stdout.write("\n")
         typer.echo(f"error [{e.code}]: {e.message}", err=True)
