@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.finals import Finals, count_finals
 from zserve.client import Client
 from zserve.launcher import Proc, start_broker, start_worker, wait_for
 
@@ -29,6 +30,7 @@ class Stack:
         self.frontend = ""
         self.backend = ""
         self.broker: Proc | None = None
+        self.finals: list[Finals] = []
 
     def start_broker(self, *args: str, **kw: Any) -> Proc:
         proc, self.frontend, self.backend = start_broker(*args, **kw)
@@ -42,8 +44,12 @@ class Stack:
         return proc
 
     def client(self, **kw: Any) -> Client:
+        """A client whose finals are counted: at teardown, no request may
+        have had more than one (whatever faults the test caused)."""
         kw.setdefault("timeout", 30)
-        return Client(self.frontend, **kw)
+        c = Client(self.frontend, **kw)
+        self.finals.append(count_finals(c))
+        return c
 
     def status(self) -> dict[str, Any]:
         with self.client() as c:
@@ -59,6 +65,8 @@ class Stack:
     def stop(self) -> None:
         for p in reversed(self.procs):
             p.stop()
+        for f in self.finals:
+            f.check()
 
 
 @pytest.fixture

@@ -17,10 +17,14 @@ from zserve import protocol as p
 class Finals(Counter[bytes]):
     """Final records seen, by request id."""
 
-    def each_once(self) -> bool:
-        """True when no request got more than one final (and some got one)."""
+    def check(self) -> None:
+        """No request got more than one final."""
         extra = {rid: n for rid, n in self.items() if n != 1}
         assert not extra, f"requests with more than one final: {extra}"
+
+    def each_once(self) -> bool:
+        """True when no request got more than one final (and some got one)."""
+        self.check()
         return bool(self)
 
 
