@@ -300,11 +300,22 @@ class Request:
     messages: list[dict[str, Any]] | None = None
     texts: list[str] | None = None  # embed
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Resumption: the token ids the caller already got from an earlier
+    # attempt (they count against max_tokens), and how many characters of
+    # their text it got (the rest was held back, e.g. by a stop string).
+    continue_ids: list[int] | None = None
+    continue_chars: int = 0
 
     def encode(self) -> bytes:
         if self.kind == KIND_EMBED:
             return pack({"kind": self.kind, "texts": self.texts})
-        return encode_generate(self.prompt, self.messages, self.params.encode())
+        return encode_generate(
+            self.prompt,
+            self.messages,
+            self.params.encode(),
+            self.continue_ids,
+            self.continue_chars,
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
@@ -335,8 +346,22 @@ class Request:
         params = d.get("params") or {}
         if not isinstance(params, dict):
             raise ValueError("params must be a map")
+        ids = d.get("continue_ids")
+        chars = d.get("continue_chars", 0)
+        if ids is not None and (
+            not isinstance(ids, list)
+            or not all(type(t) is int and t >= 0 for t in ids)
+        ):
+            raise ValueError("continue_ids must be a list of token ids")
+        if type(chars) is not int or chars < 0:
+            raise ValueError("continue_chars must be a non-negative integer")
         return cls(
-            kind=kind, prompt=prompt, messages=messages, params=SamplingParams.from_dict(params)
+            kind=kind,
+            prompt=prompt,
+            messages=messages,
+            params=SamplingParams.from_dict(params),
+            continue_ids=ids or None,
+            continue_chars=chars if ids else 0,
         )
 
 
@@ -345,14 +370,22 @@ _KIND_GENERATE = pack("kind") + pack(KIND_GENERATE)
 _KEY_PROMPT = pack("prompt")
 _KEY_MESSAGES = pack("messages")
 _KEY_PARAMS = pack("params")
+_KEY_CONTINUE_IDS = pack("continue_ids")
+_KEY_CONTINUE_CHARS = pack("continue_chars")
 
 
 def encode_generate(
-    prompt: str | None, messages: list[dict[str, Any]] | None, params: bytes
+    prompt: str | None,
+    messages: list[dict[str, Any]] | None,
+    params: bytes,
+    continue_ids: list[int] | None = None,
+    continue_chars: int = 0,
 ) -> bytes:
-    """A generate REQUEST body ``{kind, prompt?, messages?, params}`` around
-    already encoded ``params`` (``SamplingParams.encode``): a client that sends
-    the same parameters again validates and encodes them once."""
+    """A generate REQUEST body ``{kind, prompt?, messages?, params,
+    continue_ids?, continue_chars?}`` around already encoded ``params``
+    (``SamplingParams.encode``): a client that sends the same parameters again
+    validates and encodes them once. ``continue_ids``: resume after these
+    generated ids (see docs/protocol.md, resumption)."""
     n = 2
     out = _KIND_GENERATE
     if prompt is not None:
@@ -361,7 +394,12 @@ def encode_generate(
     if messages is not None:
         n += 1
         out += _KEY_MESSAGES + pack(messages)
-    return bytes((0x80 | n,)) + out + _KEY_PARAMS + params  # a fixmap of n entries
+    out += _KEY_PARAMS + params
+    if continue_ids:
+        n += 2
+        out += _KEY_CONTINUE_IDS + pack(continue_ids)
+        out += _KEY_CONTINUE_CHARS + pack(continue_chars)
+    return bytes((0x80 | n,)) + out  # a fixmap of n entries
 
 
 @dataclass(slots=True)

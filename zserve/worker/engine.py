@@ -22,12 +22,23 @@ class GenerateRequest:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Resumption: token ids already generated for this request by an earlier
+    # attempt (on another worker). The engine continues after them exactly
+    # as an uninterrupted run would: they count as generated output (for
+    # penalties, and as detokenizer context, so the next text delta is the
+    # one an uninterrupted run would emit), and ``params.max_tokens`` is
+    # what remains (the runtime has already taken them off).
+    continue_ids: list[int] = field(default_factory=list)
 
 
 class Engine(abc.ABC):
     """A model engine. Subclasses set ``name`` and fill ``models`` in ``start``."""
 
     name: str = "?"
+    # Whether ``generate`` honours ``GenerateRequest.continue_ids`` (exact
+    # resumption). An engine that cannot (text-only remote APIs) leaves it
+    # False and the runtime refuses continuations with ``worker_lost``.
+    resumable: bool = False
 
     def __init__(self) -> None:
         self.models: list[str] = []  # served model names
