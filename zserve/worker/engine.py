@@ -71,6 +71,12 @@ class Engine(abc.ABC):
     async def count_tokens(self, model: str, text: str) -> int:
         return len(text.split())
 
+    async def decode(self, model: str, ids: list[int]) -> str:
+        """The text of generated ids, whole characters only (a trailing
+        partial UTF-8 character is left out, as streaming would hold it).
+        Resumption uses it to restore what a stop string held back."""
+        raise NotImplementedError(f"engine {self.name!r} cannot decode token ids")
+
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Stop work for ``request_id``; the runtime has already stopped reading it."""
 

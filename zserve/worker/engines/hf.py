@@ -353,6 +353,10 @@ class HFEngine(Engine):
         sm = self._model(model)
         return len(sm.tokenizer(text, verbose=False)["input_ids"])
 
+    async def decode(self, model: str, ids: list[int]) -> str:
+        text = self._model(model).tokenizer.decode(ids, skip_special_tokens=True)
+        return text.rstrip("\ufffd")
+
 
 def _lp_entry(sm: ServedModel, step: Any) -> dict[str, Any]:
     return {

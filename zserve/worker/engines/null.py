@@ -117,6 +117,9 @@ class NullEngine(Engine):
     async def count_tokens(self, model: str, text: str) -> int:
         return len(text.split())
 
+    async def decode(self, model: str, ids: list[int]) -> str:
+        return "".join(_text(i) for i in ids)
+
 
 @types.coroutine
 def _next_step() -> Generator[None, None, None]:

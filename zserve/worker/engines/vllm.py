@@ -188,6 +188,10 @@ class VLLMEngine(Engine):
         self._running()
         return len(self._tokenizer.encode(text))
 
+    async def decode(self, model: str, ids: list[int]) -> str:
+        self._running()
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True)).rstrip("\ufffd")
+
     # ------------------------------------------------------------- helpers
 
     def _running(self) -> AsyncLLM:
