@@ -44,13 +44,29 @@ class Embeddings:
 
 
 @dataclass(slots=True)
+class Resume:
+    """What a generate request needs to continue on another worker: the
+    request as sent, and every token id (and character) received so far."""
+
+    model: bytes
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    params: bytes  # encoded SamplingParams
+    left: int  # resumes still allowed
+    ids: list[int] = field(default_factory=list)
+    chars: int = 0  # characters of text received
+
+
+@dataclass(slots=True)
 class StreamState:
     """Per-request receive state: records buffered until the caller reads them."""
 
+    rid: bytes = b""  # the id of its current attempt (a resume takes a new one)
     records: deque[list[Any]] = field(default_factory=deque)
     done: bool = False  # final record received
     waiter: Any = None  # async: a future the reader resolves (and clears)
     last: float = 0.0  # monotonic time of the request's send or latest record; 0: not sent
+    resume: Resume | None = None  # None: this stream is not resumed
 
 
 def wake(st: StreamState) -> None:
@@ -61,10 +77,20 @@ def wake(st: StreamState) -> None:
 
 
 PARAMS_CACHE = 256  # distinct parameter sets remembered per client
+MAX_RESUMES = 2  # default: continuations of one request on other workers
+# Final error codes after which a stream continues on another worker.
+RESUMABLE = frozenset({"worker_lost"})
 
 
 class ClientCore:
-    def __init__(self, heartbeat_interval: float = p.HEARTBEAT_INTERVAL) -> None:
+    def __init__(
+        self, heartbeat_interval: float = p.HEARTBEAT_INTERVAL, max_resumes: int = MAX_RESUMES
+    ) -> None:
+        self.max_resumes = max_resumes
+        # REQUESTs that continue streams whose worker died, for the client to
+        # send (the core does no I/O); and how many there have been.
+        self.resends: list[list[bytes]] = []
+        self.resumes = 0
         self._ids = itertools.count(1)
         self.streams: dict[bytes, StreamState] = {}
         # Broker liveness: streams sent and not ended, and when we last heard
@@ -93,11 +119,18 @@ class ClientCore:
         messages: list[dict[str, Any]] | None,
         args: tuple[Any, ...],
         extra: dict[str, Any],
+        resume: bool | None = None,
     ) -> tuple[bytes, list[bytes]]:
-        """A generate REQUEST; ``args`` and ``extra`` as ``sampling_params`` takes them."""
+        """A generate REQUEST; ``args`` and ``extra`` as ``sampling_params`` takes them.
+        ``resume``: continue on another worker if this one dies mid-stream
+        (None: the client's default, on when ``max_resumes`` > 0)."""
         if prompt is None and messages is None:
             raise BadRequest("give a prompt or messages")
-        return self._open(model, p.encode_generate(prompt, messages, self._params(args, extra)))
+        params = self._params(args, extra)
+        rid, frames = self._open(model, p.encode_generate(prompt, messages, params))
+        if self.max_resumes > 0 and resume is not False:
+            self.streams[rid].resume = Resume(frames[3], prompt, messages, params, self.max_resumes)
+        return rid, frames
 
     def _params(self, args: tuple[Any, ...], extra: dict[str, Any]) -> bytes:
         """Validated, encoded sampling parameters, once per distinct set of values.
@@ -142,13 +175,13 @@ class ClientCore:
                 f"request of {len(body)} bytes exceeds the {p.MAX_REQUEST_SIZE}-byte limit"
             )
         rid = self.next_id()
-        self.streams[rid] = StreamState()
+        self.streams[rid] = StreamState(rid)
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
         return rid, [p.CLIENT, p.C_REQUEST, rid, model.encode(), body, self._hb]
 
     def query_frames(self, service: bytes) -> tuple[bytes, list[bytes]]:
         rid = self.next_id()
-        self.streams[rid] = StreamState()
+        self.streams[rid] = StreamState(rid)
         # [ZSC1, QUERY, request_id, service]
         return rid, [p.CLIENT, p.C_QUERY, rid, service]
 
@@ -202,14 +235,54 @@ class ClientCore:
             st = streams.get(rec[0])
             if st is None:
                 continue
-            st.records.append(rec)
             st.last = now
+            r = st.resume
+            if r is not None:
+                if rec[3] is None:
+                    if rec[2] is not None:
+                        r.ids.extend(rec[2])
+                        r.chars += len(rec[1])
+                    elif rec[1]:
+                        st.resume = None  # text without ids: cannot be continued
+                elif self._resume(st, rec, r):
+                    continue
+            st.records.append(rec)
             if rec[3] is not None:
                 st.done = True
                 del streams[rec[0]]
                 self.in_flight -= 1
             if st.waiter is not None:
                 wake(st)
+
+    def _resume(self, st: StreamState, rec: list[Any], r: Resume) -> bool:
+        """On a final that says the worker died, continue the stream on
+        another one: a new request from the prompt and the ids received
+        (sent by the client, from ``resends``). False: the final stands."""
+        if rec[3] != p.FINISH_ERROR:
+            return False
+        err = (rec[4] or {}).get("error") or {}
+        code = err.get("code")
+        if code not in RESUMABLE or r.left <= 0:
+            if r.left < self.max_resumes and code not in RESUMABLE:
+                # A continuation that could not run (no other worker...):
+                # for the caller, its worker was lost mid-stream.
+                why = f"worker died mid-stream; continuing elsewhere failed: {code}: "
+                msg = why + str(err.get("message"))
+                rec[4] = {"error": {"code": "worker_lost", "message": msg}}
+            return False
+        r.left -= 1
+        self.resumes += 1
+        del self.streams[st.rid]
+        rid = st.rid = self.next_id()
+        self.streams[rid] = st
+        body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
+        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
+        self.resends.append([p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb])
+        return True
+
+    def take_resends(self) -> list[list[bytes]]:
+        out, self.resends = self.resends, []
+        return out
 
     def _pop(self, rid: bytes) -> StreamState | None:
         st = self.streams.pop(rid, None)

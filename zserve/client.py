@@ -24,6 +24,7 @@ import zmq
 
 from zserve import protocol as p
 from zserve._client_core import (
+    MAX_RESUMES,
     Accumulator,
     ClientCore,
     Completion,
@@ -35,6 +36,7 @@ from zserve._client_core import (
 from zserve._loopsock import LoopSocket, recv_frames, send_frames
 from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
 from zserve.protocol import Delta
+from zserve.security import ClientCurve, HandshakeWatch, KeySource
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "Completion", "Embeddings", "Stream"]
 
@@ -64,13 +66,18 @@ def _close(sock: zmq.Socket, sent: bool) -> None:
     sock.close(CLOSE_LINGER_MS if sent else 0)
 
 
-def _dealer(ctx: zmq.Context, address: str) -> zmq.Socket:
+def _dealer(
+    ctx: zmq.Context, address: str, curve: ClientCurve | None = None
+) -> tuple[zmq.Socket, HandshakeWatch | None]:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IMMEDIATE, 1)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVHWM, 0)  # the broker bounds what it sends us
+    # CURVE: with ZMQ_IMMEDIATE a refused handshake means sends block, so
+    # the watch is what tells "refused" from "not there".
+    watch = curve.apply(s) if curve is not None else None
     s.connect(address)
-    return s
+    return s, watch
 
 
 class _Base:
@@ -81,15 +88,29 @@ class _Base:
         heartbeat_interval: float,
         heartbeat_liveness: int,
         connect_timeout: float,
+        max_resumes: int = MAX_RESUMES,
     ) -> None:
         self.address = address
         self.timeout = timeout  # seconds without progress before Timeout
         self.heartbeat_interval = heartbeat_interval
         self.expiry = heartbeat_interval * heartbeat_liveness
         self.connect_timeout = connect_timeout
-        self._core = ClientCore(heartbeat_interval)
+        self._core = ClientCore(heartbeat_interval, max_resumes)
         self._last_send = 0.0
         self._closed = False
+
+    @property
+    def resumes(self) -> int:
+        """Streams continued on another worker after theirs died, so far."""
+        return self._core.resumes
+
+    _watch: HandshakeWatch | None = None  # CURVE handshakes, where CURVE is on
+
+    def _unreachable(self) -> BrokerUnreachable:
+        """Nothing could be sent within ``connect_timeout``."""
+        if self._watch is not None:
+            return BrokerUnreachable(self._watch.explain(self.address))
+        return BrokerUnreachable(f"no broker at {self.address}")
 
     def _silent_error(self) -> BrokerUnreachable:
         return BrokerUnreachable(
@@ -138,8 +159,9 @@ class Stream:
         """Stop reading; cancels the request if it is still running."""
         if not self._finished:
             self._finished = True
-            if self._client._core.forget(self._rid) and not self._client._closed:
-                self._client._send_cancel(self._rid)
+            rid = self._state.rid  # the current attempt's (a resume takes a new id)
+            if self._client._core.forget(rid) and not self._client._closed:
+                self._client._send_cancel(rid)
 
     def __enter__(self) -> Stream:
         return self
@@ -163,9 +185,16 @@ class Client(_Base):
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         connect_timeout: float = 5.0,
+        curve_secret: KeySource | None = None,
+        curve_server: KeySource | None = None,
+        max_resumes: int = MAX_RESUMES,
     ) -> None:
-        super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
-        self._sock = _dealer(zmq.Context.instance(), address)
+        super().__init__(
+            address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout, max_resumes
+        )
+        # CURVE: our .key_secret file and the broker's .key file (or z85 keys)
+        curve = ClientCurve.load(curve_secret, curve_server)
+        self._sock, self._watch = _dealer(zmq.Context.instance(), address, curve)
         self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set
         # CANCELs that found the pipe full: sent before anything else, so a
         # cancel is never lost while the request it names can still run.
@@ -191,14 +220,14 @@ class Client(_Base):
             while not self._flush_backlog():
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._sock.poll(left * 1000, zmq.POLLOUT):
-                    raise BrokerUnreachable(f"no broker at {self.address}")
+                    raise self._unreachable()
         try:
             send_frames(self._sock, frames)
         except zmq.Again:
             if quiet or not self._sock.poll(self.connect_timeout * 1000, zmq.POLLOUT):
                 if quiet:
                     return
-                raise BrokerUnreachable(f"no broker at {self.address}") from None
+                raise self._unreachable() from None
             send_frames(self._sock, frames)
         self._last_send = time.monotonic()
 
@@ -245,6 +274,14 @@ class Client(_Base):
                 frames = recv_frames(sock)
         now = time.monotonic()
         core = self._core
+        if core.resends:
+            for frames in core.take_resends():
+                try:
+                    self._send(frames)
+                except BrokerUnreachable as e:
+                    st = core.fail(frames[2], e.code, e.message)
+                    if st is not None:
+                        self._send_cancel(frames[2])
         if core.streams and now - self._last_send >= self.heartbeat_interval:
             self._send(core.heartbeat_frames(now), quiet=True)
         if core.broker_silent(now, self.expiry):
@@ -274,10 +311,13 @@ class Client(_Base):
         stop: str | list[str] | None = None,
         seed: int | None = None,
         ignore_eos: bool | None = None,
+        resume: bool | None = None,
         **params: Any,
     ) -> Stream:
+        """``resume=False``: a worker lost mid-stream ends it with
+        ``WorkerLost`` instead of continuing it on another worker."""
         args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
-        rid, frames = self._core.request_frames(model, prompt, messages, args, params)
+        rid, frames = self._core.request_frames(model, prompt, messages, args, params, resume)
         return Stream(self, rid, self._open(rid, frames))
 
     def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -317,6 +357,8 @@ class Client(_Base):
         self._closed = True
         self._flush_backlog()
         _close(self._sock, self._last_send > 0)
+        if self._watch is not None:
+            self._watch.close()
 
     def __enter__(self) -> Client:
         return self
@@ -404,8 +446,9 @@ class AsyncStream:
         if not self._finished:
             self._finished = True
             c = self._client
-            if c._core.forget(self._rid) and self._frames is None and not c._closed:
-                c._send_cancel(self._rid)
+            rid = self._state.rid  # the current attempt's (a resume takes a new id)
+            if c._core.forget(rid) and self._frames is None and not c._closed:
+                c._send_cancel(rid)
 
     async def __aenter__(self) -> AsyncStream:
         await self.start()
@@ -435,9 +478,15 @@ class AsyncClient(_Base):
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         connect_timeout: float = 5.0,
+        curve_secret: KeySource | None = None,
+        curve_server: KeySource | None = None,
+        max_resumes: int = MAX_RESUMES,
     ) -> None:
-        super().__init__(address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout)
-        self._raw = _dealer(zmq.Context.instance(), address)
+        super().__init__(
+            address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout, max_resumes
+        )
+        curve = ClientCurve.load(curve_secret, curve_server)  # as on Client
+        self._raw, self._watch = _dealer(zmq.Context.instance(), address, curve)
         self._sock: LoopSocket | None = None  # bound to the loop on first use
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -459,7 +508,7 @@ class AsyncClient(_Base):
                 await asyncio.wait_for(asyncio.shield(drained), self.connect_timeout)
             except TimeoutError:
                 sock.unsend(frames)
-                raise BrokerUnreachable(f"no broker at {self.address}") from None
+                raise self._unreachable() from None
         self._last_send = time.monotonic()
 
     def _send_nowait(self, frames: list[bytes]) -> None:
@@ -484,10 +533,14 @@ class AsyncClient(_Base):
             raise
 
     def _on_message(self, frames: list[bytes]) -> None:
+        core = self._core
         try:
-            self._core.on_message(frames, time.monotonic())
+            core.on_message(frames, time.monotonic())
         except (ValueError, TypeError):
             return  # malformed: ignore
+        if core.resends and self._sock is not None:
+            for f in core.take_resends():
+                self._sock.send(f)  # queued if there is no room: never dropped
 
     async def _tick(self) -> None:
         core = self._core
@@ -531,10 +584,13 @@ class AsyncClient(_Base):
         stop: str | list[str] | None = None,
         seed: int | None = None,
         ignore_eos: bool | None = None,
+        resume: bool | None = None,
         **params: Any,
     ) -> AsyncStream:
+        """``resume=False``: a worker lost mid-stream ends it with
+        ``WorkerLost`` instead of continuing it on another worker."""
         args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
-        rid, frames = self._core.request_frames(model, prompt, messages, args, params)
+        rid, frames = self._core.request_frames(model, prompt, messages, args, params, resume)
         return AsyncStream(self, rid, frames)
 
     async def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
@@ -580,6 +636,8 @@ class AsyncClient(_Base):
             self._sock.close(CLOSE_LINGER_MS)
         else:
             self._raw.close(0)
+        if self._watch is not None:
+            self._watch.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -62,15 +62,18 @@ def test_request_retried_when_worker_dies_before_first_token(stack):
     assert counters["retried"] == 1 and counters["dispatched"] == 2
 
 
-def test_worker_dying_mid_stream_ends_with_worker_lost(stack):
+@pytest.mark.parametrize("resume", [False, True])
+def test_worker_dying_mid_stream_ends_with_worker_lost(stack, resume):
+    """With resumption off, or with no other worker to continue on."""
     stack.start_broker(*FAST_HB)
     w = stack.worker("--model", "m", "--token-delay", "0.05", *FAST_HB)
     stack.wait_workers(1)
     with stack.client() as c:
-        s = c.stream("m", "x", max_tokens=1000)
+        s = c.stream("m", "x", max_tokens=1000, resume=resume)
         got = [next(s).text for _ in range(3)]
         assert got == ["t0 ", "t1 ", "t2 "]
         w.kill()
         with pytest.raises(WorkerLost, match="mid-stream"):
             for _ in s:
                 pass
+        assert c.resumes == (1 if resume else 0)

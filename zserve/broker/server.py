@@ -655,6 +655,7 @@ class Broker:
                     "speed": w.info.speed,
                     "engine": w.info.engine,
                     "context_length": w.info.context_length,
+                    "pid": w.info.pid,
                     "last_seen_s": round(now - w.last_seen, 3),
                 }
                 for w in self.registry.workers.values()

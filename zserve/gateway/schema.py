@@ -119,6 +119,11 @@ def _common(body: dict[str, Any], req: GenRequest) -> None:
             params[k] = v
     if req.logprobs is not None:
         params["logprobs"] = req.logprobs
+    resume = body.get("resume")  # zserve extension: false = no continuation elsewhere
+    if resume is not None:
+        if not isinstance(resume, bool):
+            raise _bad("resume must be true or false", "resume")
+        params["resume"] = resume
 
 
 def _content(content: Any) -> str:

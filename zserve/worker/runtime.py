@@ -12,6 +12,7 @@ restarted broker repopulates itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -22,8 +23,8 @@ import zmq
 
 from zserve import protocol as p
 from zserve._loopsock import LoopSocket
-from zserve.errors import BadRequest, ModelNotFound, ZServeError
-from zserve.protocol import Delta, Request, WorkerInfo
+from zserve.errors import BadRequest, ModelNotFound, WorkerLost, ZServeError
+from zserve.protocol import Delta, Request, SamplingParams, WorkerInfo
 from zserve.worker.engine import Engine, GenerateRequest
 from zserve.worker.outbox import Message, Outbox, embeddings_per_record, encode_message
 from zserve.worker.stops import StopMatcher
@@ -231,6 +232,27 @@ class Worker:
     def _final_error(self, client: bytes, rid: bytes, e: ZServeError) -> None:
         self.outbox.put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), False)
 
+    async def _continuation(
+        self, model: str, req: Request, stops: StopMatcher
+    ) -> SamplingParams | None:
+        """The parameters for the rest of a resumed request (``max_tokens``
+        less what was delivered; None when nothing is left), with ``stops``
+        holding back what the earlier attempt held back."""
+        if not self.engine.resumable:
+            raise WorkerLost(f"engine {self.engine.name!r} cannot continue a stream")
+        cont = req.continue_ids or []
+        params = req.params
+        if params.max_tokens is not None:
+            left = params.max_tokens - len(cont)
+            if left <= 0:
+                return None
+            params = dataclasses.replace(params, max_tokens=left)
+        if stops.stops:
+            # Text of the delivered ids past what the caller got: a stop
+            # string's possible beginning, held back as it was before.
+            stops.held = (await self.engine.decode(model, cont))[req.continue_chars :]
+        return params
+
     async def _serve(self, client: bytes, rid: bytes, model: str, req: Request, eid: str) -> None:
         put = self.outbox.put
         active = self.active
@@ -260,11 +282,20 @@ class Worker:
                 finished = True
                 return
             params = req.params
+            stops = StopMatcher(params.stop)
+            cont = req.continue_ids or []
+            resumed = len(cont)  # tokens an earlier attempt delivered
+            if resumed:
+                params = await self._continuation(model, req, stops)
+                if params is None:  # nothing left to generate
+                    put(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
+                        "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
+                    finished = engine_done = True
+                    return
             limit = params.max_tokens
             # No stop strings and no limit short of it: a partial delta only
             # needs counting and queueing (the fast path below).
             cap = limit if limit is not None else 1 << 62
-            stops = StopMatcher(params.stop)
             plain = not stops.stops
             count = 0  # completion tokens, counted here
             prompt_tokens = 0  # from whichever delta carries usage first
@@ -273,7 +304,7 @@ class Worker:
             # ours, carried forward over what arrives after the report.
             correction = 0
             gen = self.engine.generate(
-                GenerateRequest(eid, model, req.prompt, req.messages, params)
+                GenerateRequest(eid, model, req.prompt, req.messages, params, cont)
             )
             try:
                 async for d in gen:
@@ -302,7 +333,7 @@ class Worker:
                         elif finish is not None:
                             d.text += stops.flush()
                     if finish is not None:
-                        done = count + correction
+                        done = count + correction + resumed
                         d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
                         put(client, rid, d, first, len(active) == 1)
                         finished = True
@@ -316,7 +347,7 @@ class Worker:
                 await gen.aclose()
             if not finished:
                 # The engine ended without a finish reason: treat as length.
-                done = count + correction
+                done = count + correction + resumed
                 put(
                     client,
                     rid,
