@@ -8,7 +8,7 @@ import json
 import httpx
 
 from tests.conftest import FAST_HB
-from tests.gateway.conftest import GatewayStack, start_gateway
+from tests.gateway.conftest import MODELS, GatewayStack, start_gateway
 from zserve.launcher import free_port, start_broker, start_worker, wait_for
 
 

@@ -124,4 +124,3 @@ def test_unknown_model_exits_with_its_code(chat_stack: Stack) -> None:
     )  # fmt: skip
     assert out.returncode == 3
     assert "model_not_found" in out.stderr and "chatty" in out.stderr
-
