@@ -83,6 +83,9 @@ def broker(
     frontend_hwm: Annotated[int, typer.Option(help="messages queued per client")] = (
         p.FRONTEND_HWM
     ),
+    max_inflight_per_client: Annotated[
+        int, typer.Option(help="requests one client may have in flight (0: no limit)")
+    ] = 0,
     ready_file: Annotated[
         str | None, typer.Option(help="write the bound endpoints here as JSON")
     ] = None,
@@ -95,19 +98,27 @@ def broker(
     _logging(log_level)
     if dispatch not in POLICIES:
         raise typer.BadParameter(f"--dispatch must be one of {', '.join(POLICIES)}")
-    b = Broker(
-        BrokerConfig(
-            frontend=frontend,
-            backend=backend,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
-            dispatch=dispatch,
-            max_queue=max_queue,
-            queue_timeout=queue_timeout,
-            max_message_size=max_message_size,
-            frontend_hwm=frontend_hwm,
-        )
+    cfg = BrokerConfig(
+        frontend=frontend,
+        backend=backend,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_liveness=heartbeat_liveness,
+        dispatch=dispatch,
+        max_queue=max_queue,
+        queue_timeout=queue_timeout,
+        max_message_size=max_message_size,
+        frontend_hwm=frontend_hwm,
+        max_inflight_per_client=max_inflight_per_client,
+        curve_secret=curve_secret,
+        curve_allow_workers=curve_allow_workers,
+        curve_allow_clients=curve_allow_clients,
     )
+    try:
+        b = Broker(cfg)
+    except (ValueError, OSError) as e:  # a key file or an allow directory
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    signal.signal(signal.SIGHUP, lambda signum, frame: b.reload_keys())
     if ready_file:
         with open(ready_file + ".tmp", "w") as f:
             json.dump({"frontend": b.frontend_endpoint, "backend": b.backend_endpoint}, f)

@@ -207,6 +207,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; None = off
+    # Seconds the whole request may take on the worker (None: no limit); past
+    # it the worker stops the engine and ends the request with ``timeout``.
+    deadline: float | None = None
 
     _FIELDS = (
         "max_tokens",
@@ -221,6 +224,7 @@ class SamplingParams:
         "stop_token_ids",
         "ignore_eos",
         "logprobs",
+        "deadline",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,6 +277,10 @@ class SamplingParams:
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise ValueError("stop_token_ids must be a list of integers")
         self.ignore_eos = bool(self.ignore_eos)
+        if self.deadline is not None:
+            self.deadline = _number(self.deadline, "deadline", 0.0, 86400.0 * 365)
+            if self.deadline == 0.0:
+                raise ValueError("deadline must be > 0 seconds")
         if self.logprobs is not None:
             if isinstance(self.logprobs, bool):
                 self.logprobs = 1 if self.logprobs else None

@@ -81,7 +81,13 @@ class BrokerConfig:
     max_message_size: int = p.MAX_MESSAGE_SIZE
     max_retries: int = p.MAX_RETRIES
     frontend_hwm: int = p.FRONTEND_HWM
+    max_inflight_per_client: int = 0  # requests one client may have in flight; 0: no limit
     seed: int | None = None
+    # CURVE (all three or none): the broker's .key_secret file, and the
+    # directories of public .key files allowed on the backend / frontend.
+    curve_secret: str | None = None
+    curve_allow_workers: str | None = None
+    curve_allow_clients: str | None = None
 
     @property
     def expiry(self) -> float:
@@ -269,6 +275,13 @@ class Broker:
         key = (client, rid)
         if key in self.requests:
             self._reply_error(client, rid, "bad_request", "duplicate request id in flight")
+            return
+        limit = self.cfg.max_inflight_per_client
+        if limit and c is not None and len(c.requests) >= limit:
+            self.counters["overloaded"] += 1
+            self._reply_error(
+                client, rid, "overloaded", f"{limit} requests of this client already in flight"
+            )
             return
         if not self.registry.serves(model):
             self.counters["model_not_found"] += 1

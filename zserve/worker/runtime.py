@@ -12,6 +12,7 @@ restarted broker repopulates itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,6 +26,7 @@ from zserve import protocol as p
 from zserve._loopsock import LoopSocket
 from zserve.errors import BadRequest, ModelNotFound, WorkerLost, ZServeError
 from zserve.protocol import Delta, Request, SamplingParams, WorkerInfo
+from zserve.security import ClientCurve
 from zserve.worker.engine import Engine, GenerateRequest
 from zserve.worker.outbox import Message, Outbox, embeddings_per_record, encode_message
 from zserve.worker.stops import StopMatcher
@@ -32,6 +34,7 @@ from zserve.worker.stops import StopMatcher
 log = logging.getLogger(__name__)
 
 _CANCEL_REASON = "cancelled by the client"
+_no_deadline = contextlib.nullcontext()
 
 
 @dataclass
@@ -43,12 +46,16 @@ class WorkerConfig:
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
     reconnect_initial: float = p.RECONNECT_INITIAL
     reconnect_max: float = p.RECONNECT_MAX
+    # CURVE (both or neither): this worker's .key_secret file and the broker's .key file
+    curve_secret: str | None = None
+    curve_server: str | None = None
 
 
 class Worker:
     def __init__(self, engine: Engine, config: WorkerConfig) -> None:
         self.engine = engine
         self.cfg = config
+        self.curve = ClientCurve.load(config.curve_secret, config.curve_server)
         self.ctx = zmq.Context.instance()
         self.sock: LoopSocket | None = None
         self.outbox = Outbox()
@@ -99,6 +106,7 @@ class Worker:
         """One connection to the broker; returns whether the broker ever spoke."""
         raw = self.ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
+        watch = self.curve.apply(raw) if self.curve is not None else None
         raw.connect(self.cfg.broker)
         self.sessions += 1
         self._last_recv = time.monotonic()
@@ -143,6 +151,10 @@ class Worker:
             self.outbox.attach(None)
             sock.close()
             self.sock = None
+            if watch is not None:
+                if not self._heard and not self._stopping.is_set():
+                    log.warning("%s", watch.explain(self.cfg.broker))  # a refused key, say
+                watch.close()
             await self._abort_all()
             # Every task of this session has ended: none of its records may
             # reach the next session.
@@ -259,6 +271,7 @@ class Worker:
         first = True
         finished = False  # our final frame is out
         engine_done = False  # the engine itself ended the request
+        guard: asyncio.Timeout | None = None  # the request's deadline
         try:
             if req.kind == p.KIND_EMBED:
                 vecs, n = await self.engine.embed(model, req.texts or [])
@@ -303,62 +316,76 @@ class Worker:
             # better, e.g. text chunks from a remote server): how far it is from
             # ours, carried forward over what arrives after the report.
             correction = 0
-            gen = self.engine.generate(
-                GenerateRequest(eid, model, req.prompt, req.messages, params, cont)
-            )
-            try:
-                async for d in gen:
-                    ids = d.token_ids
-                    count += len(ids) if ids is not None else (1 if d.text else 0)
-                    finish = d.finish_reason
-                    if finish is None and plain and count < cap and d.usage is None:
-                        if ids or d.text or d.logprobs:
-                            # alone in flight: no other request can join this step
+            # The request's own deadline, if it has one: past it the engine
+            # is stopped (abort, below) and the caller gets ``timeout``.
+            if params.deadline:
+                guard = asyncio.timeout(params.deadline)
+            async with guard or _no_deadline:
+                gen = self.engine.generate(
+                    GenerateRequest(eid, model, req.prompt, req.messages, params, cont)
+                )
+                try:
+                    async for d in gen:
+                        ids = d.token_ids
+                        count += len(ids) if ids is not None else (1 if d.text else 0)
+                        finish = d.finish_reason
+                        if finish is None and plain and count < cap and d.usage is None:
+                            if ids or d.text or d.logprobs:
+                                # alone in flight: no other request can join this step
+                                put(client, rid, d, first, len(active) == 1)
+                                first = False
+                            continue
+                        engine_done = finish is not None
+                        usage = d.usage
+                        if usage is not None:
+                            prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                            n = usage.get("completion_tokens")
+                            if n is not None:
+                                correction = n - count
+                        if count >= cap and finish is None:
+                            finish = d.finish_reason = p.FINISH_LENGTH
+                        if not plain:
+                            d.text, hit = stops.feed(d.text)
+                            if hit:
+                                finish = d.finish_reason = p.FINISH_STOP
+                            elif finish is not None:
+                                d.text += stops.flush()
+                        if finish is not None:
+                            done = count + correction + resumed
+                            d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
+                            put(client, rid, d, first, len(active) == 1)
+                            finished = True
+                            break
+                        if d.text or ids or d.logprobs:
+                            # logprobs alone (a token still inside a character) must
+                            # travel too; usage travels on the final record only
                             put(client, rid, d, first, len(active) == 1)
                             first = False
-                        continue
-                    engine_done = finish is not None
-                    usage = d.usage
-                    if usage is not None:
-                        prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
-                        n = usage.get("completion_tokens")
-                        if n is not None:
-                            correction = n - count
-                    if count >= cap and finish is None:
-                        finish = d.finish_reason = p.FINISH_LENGTH
-                    if not plain:
-                        d.text, hit = stops.feed(d.text)
-                        if hit:
-                            finish = d.finish_reason = p.FINISH_STOP
-                        elif finish is not None:
-                            d.text += stops.flush()
-                    if finish is not None:
-                        done = count + correction + resumed
-                        d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
-                        put(client, rid, d, first, len(active) == 1)
-                        finished = True
-                        break
-                    if d.text or ids or d.logprobs:
-                        # logprobs alone (a token still inside a character) must
-                        # travel too; usage travels on the final record only
-                        put(client, rid, d, first, len(active) == 1)
-                        first = False
-            finally:
-                await gen.aclose()
+                finally:
+                    await gen.aclose()
+                if not finished:
+                    # The engine ended without a finish reason: treat as length.
+                    done = count + correction + resumed
+                    put(
+                        client,
+                        rid,
+                        Delta(
+                            text=stops.flush(),
+                            finish_reason=p.FINISH_LENGTH,
+                            usage={"prompt_tokens": prompt_tokens, "completion_tokens": done},
+                        ),
+                        first,
+                    )
+                    finished = True
+        except TimeoutError as e:
+            if guard is None or not guard.expired():  # the engine's own, not our deadline
+                log.exception("engine failed on request %s", eid)
+                err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
+            else:
+                err = {"code": "timeout", "message": "the request's deadline passed"}
             if not finished:
-                # The engine ended without a finish reason: treat as length.
-                done = count + correction + resumed
-                put(
-                    client,
-                    rid,
-                    Delta(
-                        text=stops.flush(),
-                        finish_reason=p.FINISH_LENGTH,
-                        usage={"prompt_tokens": prompt_tokens, "completion_tokens": done},
-                    ),
-                    first,
-                )
-                finished = True
+                put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+            finished = True
         except asyncio.CancelledError:
             # (a CANCEL can land while ``gen.aclose()`` runs after the final)
             if not finished and self.sock is not None:
