@@ -249,7 +249,7 @@ class SamplingParams:
         mt = self.max_tokens
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError("max_tokens must be a positive integer")
-        self.temperature = _number(self.temperature, "temperature", 0.0, 100.0)
+        self.temperature = _number(self.temperature, "temperature", 0.0, 2.0)  # as OpenAI
         self.top_p = _number(self.top_p, "top_p", 0.0, 1.0)
         if self.top_p == 0.0:
             raise ValueError("top_p must be in (0, 1]")
