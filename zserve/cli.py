@@ -36,6 +36,11 @@ _EXIT = {
 }
 
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug|info|warning|error")]
+# CURVE on a connecting peer (worker, client, gateway): both or neither.
+CurveSecret = Annotated[
+    str | None, typer.Option(help="CURVE: this peer's .key_secret file (see zserve keys)")
+]
+CurveServer = Annotated[str | None, typer.Option(help="CURVE: the broker's public .key file")]
 
 
 def _logging(level: str) -> None:
@@ -89,9 +94,19 @@ def broker(
     ready_file: Annotated[
         str | None, typer.Option(help="write the bound endpoints here as JSON")
     ] = None,
+    curve_secret: Annotated[
+        str | None, typer.Option(help="CURVE on both sockets: the broker's .key_secret file")
+    ] = None,
+    curve_allow_workers: Annotated[
+        str | None, typer.Option(help="CURVE: directory of worker .key files allowed")
+    ] = None,
+    curve_allow_clients: Annotated[
+        str | None, typer.Option(help="CURVE: directory of client .key files allowed")
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run the broker (the controller): registry, dispatch, heartbeats."""
+    """Run the broker (the controller): registry, dispatch, heartbeats. With
+    CURVE, SIGHUP reloads both allow lists."""
     from zserve.broker.dispatch import POLICIES
     from zserve.broker.server import Broker, BrokerConfig
 
@@ -168,6 +183,8 @@ def worker(
     ] = None,
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+    curve_secret: CurveSecret = None,
+    curve_server: CurveServer = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a model worker on one engine."""
@@ -224,16 +241,20 @@ def worker(
     else:
         why = "--capacity"
     logging.getLogger("zserve.worker").info("capacity %d (%s)", capacity, why)
-    w = Worker(
-        eng,
-        WorkerConfig(
-            broker=broker,
-            capacity=capacity,
-            speed=speed,
-            heartbeat_interval=heartbeat_interval,
-            heartbeat_liveness=heartbeat_liveness,
-        ),
+    wcfg = WorkerConfig(
+        broker=broker,
+        capacity=capacity,
+        speed=speed,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_liveness=heartbeat_liveness,
+        curve_secret=curve_secret,
+        curve_server=curve_server,
     )
+    try:
+        w = Worker(eng, wcfg)
+    except (ValueError, OSError) as e:  # a key file
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -255,17 +276,25 @@ def status(
     broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     timeout: float = 5.0,
+    curve_secret: CurveSecret = None,
+    curve_server: CurveServer = None,
 ) -> None:
     """Show the broker's workers and models."""
     from zserve.client import Client
     from zserve.errors import ZServeError
 
     try:
-        with Client(broker, timeout=timeout, connect_timeout=timeout) as c:
+        with Client(
+            broker, timeout=timeout, connect_timeout=timeout,
+            curve_secret=curve_secret, curve_server=curve_server,
+        ) as c:  # fmt: skip
             st = c.status()
     except ZServeError as e:
         typer.echo(f"error [{e.code}]: {e.message}", err=True)
         raise typer.Exit(_EXIT.get(e.code, 1)) from None
+    except (ValueError, OSError) as e:  # a key file
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     if json_out:
         out = {
             "workers": [
@@ -279,6 +308,8 @@ def status(
                 for w in st["workers"]
             ],
             "models": st["models"],
+            "counters": st.get("counters", {}),
+            "curve": st.get("curve"),
         }
         typer.echo(json.dumps(out))
         return
@@ -302,6 +333,12 @@ def status(
     con = Console()
     con.print(t)
     con.print(f"models: {', '.join(st['models']) or '(none)'}; queued: {st['queued'] or 0}")
+    if cv := st.get("curve"):
+        con.print(
+            f"CURVE: {cv['allowed_workers']} worker keys, {cv['allowed_clients']} client keys "
+            f"allowed; refused handshakes: workers {cv['refused_workers']}, "
+            f"clients {cv['refused_clients']}"
+        )
 
 
 @app.command()
@@ -317,6 +354,8 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string; repeatable")] = None,
     chat: Annotated[bool, typer.Option(help="send as a chat user message")] = False,
     timeout: float = 60.0,
+    curve_secret: CurveSecret = None,
+    curve_server: CurveServer = None,
 ) -> None:
     """Stream a generation to stdout."""
     from zserve.client import Client
@@ -332,7 +371,14 @@ def generate(
     }
     signal.signal(signal.SIGTERM, _raise_terminate)
     try:
-        with Client(broker, timeout=timeout) as c:
+        client = Client(
+            broker, timeout=timeout, curve_secret=curve_secret, curve_server=curve_server
+        )
+    except (ValueError, OSError) as e:  # a key file
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        with client as c:
             if chat:
                 s = c.stream(model, messages=[{"role": "user", "content": prompt}], **kwargs)
             else:
@@ -400,17 +446,42 @@ def gateway(
     ] = (
         p.HEARTBEAT_LIVENESS
     ),
+    curve_secret: CurveSecret = None,
+    curve_server: CurveServer = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the OpenAI-compatible HTTP gateway (a broker client)."""
     from zserve.gateway.app import serve
+    from zserve.security import ClientCurve
 
     _logging(log_level)
     keys = [k.strip() for k in (api_keys or "").split(",") if k.strip()]
+    try:
+        ClientCurve.load(curve_secret, curve_server)  # bad key files fail before uvicorn starts
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     serve(
         broker, host, port, keys, timeout, connect_timeout,
         heartbeat_interval, heartbeat_liveness, log_level.lower(),
+        curve_secret=curve_secret, curve_server=curve_server,
     )  # fmt: skip
+
+
+@app.command()
+def keys(
+    directory: Annotated[str, typer.Argument(help="where to write the key files")],
+    name: Annotated[str, typer.Option(help="NAME.key (public) and NAME.key_secret (0600)")],
+) -> None:
+    """Write a CURVE key pair: DIR/NAME.key and DIR/NAME.key_secret; never overwrites."""
+    from zserve.security import write_keypair
+
+    try:
+        public, secret = write_keypair(directory, name)
+    except (ValueError, OSError) as e:  # KeyExists included
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"public key: {public}\nsecret key: {secret}")
 
 
 @app.command("tiny-model")
@@ -439,6 +510,10 @@ def run(
     frontend: str = p.DEFAULT_FRONTEND,
     backend: str = p.DEFAULT_BACKEND,
     gateway_port: int = 8000,
+    curve_dir: Annotated[
+        str | None,
+        typer.Option(help="CURVE on: keys for broker, worker and client in DIR (made if missing)"),
+    ] = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Serve one model: broker + worker + gateway until Ctrl-C. Other options
@@ -449,6 +524,7 @@ def run(
     code = run_stack(
         engine, model_dir, frontend, backend, gateway_port, log_level,
         model=model, model_names=model_names, extra_worker_args=list(ctx.args),
+        curve_dir=curve_dir,
     )  # fmt: skip
     raise typer.Exit(code)
 

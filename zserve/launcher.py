@@ -184,13 +184,28 @@ def run_stack(
     model: str | None = None,
     model_names: str | None = None,
     extra_worker_args: Sequence[str] = (),
+    curve_dir: str | None = None,
 ) -> int:
     """Broker + one worker (+ the gateway where installed) until Ctrl-C.
 
     ``model``: a path or hub id, served under ``model_names`` (default: its
     basename); without it, the tiny model. ``extra_worker_args`` go to
-    ``zserve worker`` as they are (engine options, ``--capacity``, ...)."""
+    ``zserve worker`` as they are (engine options, ``--capacity``, ...).
+    ``curve_dir``: CURVE on both broker sockets, with the key set in that
+    directory (``security.ensure_key_set``: written where missing); the
+    gateway uses the client key."""
     procs: list[Proc] = []
+    broker_curve: list[str] = []
+    worker_curve: list[str] = []
+    client_curve: list[str] = []
+    client_keys: dict[str, Any] = {}
+    if curve_dir is not None:
+        from zserve.security import ensure_key_set
+
+        keys = ensure_key_set(curve_dir)
+        broker_curve, worker_curve = keys.broker_args(), keys.peer_args("worker")
+        client_curve = keys.peer_args("client")
+        client_keys = {"curve_secret": client_curve[1], "curve_server": client_curve[3]}
 
     def _terminate(signum: int, frame: object) -> None:
         # The first SIGINT/SIGTERM stops it all; later ones (a second Ctrl-C, a
@@ -202,10 +217,14 @@ def run_stack(
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     try:
-        broker, fe, be = start_broker(frontend=frontend, backend=backend, log_level=log_level)
+        broker, fe, be = start_broker(
+            *broker_curve, frontend=frontend, backend=backend, log_level=log_level
+        )
         procs.append(broker)
         model, wargs = worker_args(engine, model, model_names, model_dir)
-        procs.append(start_worker(be, *wargs, *extra_worker_args, log_level=log_level))
+        procs.append(
+            start_worker(be, *wargs, *worker_curve, *extra_worker_args, log_level=log_level)
+        )
         gateway = None
         try:
             import zserve.gateway.app  # noqa: F401
@@ -213,7 +232,7 @@ def run_stack(
             gateway = Proc(
                 zserve_cmd(
                     "gateway", "--broker", fe, "--port", str(gateway_port),
-                    "--log-level", log_level,
+                    "--log-level", log_level, *client_curve,
                 ),
                 name="gateway",
             )
@@ -224,7 +243,7 @@ def run_stack(
         worker = procs[1]
         from zserve.client import Client
 
-        with Client(fe, timeout=5) as c:
+        with Client(fe, timeout=5, **client_keys) as c:
             wait_for(
                 lambda: model in c.models() or not worker.alive(), 1800, f"the model {model}"
             )
@@ -238,16 +257,22 @@ def run_stack(
                 "the gateway",
             )
             print(f"\nChat page: http://127.0.0.1:{gateway_port}/", flush=True)
+        keys_note = keys_args = ""
+        chat_line = f"  .venv/bin/zserve chat --broker {fe} --model {model}\n"
+        if curve_dir is not None:
+            chat_line = ""  # zserve chat has no CURVE options yet
+            keys_note = f"  CURVE keys      : {curve_dir} (SIGHUP the broker to reload)\n"
+            keys_args = " " + " ".join(client_curve)
         print(
             f"\nzserve is up.\n"
             f"  broker frontend : {fe}\n"
             f"  broker backend  : {be}\n"
-            f"  model           : {model} ({engine} engine)\n\n"
+            f"  model           : {model} ({engine} engine)\n{keys_note}\n"
             f"Try:\n"
             f"  .venv/bin/zserve generate --broker {fe} --model {model} --max-tokens 16 "
-            f"'Hello, world'\n"
-            f"  .venv/bin/zserve chat --broker {fe} --model {model}\n"
-            f"  .venv/bin/zserve status --broker {fe}\n",
+            f"'Hello, world'{keys_args}\n"
+            f"{chat_line}"
+            f"  .venv/bin/zserve status --broker {fe}{keys_args}\n",
             flush=True,
         )
         if gateway is not None:

@@ -28,6 +28,7 @@ from zserve._loopsock import recv_frames, send_frames
 from zserve.broker.dispatch import make_policy
 from zserve.broker.registry import Registry, RequestKey, WorkerState
 from zserve.protocol import WorkerInfo
+from zserve.security import DOMAIN_CLIENTS, DOMAIN_WORKERS, BrokerAuth
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +111,44 @@ class Broker:
         self.started_at = time.monotonic()
         self._dirty_models: set[str] = set()  # models whose queue may now dispatch
         self._running = False
-        self.frontend = self._router(config.frontend, config.frontend_hwm)
-        self.backend = self._router(config.backend, 0)
+        self.auth = self._start_auth()  # None: no CURVE
+        try:
+            self.frontend = self._router(config.frontend, config.frontend_hwm, DOMAIN_CLIENTS)
+            self.backend = self._router(config.backend, 0, DOMAIN_WORKERS)
+        except BaseException:
+            if self.auth is not None:
+                self.auth.stop()
+            raise
         self.frontend_endpoint = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def _router(self, endpoint: str, hwm: int) -> zmq.Socket:
+    def _start_auth(self) -> BrokerAuth | None:
+        cfg = self.cfg
+        paths = (cfg.curve_secret, cfg.curve_allow_workers, cfg.curve_allow_clients)
+        if not any(paths):
+            return None
+        if not all(paths):
+            raise ValueError(
+                "CURVE needs curve_secret, curve_allow_workers and curve_allow_clients together"
+            )
+        return BrokerAuth(self.ctx, *paths)  # type: ignore[arg-type]
+
+    def _router(self, endpoint: str, hwm: int, zap_domain: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_size)
         if hwm:
             s.setsockopt(zmq.SNDHWM, hwm)
+        if self.auth is not None:
+            self.auth.apply(s, zap_domain)  # CURVE server; ZAP checks the domain's list
         s.bind(endpoint)
         return s
+
+    def reload_keys(self) -> None:
+        """Read the CURVE allow lists again (the CLI calls it on SIGHUP)."""
+        if self.auth is not None:
+            self.auth.reload()
 
     # ------------------------------------------------------------------ loop
 
@@ -155,6 +180,8 @@ class Broker:
     def close(self) -> None:
         self.frontend.close(0)
         self.backend.close(0)
+        if self.auth is not None:
+            self.auth.stop()
 
     def _drain(self, sock: zmq.Socket, handler: Any) -> None:
         for _ in range(DRAIN_BATCH):
@@ -677,6 +704,7 @@ class Broker:
             "queued": {m: len(q) for m, q in self.queues.items()},
             "requests_in_flight": len(self.requests),
             "clients": len(self.clients),
-            "counters": dict(self.counters),
+            "counters": {**self.counters, **(self.auth.counters() if self.auth else {})},
+            "curve": self.auth.status() if self.auth is not None else None,
             "uptime_s": round(now - self.started_at, 3),
         }

@@ -147,8 +147,11 @@ class Gateway:
         connect_timeout: float = 5.0,
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+        curve_secret: str | None = None,
+        curve_server: str | None = None,
     ) -> None:
         self.broker = broker
+        self.curve = (curve_secret, curve_server)  # key files, for the AsyncClient
         self.heartbeat = (heartbeat_interval, heartbeat_liveness)
         self.api_keys = [k.encode() for k in api_keys or [] if k]
         self.timeout = timeout
@@ -173,6 +176,8 @@ class Gateway:
             connect_timeout=self.connect_timeout,
             heartbeat_interval=self.heartbeat[0],
             heartbeat_liveness=self.heartbeat[1],
+            curve_secret=self.curve[0],
+            curve_server=self.curve[1],
         )
         log.info("gateway up, broker %s", self.broker)
         try:
@@ -392,12 +397,15 @@ def create_app(
     connect_timeout: float = 5.0,
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+    curve_secret: str | None = None,
+    curve_server: str | None = None,
 ) -> Starlette:
     """The ASGI app. The gateway's heartbeat interval need not match the
     broker's: it is advertised, and the broker waits on the slower of the two."""
     gw = Gateway(
-        broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness
-    )
+        broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness,
+        curve_secret, curve_server,
+    )  # fmt: skip
     fast: dict[str, Handler] = {
         "/v1/chat/completions": gw.chat,
         "/v1/completions": gw.completions,
@@ -429,13 +437,16 @@ def serve(
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
     log_level: str = "info",
+    curve_secret: str | None = None,
+    curve_server: str | None = None,
 ) -> None:
     """Run the gateway on uvicorn until SIGINT/SIGTERM."""
     import uvicorn
 
     app = create_app(
-        broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness
-    )
+        broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness,
+        curve_secret, curve_server,
+    )  # fmt: skip
     config = uvicorn.Config(
         app,
         host=host,
