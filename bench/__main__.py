@@ -84,7 +84,10 @@ _ENGINE_BASELINES = {
 
 
 SUMMARIZE: dict[str, Summarizer] = {
-    "overhead": _target_rows("overhead", "floor", lambda w: "bare ROUTER/ROUTER forwarder"),
+    "overhead": _target_rows(
+        "overhead", "floor",
+        lambda w: "zserve, CURVE off" if w.startswith("CURVE") else "bare ROUTER/ROUTER forwarder",
+    ),
     "http": _http_rows,
     "engines": _target_rows(
         "engines", "direct",

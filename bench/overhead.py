@@ -18,8 +18,16 @@ checked against what was asked):
   message per step carrying a token for each stream), repeated after a
   warm-up while the broker's RSS is sampled.
 
-Floor and zserve runs alternate, round by round, so that drift on a shared
-machine hits both alike. Prints a table and writes bench/results/overhead.json.
+CURVE on and off, in the same run: a second zserve stack (broker + null
+worker) with CurveZMQ on both broker sockets (``zserve.security`` key set in
+a temporary directory), driven by clients holding a listed key. It runs the
+1-token latency and the 256-stream workload beside the plain stack, and the
+rows compare it with the plain zserve stack (target: p50 <= 1.3x CURVE off,
+256 streams >= 250k tokens/s).
+
+Floor, zserve and zserve with CURVE alternate, round by round, so that drift
+on a shared machine hits all alike. Prints a table and writes
+bench/results/overhead.json.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import asyncio
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -47,7 +56,8 @@ from bench.common import (
 )
 from bench.floor import FloorClient, start_floor
 from zserve import AsyncClient, Client
-from zserve.launcher import Proc, start_broker, start_worker, wait_models
+from zserve.launcher import Proc, start_broker, start_worker, wait_for
+from zserve.security import ensure_key_set
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,7 @@ PROMPT = "x"
 P50_RATIO_MAX = 1.5
 P99_RATIO_MAX = 2.0
 STREAMS_256_MIN_TOK_S = 250_000.0
+CURVE_P50_RATIO_MAX = 1.3  # CURVE on / CURVE off, 1-token p50
 # "Broker memory flat": after the warm-up run, repeating the 256-stream
 # workload grows RSS by no more than this (see _rss_growth; ZeroMQ's buffers
 # and the allocator move it by about 1 MiB either way from run to run).
@@ -114,9 +125,11 @@ def _check(counts: list[int], want: int, what: str) -> None:
 
 
 async def _zserve_streams(
-    frontend: str, concurrency: int, n: int, meter: CpuMeter | None = None
+    frontend: str, concurrency: int, n: int, meter: CpuMeter | None = None,
+    keys: dict[str, str] | None = None,
 ) -> tuple[float, list[int]]:
-    """``concurrency`` streams of ``n`` tokens through one AsyncClient; (seconds, counts)."""
+    """``concurrency`` streams of ``n`` tokens through one AsyncClient; (seconds, counts).
+    ``keys``: the client's CURVE keys, for the CURVE stack."""
 
     async def one(ac: AsyncClient) -> int:
         got = 0
@@ -125,7 +138,7 @@ async def _zserve_streams(
                 got += len(d.token_ids)
         return got
 
-    async with AsyncClient(frontend, timeout=60) as ac:
+    async with AsyncClient(frontend, timeout=60, **(keys or {})) as ac:
         await ac.models()  # connected and the broker answering before the clock starts
         if meter is not None:
             meter.start()
@@ -191,15 +204,22 @@ class Stacks:
     zserve_frontend: str
     floor_pids: dict[str, int]  # client / broker / worker
     zserve_pids: dict[str, int]
+    cc: Client  # the CURVE stack's
+    curve_frontend: str
+    curve_pids: dict[str, int]
+    curve_keys: dict[str, str]  # the client's curve_secret / curve_server
 
 
 def _latency(s: Settings, st: Stacks) -> dict[str, Any]:
     for _ in range(s.latency_warmup):
         _floor_one_token(st.fc)
         _zserve_one_token(st.zc)
+        _zserve_one_token(st.cc)
     fm, zm = CpuMeter(st.floor_pids), CpuMeter(st.zserve_pids)
+    cm = CpuMeter(st.curve_pids)
     floor: list[float] = []
     zs: list[float] = []
+    cs: list[float] = []
     block = max(1, s.latency_samples // s.rounds)
     while len(zs) < s.latency_samples:
         k = min(block, s.latency_samples - len(zs))
@@ -209,9 +229,13 @@ def _latency(s: Settings, st: Stacks) -> dict[str, Any]:
         zm.start()
         zs.extend(_zserve_one_token(st.zc) for _ in range(k))
         zm.stop()
+        cm.start()
+        cs.extend(_zserve_one_token(st.cc) for _ in range(k))
+        cm.stop()
     return {
         "floor": {**latency_summary_ms(floor), "cpu_us_per_request": fm.per(len(floor))},
         "zserve": {**latency_summary_ms(zs), "cpu_us_per_request": zm.per(len(zs))},
+        "zserve_curve": {**latency_summary_ms(cs), "cpu_us_per_request": cm.per(len(cs))},
     }
 
 
@@ -237,13 +261,18 @@ def _throughput(
     n: int,
     per_step: bool,
     after_run: Callable[[int], None] | None = None,
+    curve: bool = False,
 ) -> dict[str, Any]:
-    """Alternate floor and zserve runs; tokens/s per run, medians, CPU per token."""
+    """Alternate floor and zserve runs (and zserve with CURVE, with ``curve``);
+    tokens/s per run, medians, CPU per token."""
     total = concurrency * n
     fm, zm = CpuMeter(st.floor_pids), CpuMeter(st.zserve_pids)
+    cm = CpuMeter(st.curve_pids)
     ft: list[float] = []
     zt: list[float] = []
+    ct: list[float] = []
     fmsg0, zmsg0 = st.fc.messages, _token_messages(st.zc)
+    cmsg0 = _token_messages(st.cc) if curve else 0
     for i in range(repeats):
         ft.append(total / _floor_streams(st.fc, concurrency, n, per_step, fm))
         elapsed, counts = _run_async(_zserve_streams(st.zserve_frontend, concurrency, n, zm))
@@ -251,20 +280,31 @@ def _throughput(
         zt.append(total / elapsed)
         if after_run is not None:
             after_run(i)
+        if curve:
+            elapsed, counts = _run_async(
+                _zserve_streams(st.curve_frontend, concurrency, n, cm, st.curve_keys)
+            )
+            _check(counts, n, f"zserve with CURVE {concurrency}x{n}")
+            ct.append(total / elapsed)
     fmsgs = (st.fc.messages - fmsg0) / repeats
     zmsgs = (_token_messages(st.zc) - zmsg0) / repeats
-    return {
+    out = {
         "concurrency": concurrency,
         "tokens_per_stream": n,
         "floor_mode": "one message per step" if per_step else "one message per token",
         "floor": _side(ft, fmsgs, total, fm, repeats),
         "zserve": _side(zt, zmsgs, total, zm, repeats),
     }
+    if curve:
+        cmsgs = (_token_messages(st.cc) - cmsg0) / repeats
+        out["zserve_curve"] = _side(ct, cmsgs, total, cm, repeats)
+    return out
 
 
 def run(s: Settings) -> dict[str, Any]:
     procs: list[Proc] = []
     samplers: list[RssSampler] = []
+    keydir: tempfile.TemporaryDirectory[str] | None = None
     try:
         fwd, fworker, ffe = start_floor()
         procs += [fwd, fworker]
@@ -274,18 +314,39 @@ def run(s: Settings) -> dict[str, Any]:
             be, "--engine", "null", "--model", MODEL, "--capacity", "256", log_level="error"
         )
         procs.append(zworker)
-        wait_models(fe, [MODEL], 30)
+        keydir = tempfile.TemporaryDirectory(prefix="zserve-bench-keys-")
+        ks = ensure_key_set(keydir.name)
+        curve_keys = {
+            "curve_secret": ks.path("client", secret=True), "curve_server": ks.path("broker"),
+        }
+        cbroker, cfe, cbe = start_broker(*ks.broker_args(), log_level="error")
+        procs.append(cbroker)
+        cworker = start_worker(
+            cbe, "--engine", "null", "--model", MODEL, "--capacity", "256",
+            *ks.peer_args("worker"), log_level="error",
+        )  # fmt: skip
+        procs.append(cworker)
+        for frontend, kw in ((fe, {}), (cfe, curve_keys)):
+            with Client(frontend, timeout=5, **kw) as c:
+                wait_for(lambda c=c: MODEL in c.models(), 30, f"model {MODEL} at {frontend}")
         b_rss = RssSampler(broker.pid).start()
         f_rss = RssSampler(fwd.pid).start()
         samplers += [b_rss, f_rss]
         me = os.getpid()
 
-        with FloorClient(ffe) as fc, Client(fe, timeout=60) as zc:
+        with (
+            FloorClient(ffe) as fc,
+            Client(fe, timeout=60) as zc,
+            Client(cfe, timeout=60, **curve_keys) as cc,
+        ):
             st = Stacks(
                 fc, zc, fe,
                 {"client": me, "broker": fwd.pid, "worker": fworker.pid},
                 {"client": me, "broker": broker.pid, "worker": zworker.pid},
-            )
+                cc, cfe,
+                {"client": me, "broker": cbroker.pid, "worker": cworker.pid},
+                curve_keys,
+            )  # fmt: skip
             latency = _latency(s, st)
             single = _throughput(st, s.single_repeats, 1, s.single_tokens, per_step=False)
             c32 = _throughput(st, s.c32_repeats, *s.c32, per_step=False)
@@ -296,6 +357,8 @@ def run(s: Settings) -> dict[str, Any]:
             _floor_streams(fc, c, n, per_step=True)
             _, counts = _run_async(_zserve_streams(fe, c, n))
             _check(counts, n, f"zserve {c}x{n} warm-up")
+            _, counts = _run_async(_zserve_streams(cfe, c, n, keys=curve_keys))
+            _check(counts, n, f"zserve with CURVE {c}x{n} warm-up")
             b_rss.mark("after_warmup")
             f_rss.mark("after_warmup")
             per_run: list[float] = []
@@ -306,7 +369,9 @@ def run(s: Settings) -> dict[str, Any]:
                 if kib is not None:
                     per_run.append(round(kib / 1024, 2))
 
-            c256 = _throughput(st, s.c256_repeats, c, n, per_step=True, after_run=after_run)
+            c256 = _throughput(
+                st, s.c256_repeats, c, n, per_step=True, after_run=after_run, curve=True
+            )
             c256["zserve"]["broker_rss_after_each_run_mib"] = per_run
         for smp in samplers:
             smp.stop()
@@ -315,6 +380,8 @@ def run(s: Settings) -> dict[str, Any]:
             smp.stop()
         for pr in reversed(procs):
             pr.stop()
+        if keydir is not None:
+            keydir.cleanup()
     return {
         "latency_1_token": latency,
         "one_stream": single,
@@ -377,6 +444,13 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
     z = w["zserve"]["tok_s"]
     row(f"{w['concurrency']} streams x {w['tokens_per_stream']} (tok/s)",
         w["floor"]["tok_s"], z, f">= {STREAMS_256_MIN_TOK_S:,.0f}", z >= STREAMS_256_MIN_TOK_S)
+    # CURVE on against CURVE off: the "floor" column holds zserve without CURVE.
+    c50 = lat["zserve_curve"]["p50_ms"]
+    row("CURVE on: 1-token request p50 (ms)", z50, c50,
+        f"<= {CURVE_P50_RATIO_MAX}x CURVE off", c50 <= CURVE_P50_RATIO_MAX * z50)
+    cz = w["zserve_curve"]["tok_s"]
+    row(f"CURVE on: {w['concurrency']} streams x {w['tokens_per_stream']} (tok/s)", z, cz,
+        f">= {STREAMS_256_MIN_TOK_S:,.0f}", cz >= STREAMS_256_MIN_TOK_S)
     fg, zg = _rss_growth(m["floor_forwarder_rss"]), _rss_growth(m["broker_rss"])
     row("broker RSS growth over repeats (MiB)", fg, zg, f"<= {RSS_NOISE_MIB:g} (flat)",
         zg <= RSS_NOISE_MIB)
@@ -388,13 +462,15 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
     # CPU per unit of work, per process: steadier than wall-clock rates on a shared machine.
     cpu_rows: list[list[Any]] = []
     lat = m["latency_1_token"]
-    for side in ("floor", "zserve"):
+    for side in ("floor", "zserve", "zserve_curve"):
         c = lat[side]["cpu_us_per_request"]
         cpu_rows.append([f"1-token request, {side}", "us/request", c["client"], c["broker"],
                          c["worker"], 1.0])
     for key in ("one_stream", "concurrent_32", "streams_256"):
         w = m[key]
-        for side in ("floor", "zserve"):
+        for side in ("floor", "zserve", "zserve_curve"):
+            if side not in w:
+                continue
             c = w[side]["cpu_us_per_token"]
             cpu_rows.append([f"{w['concurrency']}x{w['tokens_per_stream']}, {side}",
                              "us/token", c["client"], c["broker"], c["worker"],
@@ -412,6 +488,8 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
         "floor: one message per token for the single stream and 32x128, one per step for "
         "256 streams; zserve coalesces on its own (tokens/msg above).",
         "ratio = zserve / floor; CPU includes each process's ZeroMQ I/O thread.",
+        "CURVE rows: the floor column is zserve with CURVE off, zserve_curve the same "
+        "stack with CurveZMQ on both broker sockets, measured alternately in this run.",
     ])
 
 
