@@ -133,7 +133,8 @@ def broker(
     except (ValueError, OSError) as e:  # a key file or an allow directory
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    signal.signal(signal.SIGHUP, lambda signum, frame: b.reload_keys())
+    if b.auth is not None:  # without CURVE, SIGHUP keeps its default meaning
+        signal.signal(signal.SIGHUP, lambda signum, frame: b.reload_keys())
     if ready_file:
         with open(ready_file + ".tmp", "w") as f:
             json.dump({"frontend": b.frontend_endpoint, "backend": b.backend_endpoint}, f)
