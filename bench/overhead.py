@@ -221,17 +221,17 @@ def _latency(s: Settings, st: Stacks) -> dict[str, Any]:
     zs: list[float] = []
     cs: list[float] = []
     block = max(1, s.latency_samples // s.rounds)
+    sides = [(zm, zs, st.zc), (cm, cs, st.cc)]
     while len(zs) < s.latency_samples:
         k = min(block, s.latency_samples - len(zs))
         fm.start()
         floor.extend(_floor_one_token(st.fc) for _ in range(k))
         fm.stop()
-        zm.start()
-        zs.extend(_zserve_one_token(st.zc) for _ in range(k))
-        zm.stop()
-        cm.start()
-        cs.extend(_zserve_one_token(st.cc) for _ in range(k))
-        cm.stop()
+        for meter, out, client in sides:
+            meter.start()
+            out.extend(_zserve_one_token(client) for _ in range(k))
+            meter.stop()
+        sides.reverse()  # CURVE off and on take turns at going first
     return {
         "floor": {**latency_summary_ms(floor), "cpu_us_per_request": fm.per(len(floor))},
         "zserve": {**latency_summary_ms(zs), "cpu_us_per_request": zm.per(len(zs))},
