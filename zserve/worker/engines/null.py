@@ -1,7 +1,9 @@
 """The null engine: instant (or paced) fake tokens, for tests and benchmarks.
 
 Token i is the word ``t{i}`` and a space, so n tokens make n words; token i's
-id is i. Embeddings are deterministic unit vectors derived from the text.
+id is i. A continuation after k ids (``GenerateRequest.continue_ids``) yields
+tokens k, k+1, ...: a resumed stream reads exactly like an uninterrupted one.
+Embeddings are deterministic unit vectors derived from the text.
 
 ``--engine-arg fail_after=N`` makes every generation raise after N tokens
 (N = 0: before the first), so tests drive a real worker into ``engine_error``.
@@ -28,6 +30,7 @@ EMBED_DIM = 64
 
 class NullEngine(Engine):
     name = "null"
+    resumable = True  # continuing after k ids yields tokens k, k+1, ...
 
     def __init__(
         self,
@@ -84,17 +87,25 @@ class NullEngine(Engine):
         else:
             prompt = " ".join(str(m.get("content", "")) for m in request.messages or [])
         prompt_tokens = len(prompt.split())
-        n = request.params.max_tokens or DEFAULT_MAX_TOKENS
+        # A continuation goes on counting from the ids already delivered;
+        # max_tokens is what remains (None: DEFAULT_MAX_TOKENS in all).
+        start = len(request.continue_ids)
+        n = request.params.max_tokens or DEFAULT_MAX_TOKENS - start
+        if n < 1:  # the earlier attempt already delivered every token
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
+            yield Delta("", [], FINISH_LENGTH, usage=usage)
+            return
+        end = start + n
         delay = self.token_delay
-        texts = _texts(n)
+        texts = _texts(end)
         cached = len(texts)
         # One engine step per token; with no delay the first token is
         # instant and each later one waits one loop turn.
         if delay:
             await asyncio.sleep(delay)
         if n > 1:
-            yield Delta(_text(0), [0], usage={"prompt_tokens": prompt_tokens})
-            for i in range(1, n - 1):
+            yield Delta(_text(start), [start], usage={"prompt_tokens": prompt_tokens})
+            for i in range(start + 1, end - 1):
                 if delay:
                     await asyncio.sleep(delay)
                 else:
@@ -105,8 +116,8 @@ class NullEngine(Engine):
             else:
                 await _next_step()
         yield Delta(
-            _text(n - 1),
-            [n - 1],
+            _text(end - 1),
+            [end - 1],
             FINISH_LENGTH,
             usage={"prompt_tokens": prompt_tokens, "completion_tokens": n},
         )
