@@ -29,6 +29,19 @@ Limits, chosen and documented here:
   token) is not sent; its id is, and it counts as a completion token.
 * Logprobs are the model's raw distribution (before penalties/temperature).
 
+Resumption (``GenerateRequest.continue_ids``, ``resumable``): the continued
+ids are prefilled with the prompt, count as output for every penalty
+(repetition over prompt and output, presence/frequency over output, as in an
+uninterrupted run) and prime the detokenizer token by token, so greedy
+decoding continues with the ids and the text an uninterrupted run would have
+produced (up to floating-point summation order: the continued ids are
+prefilled in one pass where the uninterrupted run decoded them one by one).
+They count against the context; ``max_tokens`` is what remains, and usage
+counts only the new tokens. Not reproduced: a sampled (temperature > 0)
+request's random stream restarts from its seed, and a stop string that
+begins in the continued text is left to the worker runtime's own matcher
+(the text is cut right; the final delta may carry a few ids past it).
+
 Engine arguments (``--engine-arg K=V``): ``max_batch_size`` (default 256),
 ``prefill_budget`` (prompt tokens admitted per step, default 4096),
 ``embed_batch_size`` (default 32), ``task`` (``generate`` | ``embed``: force
@@ -46,7 +59,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from zserve.errors import BadRequest, ContextOverflow, EngineError, ModelNotFound
-from zserve.protocol import FINISH_ERROR, FINISH_STOP, Delta
+from zserve.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Delta
 from zserve.worker.engine import Engine, GenerateRequest, plain_message, render_chat
 from zserve.worker.engines.hf_detok import IncrementalDetokenizer
 from zserve.worker.engines.hf_load import ServedModel, is_causal, load_model, resolve_model_path
@@ -56,10 +69,13 @@ from zserve.worker.stops import StopMatcher
 log = logging.getLogger(__name__)
 
 ABORT_WAIT = 30.0  # seconds abort() waits for the batch thread to drop a row
+# Continued ids replayed through the detokenizer off the event loop past this many.
+_REPLAY_INLINE_IDS = 256
 
 
 class HFEngine(Engine):
     name = "hf"
+    resumable = True
 
     def __init__(
         self,
@@ -216,15 +232,31 @@ class HFEngine(Engine):
                 f"the prompt has {n_prompt} tokens; this model's context is "
                 f"{sm.context_length} tokens"
             )
-        room = sm.context_length - n_prompt
+        cont = request.continue_ids
+        eos_ids = frozenset() if params.ignore_eos else sm.eos_ids
+        stop_ids = frozenset(params.stop_token_ids)
+        room = sm.context_length - n_prompt - len(cont)
+        if room < 0:
+            raise ContextOverflow(
+                f"the prompt ({n_prompt} tokens) and the {len(cont)} tokens to continue "
+                f"after pass this model's context of {sm.context_length} tokens"
+            )
+        if cont and (room == 0 or cont[-1] in eos_ids or cont[-1] in stop_ids):
+            # The uninterrupted run ended with the last continued token.
+            finish = FINISH_LENGTH if room == 0 else FINISH_STOP
+            yield Delta("", [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
+            return
         max_new = min(params.max_tokens or room, room)
+        detok = await _detokenizer(sm.tokenizer, prompt_ids, cont)
         seq = Sequence(
             request_id=request.request_id,
-            prompt_ids=prompt_ids,
+            prompt_ids=prompt_ids + cont,  # the continued tokens are prefilled with the prompt
             max_new=max_new,
-            eos_ids=frozenset() if params.ignore_eos else sm.eos_ids,
-            stop_ids=frozenset(params.stop_token_ids),
-            sampler=SamplerState.create(params, prompt_ids, sm.vocab_size, sm.runner.device),
+            eos_ids=eos_ids,
+            stop_ids=stop_ids,
+            sampler=SamplerState.create(
+                params, prompt_ids, sm.vocab_size, sm.runner.device, output_ids=cont
+            ),
             loop=asyncio.get_running_loop(),
         )
         rid = request.request_id
@@ -241,7 +273,6 @@ class HFEngine(Engine):
             forget()
             raise EngineError(str(e)) from e
 
-        detok = IncrementalDetokenizer(sm.tokenizer, prompt_ids)
         stops = StopMatcher(params.stop)
         want_lp = params.logprobs is not None
         usage: dict[str, int] | None = {"prompt_tokens": n_prompt}
@@ -356,6 +387,16 @@ class HFEngine(Engine):
     async def decode(self, model: str, ids: list[int]) -> str:
         text = self._model(model).tokenizer.decode(ids, skip_special_tokens=True)
         return text.rstrip("\ufffd")
+
+
+async def _detokenizer(
+    tokenizer: Any, prompt_ids: list[int], cont: list[int]
+) -> IncrementalDetokenizer:
+    """The request's detokenizer, primed with the continued ids (a long replay
+    runs in a thread, so that other streams keep flowing)."""
+    if len(cont) <= _REPLAY_INLINE_IDS:
+        return IncrementalDetokenizer(tokenizer, prompt_ids, generated=cont)
+    return await asyncio.to_thread(IncrementalDetokenizer, tokenizer, prompt_ids, True, cont)
 
 
 def _lp_entry(sm: ServedModel, step: Any) -> dict[str, Any]:

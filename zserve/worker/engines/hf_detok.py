@@ -5,6 +5,11 @@ character; decoding such a prefix yields U+FFFD. The detokenizer decodes a
 short window of recent tokens (the offsets scheme of TGI and vLLM) and holds
 text back while it ends in U+FFFD, so every piece it returns is whole
 characters and the pieces concatenate to the full decoded text.
+
+A resumed request primes it with the ids an earlier attempt generated
+(``generated``): they are replayed token by token, as that attempt pushed
+them, so a character whose first bytes were among them comes out whole with
+the first new token that completes it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class IncrementalDetokenizer:
     ``push(ids)`` returns the new text those ids complete (possibly ""),
     ``flush()`` what was held back once the stream ends (a dangling partial
     character comes out as U+FFFD there, as a full decode would show it).
+    ``generated``: ids already streamed (their text delivered elsewhere), the
+    state to continue from.
     """
 
     __slots__ = ("tokenizer", "ids", "prefix_offset", "read_offset", "skip_special_tokens")
@@ -33,6 +40,7 @@ class IncrementalDetokenizer:
         tokenizer: Any,
         prompt_ids: list[int] | None = None,
         skip_special_tokens: bool = True,
+        generated: list[int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
@@ -40,6 +48,8 @@ class IncrementalDetokenizer:
         self.ids: list[int] = context
         self.prefix_offset = 0
         self.read_offset = len(context)
+        for t in generated or ():
+            self.push([t])
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:

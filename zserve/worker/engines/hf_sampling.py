@@ -38,8 +38,16 @@ class SamplerState:
 
     @classmethod
     def create(
-        cls, params: SamplingParams, prompt_ids: list[int], vocab: int, device: torch.device
+        cls,
+        params: SamplingParams,
+        prompt_ids: list[int],
+        vocab: int,
+        device: torch.device,
+        output_ids: list[int] | None = None,
     ) -> SamplerState:
+        """``output_ids``: tokens already generated for this request (a
+        resumed request's ``continue_ids``); the penalties count them as the
+        uninterrupted run would have."""
         st = cls(params)
         if params.temperature >= GREEDY_EPS:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -47,11 +55,18 @@ class SamplerState:
         if params.repetition_penalty != 1.0:
             st.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             ids = torch.tensor(
-                [i for i in prompt_ids if 0 <= i < vocab], dtype=torch.long, device=device
+                [i for i in [*prompt_ids, *(output_ids or ())] if 0 <= i < vocab],
+                dtype=torch.long,
+                device=device,
             )
             st.seen[ids] = True
         if params.presence_penalty or params.frequency_penalty:
             st.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+            if output_ids:
+                out = torch.tensor(
+                    [i for i in output_ids if 0 <= i < vocab], dtype=torch.long, device=device
+                )
+                st.counts.index_add_(0, out, torch.ones(out.numel(), device=device))
         st.penalised = st.seen is not None or st.counts is not None
         return st
 
