@@ -11,6 +11,25 @@ request through the tokenizer's chat template) so that a prompt longer than
 the context is a ``ContextOverflow`` before it reaches the engine, and
 ``max_tokens`` is capped at what the context has left.
 
+Resumption (``GenerateRequest.continue_ids``, ``resumable``): the prompt ids
+and the continued ids go to vLLM as one token prompt, and ``max_tokens`` is
+what remains. vLLM's detokenizer takes its context from the prompt tokens
+(``FastIncrementalDetokenizer`` primes a ``tokenizers`` ``DecodeStream`` with
+them), so the text goes on exactly where the earlier attempt's stopped
+(tests/worker/test_resume_engines.py checks it on a byte-level BPE), with
+one exception: a prompt that ends inside a UTF-8 character makes that stream
+start over and emit the whole text once. When the continued ids end inside
+a character, this engine therefore detokenizes itself (``hf_detok``, primed
+with the continued ids) and leaves stop strings to the worker runtime.
+Greedy continuations are exact without presence/frequency penalties
+(repetition_penalty counts prompt and output tokens alike, so it is exact
+too); vLLM applies presence and frequency penalties to *output* tokens only,
+so with either set a continuation forgets the continued ids' counts and is
+not the uninterrupted run. A sampled request's random stream restarts from
+its seed, and a stop string that begins in the continued text is caught by
+the worker runtime (the text is cut right; the final delta may carry a few
+ids past it).
+
 An engine-core failure (``EngineDeadError``) fails the request with an
 ``EngineError`` and sets ``dead``: the worker runtime polls ``engine.dead``
 on every heartbeat and leaves, so the broker expires the worker and its
@@ -40,14 +59,22 @@ from zserve.worker.options import EngineOptions
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from zserve.worker.engines.hf_detok import IncrementalDetokenizer
+
 log = logging.getLogger(__name__)
 
 # Prompts longer than this many characters are tokenized off the event loop.
 _TOKENIZE_INLINE_CHARS = 4096
+# Continued ids replayed through a detokenizer off the event loop past this many.
+_REPLAY_INLINE_IDS = 256
+# Trailing ids decoded to see whether the continued ids end inside a character
+# (a UTF-8 character is at most 4 bytes, so at most 4 byte tokens).
+_CHAR_IDS = 8
 
 
 class VLLMEngine(Engine):
     name = "vllm"
+    resumable = True
 
     def __init__(
         self,
@@ -64,6 +91,7 @@ class VLLMEngine(Engine):
         self.engine_args = _engine_args(model, dtype, context_length, engine_args or {})
         self.llm: AsyncLLM | None = None
         self._tokenizer: Any = None
+        self._eos_ids: frozenset[int] = frozenset()  # what vLLM stops on unless ignore_eos
         self._dead = False
 
     @classmethod
@@ -103,6 +131,7 @@ class VLLMEngine(Engine):
         # The server's defaults (batch sizes), as `vllm serve` gets them.
         self.llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
         self._tokenizer = self.llm.get_tokenizer()
+        self._eos_ids = _eos_ids(self._tokenizer, self.llm.model_config)
         self.context_length = int(self.llm.model_config.max_model_len)
         seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
         log.info(
@@ -130,15 +159,31 @@ class VLLMEngine(Engine):
         llm = self._running()
         prompt_ids, prompt_text = await self._prompt_ids(request)
         n_prompt = len(prompt_ids)
-        room = self.context_length - n_prompt
-        if room < 1:
+        if n_prompt >= self.context_length:
             raise ContextOverflow(
                 f"the prompt has {n_prompt} tokens; this model's context is "
                 f"{self.context_length} tokens (the prompt and at least one new token)"
             )
-        params = self._sampling_params(request.params, room)
-        top_n = request.params.logprobs
-        gen = llm.generate(tokens_input(prompt_ids, prompt=prompt_text), params, request.request_id)
+        p = request.params
+        cont = request.continue_ids
+        room = self.context_length - n_prompt - len(cont)
+        if room < 0:
+            raise ContextOverflow(
+                f"the prompt ({n_prompt} tokens) and the {len(cont)} tokens to continue "
+                f"after pass this model's context of {self.context_length} tokens"
+            )
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._eos_ids)
+        if cont and (room == 0 or cont[-1] in stop_ids):
+            # The uninterrupted run ended with the last continued token.
+            finish = FINISH_LENGTH if room == 0 else FINISH_STOP
+            yield Delta("", [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
+            return
+        detok = await self._own_detokenizer(prompt_ids, cont)
+        params = self._sampling_params(p, room, detokenize=detok is None)
+        top_n = p.logprobs
+        # A continuation's prompt ids are not the prompt text's alone: no text.
+        inputs = tokens_input(prompt_ids + cont, prompt=None if cont else prompt_text)
+        gen = llm.generate(inputs, params, request.request_id)
         completion = 0
         first = True
         try:
@@ -149,6 +194,13 @@ class VLLMEngine(Engine):
                 finish = c.finish_reason
                 if finish in ("abort", "error"):
                     raise EngineError(f"vLLM ended the request: {finish}")
+                text = c.text
+                if detok is not None:
+                    # As vLLM does: the text of the token that stopped the
+                    # request (EOS, a stop token id) is not sent, and a
+                    # partial character left at the end is dropped (no flush).
+                    said = ids[:-1] if finish == "stop" else ids
+                    text = "".join([detok.push([t]) for t in said])
                 if finish is not None:
                     finish = FINISH_LENGTH if finish == "length" else FINISH_STOP
                     usage: dict[str, int] | None = {
@@ -159,7 +211,7 @@ class VLLMEngine(Engine):
                     usage = {"prompt_tokens": n_prompt}
                 else:
                     usage = None
-                if not ids and not c.text and finish is None:
+                if not ids and not text and finish is None:
                     continue
                 logprobs = (
                     _openai_logprobs(ids, c.logprobs, top_n, self._tokenizer)
@@ -167,7 +219,7 @@ class VLLMEngine(Engine):
                     else None
                 )
                 first = False
-                yield Delta(c.text, ids, finish, usage, logprobs)
+                yield Delta(text, ids, finish, usage, logprobs)
                 if finish is not None:
                     return
         except EngineDeadError as e:
@@ -219,7 +271,28 @@ class VLLMEngine(Engine):
             raise BadRequest("the prompt is empty")
         return list(ids), text
 
-    def _sampling_params(self, p: ZSamplingParams, room: int) -> Any:
+    async def _own_detokenizer(
+        self, prompt_ids: list[int], cont: list[int]
+    ) -> IncrementalDetokenizer | None:
+        """For continued ids that end inside a UTF-8 character (vLLM's own
+        detokenizer would restart there), a detokenizer primed with them;
+        None when vLLM's detokenizer continues right."""
+        from zserve.worker.engines.hf_detok import REPLACEMENT, IncrementalDetokenizer
+
+        if not cont:
+            return None
+        tail = self._tokenizer.decode((prompt_ids + cont)[-_CHAR_IDS:], skip_special_tokens=True)
+        if not tail.endswith(REPLACEMENT):
+            return None
+        if len(cont) <= _REPLAY_INLINE_IDS:
+            return IncrementalDetokenizer(self._tokenizer, prompt_ids, generated=cont)
+        return await asyncio.to_thread(
+            IncrementalDetokenizer, self._tokenizer, prompt_ids, True, cont
+        )
+
+    def _sampling_params(self, p: ZSamplingParams, room: int, detokenize: bool = True) -> Any:
+        """vLLM's parameters; ``detokenize=False`` when this engine makes the
+        text itself (stop strings are then the worker runtime's alone)."""
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -234,7 +307,8 @@ class VLLMEngine(Engine):
                 presence_penalty=p.presence_penalty,
                 frequency_penalty=p.frequency_penalty,
                 seed=p.seed,
-                stop=list(p.stop) or None,
+                stop=(list(p.stop) or None) if detokenize else None,
+                detokenize=detokenize,
                 stop_token_ids=list(p.stop_token_ids) or None,
                 ignore_eos=p.ignore_eos,
                 max_tokens=max_tokens,
@@ -263,6 +337,24 @@ def _engine_args(
         args["max_model_len"] = context_length
     args.update(extra)  # explicit engine arguments win
     return args
+
+
+def _eos_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
+    """The ids vLLM ends a request on unless ``ignore_eos``: the tokenizer's
+    EOS and the generation config's ``eos_token_id`` (an int or a list)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        extra = model_config.try_get_generation_config().get("eos_token_id")
+    except Exception as e:  # another vLLM version
+        log.warning("no generation config eos ids (%s)", e)
+        extra = None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, list):
+        ids.update(int(t) for t in extra)
+    return frozenset(ids)
 
 
 def _server_max_num_seqs(args: dict[str, Any]) -> int:
