@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in turn, then one summary table.
 
-    python -m bench [--quick] [--only overhead,http,engines,serving]
+    python -m bench [--quick] [--only overhead,http,engines,serving,soak]
 
 Each benchmark measures zserve side by side with its baseline in the same
 run and writes ``bench/results/<name>.json``; this runner reads those files
@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, cell, machine_info
 
-BENCHES = ("overhead", "http", "engines", "serving")
+BENCHES = ("overhead", "http", "engines", "serving", "soak")
 Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
 
@@ -77,6 +77,12 @@ def _http_rows(r: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _soak_rows(r: dict[str, Any]) -> list[list[str]]:
+    from bench.soak import summary_rows
+
+    return summary_rows(r)
+
+
 _ENGINE_BASELINES = {
     "hf": "zserve's HFEngine in one process",
     "vllm": "vLLM's AsyncLLM in one process",
@@ -94,6 +100,7 @@ SUMMARIZE: dict[str, Summarizer] = {
         lambda w: _ENGINE_BASELINES.get(w.split(":", 1)[0], "same engine, in one process"),
     ),
     "serving": _target_rows("serving", "direct", lambda w: "vllm serve (vLLM's own server)"),
+    "soak": _soak_rows,
 }  # fmt: skip
 
 
