@@ -157,6 +157,7 @@ class Gateway:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.metrics = Metrics()
+        self.metrics.resumes = lambda: self._client.resumes if self._client is not None else 0
         self.created = int(time.time())
         self._client: AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from time import perf_counter
 from typing import Any
 
@@ -164,6 +164,11 @@ class _GatewayCollector(Collector):
             "request received to last byte",
             _DURATION_BUCKETS, per_model, "duration",
         )  # fmt: skip
+        yield CounterMetricFamily(
+            "zserve_gateway_stream_resumes",
+            "streams continued on another worker after theirs died mid-stream",
+            value=m.resumes(),
+        )
         inf = GaugeMetricFamily("zserve_gateway_requests_in_flight", "requests being served")
         inf.add_metric([], m.in_flight)
         yield inf
@@ -195,6 +200,8 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = {}  # (model, endpoint) -> finished
         self.errors: dict[tuple[str, str], int] = {}  # (code, status) -> failed
         self.in_flight = 0
+        # streams continued on another worker so far (read from the client)
+        self.resumes: Callable[[], int] = lambda: 0
 
     def model(self, model: str) -> ModelStats:
         st = self.models.get(model)
