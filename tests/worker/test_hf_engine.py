@@ -285,6 +285,34 @@ async def test_concurrent_requests_are_batched(tiny_model_dir: Path) -> None:
         await eng.close()
 
 
+async def test_prompts_joining_together_are_prefilled_together(
+    tiny_model_dir: Path, ref: Any
+) -> None:
+    """One padded prefill pass for prompts that arrive at once; greedy output
+    equals generate() for each, seeded sampling equals the one-at-a-time runs."""
+    prompts = PROMPTS + PROMPTS[:2]
+    outputs: dict[bool, list[Result]] = {}
+    for batched in (True, False):
+        eng = HFEngine([(str(tiny_model_dir), ["tiny"])], engine_args={"batch_prefill": batched})
+        await eng.start()
+        try:
+            # Written before the batch thread wakes, so they join at one step.
+            reqs = [request(prompt=p, temperature=0, max_tokens=16) for p in prompts]
+            reqs += [request(prompt=p, temperature=0.8, seed=7, max_tokens=16) for p in prompts]
+            outputs[batched] = await asyncio.gather(*(run(eng, r) for r in reqs))
+            stats = eng.stats()
+            assert stats["prefills"] == len(reqs)
+            if batched:
+                assert stats["prefill_passes"] < len(reqs) // 2
+            else:
+                assert stats["prefill_passes"] == len(reqs)
+        finally:
+            await eng.close()
+    assert [r.ids for r in outputs[True]] == [r.ids for r in outputs[False]]
+    for prompt, res in zip(prompts, outputs[True], strict=False):
+        assert res.ids == greedy_ref(ref, prompt_ids(ref, prompt), 16), prompt
+
+
 async def test_abort_frees_the_batch_slot(engine: HFEngine, ref: Any) -> None:
     long = request(prompt=PROMPTS[3], temperature=0)  # no max_tokens: until the context fills
     other = request(prompt=PROMPTS[1], temperature=0, max_tokens=50)

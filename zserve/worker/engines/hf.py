@@ -44,6 +44,8 @@ begins in the continued text is left to the worker runtime's own matcher
 
 Engine arguments (``--engine-arg K=V``): ``max_batch_size`` (default 256),
 ``prefill_budget`` (prompt tokens admitted per step, default 4096),
+``batch_prefill`` (default true: the prompts that join at one step are
+prefilled in one padded forward pass; false prefills them one at a time),
 ``embed_batch_size`` (default 32), ``task`` (``generate`` | ``embed``: force
 how every model is used), ``threads`` (torch's intra-op threads for this
 worker; default torch's own, one per core. On a small machine shared with the
@@ -101,6 +103,7 @@ class HFEngine(Engine):
         args = dict(engine_args or {})
         self.max_batch_size = int(args.pop("max_batch_size", 256))
         self.prefill_budget = int(args.pop("prefill_budget", 4096))
+        self.batch_prefill = _flag(args.pop("batch_prefill", True))
         self.embed_batch_size = int(args.pop("embed_batch_size", 32))
         self.task = args.pop("task", None)
         self.threads = int(args.pop("threads", 0)) or None
@@ -153,7 +156,7 @@ class HFEngine(Engine):
                 if sm.task == "generate":
                     sm.runner = BatchRunner(
                         sm.model, names[0], self.max_batch_size, self.prefill_budget,
-                        threads=self.threads,
+                        threads=self.threads, batch_prefill=self.batch_prefill,
                     )
                     sm.runner.start()
                 loaded.append(sm)
@@ -177,6 +180,7 @@ class HFEngine(Engine):
         return {
             "steps": sum(r.steps for r in rs),
             "prefills": sum(r.prefills for r in rs),
+            "prefill_passes": sum(r.prefill_passes for r in rs),
             "tokens": sum(r.tokens for r in rs),
             "max_batch_size": max((r.max_batch_seen for r in rs), default=0),
             "active": sum(r.active for r in rs),
@@ -387,6 +391,17 @@ class HFEngine(Engine):
     async def decode(self, model: str, ids: list[int]) -> str:
         text = self._model(model).tokenizer.decode(ids, skip_special_tokens=True)
         return text.rstrip("\ufffd")
+
+
+def _flag(value: Any) -> bool:
+    """An engine argument read as a boolean (``--engine-arg K=false`` gives a string)."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        if value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        raise ValueError(f"expected true or false, not {value!r}")
+    return bool(value)
 
 
 async def _detokenizer(

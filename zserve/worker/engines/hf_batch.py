@@ -3,9 +3,15 @@
 Each loop iteration of the thread is one *engine step*:
 
 1. drop the rows whose request was aborted;
-2. admit new requests: each prompt is prefilled on its own (no padding, so
-   its first token is exactly what ``generate`` computes), its first token
-   sampled, and its KV cache merged into the batch;
+2. admit new requests: the prompts that join at this step are prefilled
+   together in one forward pass (left-padded to the longest, with an
+   attention mask and per-row ``position_ids``; prompts of very different
+   lengths go in separate passes so that padding stays under half of the
+   tokens), their first tokens sampled, and their KV cache merged into the
+   batch. A lone prompt is prefilled without padding, so its first token is
+   exactly what ``generate`` computes; ``batch_prefill=False`` prefills every
+   prompt on its own (the behaviour before batched prefill, kept for
+   benchmarks);
 3. run one forward pass over every row of the batch (one new token each),
    sample every row with its own parameters, and retire finished rows;
 4. hand all the new tokens to the asyncio side in one
@@ -104,12 +110,14 @@ class BatchRunner:
         max_batch_size: int = 256,
         prefill_budget: int = 4096,
         threads: int | None = None,
+        batch_prefill: bool = True,
     ) -> None:
         self.model = model
         self.threads = threads  # torch intra-op threads, set in the batch thread itself
         self.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step
+        self.batch_prefill = batch_prefill  # prefill the prompts joining at one step together
         self._keep_kw: dict[str, Any] = (
             {"logits_to_keep": 1}
             if "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -125,6 +133,7 @@ class BatchRunner:
         # Counters a bench can read.
         self.steps = 0  # batched decode forward passes
         self.prefills = 0  # prompts prefilled
+        self.prefill_passes = 0  # prefill forward passes (several prompts each when batched)
         self.tokens = 0  # tokens generated
         self.max_batch_seen = 0  # largest decode batch so far
         self._thread = threading.Thread(target=self._run, name=f"zserve-hf-{name}", daemon=True)
@@ -270,67 +279,112 @@ class BatchRunner:
             self._reset()
             return
         assert self._cache is not None and self._mask is not None
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask.index_select(0, idx)
-        used = mask.any(0).nonzero()
-        start = int(used[0]) if used.numel() else mask.shape[1]
-        self._mask = mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
-            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+        self._mask = _take_rows(self._cache, self._mask, keep, self.device)
         self.rows = [self.rows[i] for i in keep]
 
-    def _admit(self, incoming: list[Sequence], events: list[Event]) -> None:
-        joiners: list[tuple[Sequence, DynamicCache]] = []
-        for seq in incoming:
-            if seq.cancelled:
-                seq.gone = True
-                events.append((seq, None, True))
-                continue
-            ids = torch.tensor([seq.prompt_ids], device=self.device)
-            cache = DynamicCache()
+    def _groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The prefill passes for these prompts: one each without batched
+        prefill; else longest first, a new pass wherever padding would pass
+        half of a pass's tokens."""
+        if not self.batch_prefill:
+            return [[s] for s in seqs]
+        groups: list[list[Sequence]] = []
+        longest = real = 0
+        for seq in sorted(seqs, key=lambda s: len(s.prompt_ids), reverse=True):
+            n = len(seq.prompt_ids)
+            if groups and longest * (len(groups[-1]) + 1) <= 2 * (real + n):
+                groups[-1].append(seq)
+                real += n
+            else:
+                groups.append([seq])
+                longest = real = n
+        return groups
+
+    def _prefill(self, group: list[Sequence]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """One forward pass over these prompts, left-padded to the longest:
+        (its KV cache, its mask [rows, longest], last-position logits [rows, vocab])."""
+        width = max(len(s.prompt_ids) for s in group)
+        cache = DynamicCache()
+        if len(group) == 1:  # no padding: exactly what generate() computes
+            ids = torch.tensor([group[0].prompt_ids], device=self.device)
+            mask = torch.ones_like(ids)
             out = self.model(
                 input_ids=ids,
-                attention_mask=torch.ones_like(ids),
+                attention_mask=mask,
                 past_key_values=cache,
                 use_cache=True,
                 **self._keep_kw,
             )
-            self.prefills += 1
-            seq.cache_len = ids.shape[1]
-            token, lp, top = sample(out.logits[:, -1, :].float(), [seq.sampler])[0]
-            finish = self._finish(seq, token)
-            if finish is not None:
-                seq.gone = True
-            else:
-                joiners.append((seq, cache))
-            events.append((seq, Step(token, lp, top, finish), seq.gone))
-        if joiners:
-            self._merge(joiners)
-
-    def _merge(self, joiners: list[tuple[Sequence, DynamicCache]]) -> None:
-        """Left-pad the batch and the new rows to one length and stack them."""
-        old = self._mask.shape[1] if self._mask is not None else 0
-        target = max([old] + [s.cache_len for s, _ in joiners])
-        masks = [] if self._mask is None else [F.pad(self._mask, (target - old, 0))]
-        for s, _ in joiners:
-            masks.append(
-                F.pad(
-                    torch.ones(1, s.cache_len, dtype=torch.long, device=self.device),
-                    (target - s.cache_len, 0),
-                )
+        else:
+            ids = torch.tensor(
+                [[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group],
+                device=self.device,
             )
+            lengths = torch.tensor([len(s.prompt_ids) for s in group], device=self.device)
+            mask = (torch.arange(width, device=self.device) >= (width - lengths)[:, None]).long()
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
+                **self._keep_kw,
+            )
+            # Padding slots hold whatever the pass computed there (a fully
+            # masked query row may give NaN): zero them, as the merge pads.
+            pad = (mask == 0)[:, None, :, None]
+            for layer in cache.layers:
+                layer.keys = layer.keys.masked_fill(pad, 0)
+                layer.values = layer.values.masked_fill(pad, 0)
+        self.prefills += len(group)
+        self.prefill_passes += 1
+        return cache, mask, out.logits[:, -1, :].float()
+
+    def _admit(self, incoming: list[Sequence], events: list[Event]) -> None:
+        live: list[Sequence] = []
+        for seq in incoming:
+            if seq.cancelled:
+                seq.gone = True
+                events.append((seq, None, True))
+            else:
+                live.append(seq)
+        blocks: list[tuple[list[Sequence], DynamicCache, torch.Tensor]] = []
+        for group in self._groups(live):
+            cache, mask, logits = self._prefill(group)
+            sampled = sample(logits, [s.sampler for s in group])
+            keep: list[int] = []
+            for i, (seq, (token, lp, top)) in enumerate(zip(group, sampled, strict=True)):
+                seq.cache_len = len(seq.prompt_ids)
+                finish = self._finish(seq, token)
+                if finish is not None:
+                    seq.gone = True
+                else:
+                    keep.append(i)
+                events.append((seq, Step(token, lp, top, finish), seq.gone))
+            if keep:
+                if len(keep) != len(group):
+                    mask = _take_rows(cache, mask, keep, self.device)
+                blocks.append(([group[i] for i in keep], cache, mask))
+        if blocks:
+            self._merge(blocks)
+
+    def _merge(self, blocks: list[tuple[list[Sequence], DynamicCache, torch.Tensor]]) -> None:
+        """Left-pad the batch and the new blocks of rows to one length and stack them."""
+        old = self._mask.shape[1] if self._mask is not None else 0
+        target = max([old] + [m.shape[1] for _, _, m in blocks])
+        masks = [] if self._mask is None else [F.pad(self._mask, (target - old, 0))]
+        masks += [F.pad(m, (target - m.shape[1], 0)) for _, _, m in blocks]
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for li in range(len(joiners[0][1].layers)):
+        for li in range(len(blocks[0][1].layers)):
             ks: list[torch.Tensor] = []
             vs: list[torch.Tensor] = []
             if self._cache is not None:
                 layer = self._cache.layers[li]
                 ks.append(F.pad(layer.keys, (0, 0, target - old, 0)))
                 vs.append(F.pad(layer.values, (0, 0, target - old, 0)))
-            for s, c in joiners:
-                ks.append(F.pad(c.layers[li].keys, (0, 0, target - s.cache_len, 0)))
-                vs.append(F.pad(c.layers[li].values, (0, 0, target - s.cache_len, 0)))
+            for _, c, m in blocks:
+                ks.append(F.pad(c.layers[li].keys, (0, 0, target - m.shape[1], 0)))
+                vs.append(F.pad(c.layers[li].values, (0, 0, target - m.shape[1], 0)))
             layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
         if self._cache is None:
             self._cache = DynamicCache()
@@ -340,7 +394,8 @@ class BatchRunner:
             for layer, (k, v) in zip(self._cache.layers, layers, strict=True):
                 layer.keys, layer.values = k, v
         self._mask = torch.cat(masks, 0)
-        self.rows.extend(s for s, _ in joiners)
+        for seqs, _, _ in blocks:
+            self.rows.extend(seqs)
 
     def _decode(self, events: list[Event]) -> None:
         """One forward pass for every row: one new token each."""
@@ -373,6 +428,21 @@ class BatchRunner:
             events.append((seq, Step(token, lp, top, finish), seq.gone))
         if len(keep) != n:
             self._select(keep)
+
+
+def _take_rows(
+    cache: DynamicCache, mask: torch.Tensor, keep: list[int], device: torch.device
+) -> torch.Tensor:
+    """Keep rows ``keep`` of ``cache`` (in place) and of ``mask``, and trim the
+    columns that are padding in all of them; return the new mask."""
+    idx = torch.tensor(keep, device=device)
+    mask = mask.index_select(0, idx)
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if used.numel() else mask.shape[1]
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
+        layer.values = layer.values.index_select(0, idx)[:, :, start:]
+    return mask[:, start:]
 
 
 __all__ = ["BatchRunner", "Sequence", "Step"]
