@@ -84,3 +84,10 @@ def test_generates(tiny_model_dir: Path) -> None:
     with torch.inference_mode():
         out = model.generate(**x, do_sample=False, max_new_tokens=8)
     assert out.shape[1] == x["input_ids"].shape[1] + 8
+
+
+def test_unknown_size(tmp_path: Path) -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="size"):
+        write_tiny_model(tmp_path / "x", size="huge")
