@@ -7,6 +7,14 @@ Embeddings are deterministic unit vectors derived from the text.
 
 ``--engine-arg fail_after=N`` makes every generation raise after N tokens
 (N = 0: before the first), so tests drive a real worker into ``engine_error``.
+
+For benchmarks at scale (``bench/scale.py``), ``--engine-arg pacing=step``
+paces like a batched model: one engine step every ``--token-delay`` seconds
+for all requests at once (a request waits for the next step), so tokens come
+out together; ``--engine-arg stamp=true`` then writes each token's
+production time into its text, ``t{i}@{time.monotonic()} `` (the machine's
+monotonic clock, shared by its processes), so a client on the same machine
+can tell what the serving path added.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import hashlib
 import math
 import struct
+import time
 import types
 from collections.abc import AsyncIterator, Generator
 from typing import Any
@@ -44,22 +53,34 @@ class NullEngine(Engine):
         self.token_delay = token_delay
         self.context_length = context_length
         self.fail_after = fail_after  # raise after this many tokens (tests)
+        self.clock: _StepClock | None = None  # pacing=step: one step for all requests
 
     @classmethod
     def from_options(cls, opts: EngineOptions) -> NullEngine:
         names = [n for group in opts.served_names() for n in group]
         extra = dict(opts.engine_args)
         fail_after = extra.pop("fail_after", None)
+        pacing = extra.pop("pacing", "request")
+        stamp = extra.pop("stamp", False) in (True, "true", "1", 1)
         if extra:
             raise ValueError(f"the null engine takes no engine argument {sorted(extra)}")
         if fail_after is not None and (not isinstance(fail_after, int) or fail_after < 0):
             raise ValueError(f"fail_after wants a count >= 0, got {fail_after!r}")
-        return cls(names, opts.token_delay, opts.context_length or 4096, fail_after)
+        if pacing not in ("request", "step"):
+            raise ValueError(f"pacing wants request or step, got {pacing!r}")
+        if (pacing == "step" or stamp) and not opts.token_delay:
+            raise ValueError("pacing=step and stamp want a --token-delay")
+        eng = cls(names, opts.token_delay, opts.context_length or 4096, fail_after)
+        if pacing == "step" or stamp:
+            eng.clock = _StepClock(opts.token_delay, stamp)
+        return eng
 
     def default_capacity(self) -> tuple[int, str]:
         return CAPACITY, "the null engine's default"
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        if self.clock is not None:
+            return self._stepped(request, self.clock)
         if self.fail_after is None:
             return self._generate(request)
         return self._failing(request, self.fail_after)
@@ -122,6 +143,24 @@ class NullEngine(Engine):
             usage={"prompt_tokens": prompt_tokens, "completion_tokens": n},
         )
 
+    async def _stepped(self, request: GenerateRequest, clock: _StepClock) -> AsyncIterator[Delta]:
+        """Token i comes out at the engine step after token i - 1 (``pacing=step``)."""
+        prompt = request.prompt if request.prompt is not None else " ".join(
+            str(m.get("content", "")) for m in request.messages or []
+        )
+        start = len(request.continue_ids)
+        n = request.params.max_tokens or DEFAULT_MAX_TOKENS - start
+        usage: dict[str, int] = {"prompt_tokens": len(prompt.split())}
+        if n < 1:
+            yield Delta("", [], FINISH_LENGTH, usage={**usage, "completion_tokens": 0})
+            return
+        for i in range(start, start + n):
+            text = await clock.step(i)
+            if i == start + n - 1:
+                yield Delta(text, [i], FINISH_LENGTH, usage={**usage, "completion_tokens": n})
+            else:
+                yield Delta(text, [i], usage=usage if i == start else None)
+
     async def embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], int]:
         return [embed_text(t) for t in texts], sum(len(t.split()) for t in texts)
 
@@ -130,6 +169,33 @@ class NullEngine(Engine):
 
     async def decode(self, model: str, ids: list[int]) -> str:
         return "".join(_text(i) for i in ids)
+
+
+class _StepClock:
+    """Engine steps every ``interval`` seconds, shared by every request waiting:
+    the first waiter after a step schedules the next one, and one timer wakes
+    them all in the same loop turn."""
+
+    def __init__(self, interval: float, stamp: bool) -> None:
+        self.interval = interval
+        self.stamp = stamp
+        self._waiters: list[tuple[asyncio.Future[str], int]] = []
+
+    def step(self, i: int) -> asyncio.Future[str]:
+        """Token ``i``'s text, once the next step has run."""
+        loop = asyncio.get_running_loop()
+        if not self._waiters:
+            loop.call_later(self.interval, self._run)
+        fut: asyncio.Future[str] = loop.create_future()
+        self._waiters.append((fut, i))
+        return fut
+
+    def _run(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        now = f"@{time.monotonic():.6f} " if self.stamp else None
+        for fut, i in waiters:
+            if not fut.done():  # a cancelled request's future
+                fut.set_result(f"t{i}{now}" if now else _text(i) if i < len(_TEXTS) else f"t{i} ")
 
 
 @types.coroutine
