@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in turn, then one summary table.
 
-    python -m bench [--quick] [--only overhead,http,engines,serving,soak]
+    python -m bench [--quick] [--only overhead,http,engines,serving,vllm_server,scale,soak]
 
 Each benchmark measures zserve side by side with its baseline in the same
 run and writes ``bench/results/<name>.json``; this runner reads those files
@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, cell, machine_info
 
-BENCHES = ("overhead", "http", "engines", "serving", "soak")
+BENCHES = ("overhead", "http", "engines", "serving", "vllm_server", "scale", "soak")
 Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
 
@@ -42,7 +42,7 @@ def _target_rows(bench: str, key: str, name: Callable[[str], str]) -> Summarizer
             if not x.get(key) or not ratio or ratio < 0 or "RSS" in x["workload"]:
                 ratio = None  # e.g. RSS growth: a ratio of two near-zeros means nothing
             out.append([
-                bench, x["workload"], name(x["workload"]), cell(x.get(key)),
+                bench, x["workload"], x.get("baseline") or name(x["workload"]), cell(x.get(key)),
                 cell(x.get("zserve")), "-" if ratio is None else f"{ratio:g}x",
                 x.get("target", "-"), _met(x.get("pass")),
             ])  # fmt: skip
@@ -97,9 +97,15 @@ SUMMARIZE: dict[str, Summarizer] = {
     "http": _http_rows,
     "engines": _target_rows(
         "engines", "direct",
-        lambda w: _ENGINE_BASELINES.get(w.split(":", 1)[0], "same engine, in one process"),
+        lambda w: _ENGINE_BASELINES.get(
+            w.split(":", 1)[0].split("-", 1)[0], "same engine, in one process"
+        ),
     ),
     "serving": _target_rows("serving", "direct", lambda w: "vllm serve (vLLM's own server)"),
+    "vllm_server": _target_rows(
+        "vllm_server", "direct", lambda w: "vllm serve, same engine settings"
+    ),
+    "scale": _target_rows("scale", "base", lambda w: "-"),
     "soak": _soak_rows,
 }  # fmt: skip
 

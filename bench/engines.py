@@ -1,8 +1,12 @@
 """Real engines through zserve against the same engine driven directly, in the same run.
 
-``python -m bench.engines [--quick] [--engines hf,vllm]`` measures, for each
-engine, on the tiny random-weight Llama (``zserve.tiny_model``, written to a
-temporary directory):
+``python -m bench.engines [--quick] [--engines hf,vllm] [--models tiny,small]``
+measures, for each engine, on two random-weight Llamas (``zserve.tiny_model``,
+written to a temporary directory): ``tiny`` (hidden 128, 2 layers: a decode
+step of 1.3-3 ms, so any per-token serving cost shows) and ``small`` (hidden
+768, 8 layers, 58 M parameters: a step of 10-20 ms on one core, like a real
+model on a GPU); results of the small model are keyed ``hf-small``,
+``vllm-small``:
 
 * **direct**: the engine alone in one process, no broker, no sockets (a child
   process of this bench, ``--direct ENGINE``, so that it runs on the same
@@ -32,8 +36,18 @@ spinning never eats into the other's run; the CPU the idle side used during
 each run is measured and shown. Rates are medians over the rounds; the best
 run of each side is kept in the JSON too.
 
-Targets (from the issue): zserve >= 0.95x direct for hf and vllm at 1 and 32
-concurrent requests; hf: 8 concurrent requests >= 3x the tokens/s of 1.
+**Time to first token, hf** (both models): N requests of about 64 prompt
+tokens sent at once (N = 1, 8, 16, 32), 4 tokens each. In the direct process,
+with the prompts that join at one step prefilled together (``after``, the
+default) and one at a time (``before``: the same engine with
+``batch_prefill`` off, toggled between runs in the same process), alternating;
+and through zserve (batched prefill), from the client's send to its first
+delta.
+
+Targets (from the issues): zserve >= 0.95x direct for hf and vllm at 1 and
+32 concurrent requests on the tiny model, >= 0.97x at 1, 8 and 32 on the
+small one; hf: 8 concurrent requests >= 3x the tokens/s of 1; hf time to
+first token at 16 concurrent <= 3x the time at 1 (direct, batched prefill).
 Prints a table and writes bench/results/engines.json.
 """
 
@@ -84,9 +98,18 @@ PROMPTS = [
     "A woman in a green coat read a newspaper",
     "Three ships sailed into the harbour before the storm",
 ]
-# vLLM on CPU: no torch.compile warm-up, a 64 MiB KV cache (about 32 k tokens
-# of the tiny model: room for 32 x (prompt + 128) many times over).
+# Prompts for the time-to-first-token runs: about 64 tokens each, a different
+# window of the corpus for every request.
+_WORDS = " ".join(PROMPTS * 8).split()
+TTFT_PROMPTS = [" ".join(_WORDS[i * 5 : i * 5 + 48]) for i in range(32)]
+TTFT_TOKENS = 4  # tokens per request in the time-to-first-token runs
+TTFT_CONCURRENCY = (1, 8, 16, 32)
+MODELS = ("tiny", "small")
+# vLLM on CPU: no torch.compile warm-up, a KV cache of 64 MiB for the tiny
+# model (about 32 k tokens: room for 32 x (prompt + 128) many times over) and
+# 256 MiB for the small one (about 5 k tokens of 48 KiB each).
 VLLM_ENGINE_ARGS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
+VLLM_KV_BYTES = {"tiny": 64 << 20, "small": 256 << 20}
 DTYPE = "float32"
 # torch intra-op threads for the hf engine, the same on both sides: one core
 # left for the broker and the client (a 2-core machine gets 1). torch's idle
@@ -100,6 +123,10 @@ RUN_TIMEOUT = 300.0  # seconds for one measured run
 # Targets (from the issue).
 RATIO_MIN = 0.95  # zserve / direct tokens/s, at these concurrency levels
 RATIO_AT = (1, 32)
+RATIO_MIN_SMALL = 0.97  # the same on the small model
+RATIO_AT_SMALL = (1, 8, 32)
+TTFT_MAX_RATIO = 3.0  # hf: time to first token at 16 concurrent / at 1
+TTFT_AT = (16, 1)
 HF_SCALING_MIN = 3.0  # hf: tokens/s at 8 concurrent / at 1
 HF_SCALING = (8, 1)
 
@@ -120,6 +147,10 @@ class Settings:
 
 FULL = Settings(max_tokens=128, repeats=15, warmup=2)
 QUICK = Settings(max_tokens=64, repeats=5, warmup=1)
+# The small model's step is 5-10x the tiny one's: fewer tokens per run.
+FULL_SMALL = Settings(max_tokens=64, repeats=7, warmup=1)
+QUICK_SMALL = Settings(max_tokens=32, repeats=3, warmup=1)
+TTFT_REPEATS = {"full": 7, "quick": 3}
 
 
 def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -155,16 +186,25 @@ class _HFDirect:
     async def start(self) -> None:
         await self.engine.start()
 
-    async def one(self, i: int, n: int) -> int:
+    def set_batch_prefill(self, on: bool) -> None:
+        """Batched prefill on or off for the next runs (the runner reads it every step)."""
+        for sm in self.engine._served.values():
+            if sm.runner is not None:
+                sm.runner.batch_prefill = on
+
+    async def one(self, i: int, n: int, prompts: list[str], t0: float) -> tuple[int, float]:
+        """(tokens, seconds from ``t0`` to the first delta)."""
         from zserve.protocol import SamplingParams
         from zserve.worker.engine import GenerateRequest
 
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        req = GenerateRequest(f"d{next(self._ids)}", MODEL, PROMPTS[i % len(PROMPTS)], None, params)
-        got = 0
+        req = GenerateRequest(f"d{next(self._ids)}", MODEL, prompts[i % len(prompts)], None, params)
+        got, first = 0, 0.0
         async for d in self.engine.generate(req):
+            if not got:
+                first = time.perf_counter() - t0
             got += len(d.token_ids or ())
-        return got
+        return got, first
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
@@ -176,8 +216,9 @@ class _HFDirect:
 class _VLLMDirect:
     """vLLM's AsyncLLM, with the engine arguments and sampling zserve's vllm worker uses."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, kv_bytes: int) -> None:
         self.model_dir = model_dir
+        self.kv_bytes = kv_bytes
         self.llm: Any = None
         self._ids = itertools.count()
 
@@ -186,22 +227,28 @@ class _VLLMDirect:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=self.model_dir, dtype=DTYPE, disable_log_stats=True, **VLLM_ENGINE_ARGS
+            model=self.model_dir, dtype=DTYPE, disable_log_stats=True,
+            **{**VLLM_ENGINE_ARGS, "kv_cache_memory_bytes": self.kv_bytes},
         )
         self.llm = AsyncLLM.from_engine_args(args)
 
-    async def one(self, i: int, n: int) -> int:
+    def set_batch_prefill(self, on: bool) -> None:
+        pass  # vLLM schedules its own prefills
+
+    async def one(self, i: int, n: int, prompts: list[str], t0: float) -> tuple[int, float]:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         params = SamplingParams(
             n=1, temperature=0.0, ignore_eos=True, max_tokens=n,
             output_kind=RequestOutputKind.DELTA,
         )
-        prompt, rid = PROMPTS[i % len(PROMPTS)], f"d{next(self._ids)}"
-        got = 0
+        prompt, rid = prompts[i % len(prompts)], f"d{next(self._ids)}"
+        got, first = 0, 0.0
         async for out in self.llm.generate(prompt, params, rid):
+            if not got:
+                first = time.perf_counter() - t0
             got += len(out.outputs[0].token_ids)
-        return got
+        return got, first
 
     def stats(self) -> dict[str, int]:
         return {}
@@ -211,9 +258,12 @@ class _VLLMDirect:
             self.llm.shutdown()
 
 
-async def _serve_direct(engine: str, model_dir: str, out: TextIO) -> None:
-    """Answer one JSON line per command on stdin: {"concurrency": N, "max_tokens": M}."""
-    drv: _HFDirect | _VLLMDirect = (_HFDirect if engine == "hf" else _VLLMDirect)(model_dir)
+async def _serve_direct(engine: str, model_dir: str, kv_bytes: int, out: TextIO) -> None:
+    """Answer one JSON line per command on stdin: {"concurrency": N, "max_tokens": M,
+    and optionally "ttft_prompts": true, "batch_prefill": bool}."""
+    drv: _HFDirect | _VLLMDirect = (
+        _HFDirect(model_dir) if engine == "hf" else _VLLMDirect(model_dir, kv_bytes)
+    )
     try:
         await drv.start()
         out.write(json.dumps({"ready": True}) + "\n")
@@ -224,27 +274,32 @@ async def _serve_direct(engine: str, model_dir: str, out: TextIO) -> None:
                 break  # EOF: the bench is done with us
             cmd = json.loads(line)
             c, n = int(cmd["concurrency"]), int(cmd["max_tokens"])
+            prompts = TTFT_PROMPTS if cmd.get("ttft_prompts") else PROMPTS
+            drv.set_batch_prefill(bool(cmd.get("batch_prefill", True)))
             before = drv.stats()
             t0 = time.perf_counter()
-            counts = await asyncio.gather(*(drv.one(i, n) for i in range(c)))
+            got = await asyncio.gather(*(drv.one(i, n, prompts, t0) for i in range(c)))
             elapsed = time.perf_counter() - t0
+            counts, ttft = [g[0] for g in got], [g[1] for g in got]
             after = drv.stats()
-            stats = {k: after[k] - before.get(k, 0) for k in ("steps", "prefills") if k in after}
+            stats = {k: after[k] - before.get(k, 0)
+                     for k in ("steps", "prefills", "prefill_passes") if k in after}
             if "max_batch_size" in after:
                 stats["max_batch_size_so_far"] = after["max_batch_size"]
-            out.write(json.dumps({"elapsed": elapsed, "counts": counts, "stats": stats}) + "\n")
+            reply = {"elapsed": elapsed, "counts": counts, "ttft": ttft, "stats": stats}
+            out.write(json.dumps(reply) + "\n")
             out.flush()
     finally:
         await drv.close()
 
 
-def _direct_child(engine: str, model_dir: str) -> int:
+def _direct_child(engine: str, model_dir: str, kv_bytes: int) -> int:
     # Results go to the original stdout; everything libraries print goes to stderr.
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     logging.basicConfig(level=logging.WARNING)
-    _run_async(_serve_direct(engine, model_dir, out))
+    _run_async(_serve_direct(engine, model_dir, kv_bytes, out))
     return 0
 
 
@@ -313,12 +368,12 @@ def _settle(pids: dict[str, int], window: float = 0.1, quiet: float = 0.05,
 class DirectProc:
     """The direct side: ``python -m bench.engines --direct ENGINE`` in its own process group."""
 
-    def __init__(self, engine: str, model_dir: Path, log_path: Path) -> None:
+    def __init__(self, engine: str, model_dir: Path, log_path: Path, kv_bytes: int) -> None:
         self.log_path = log_path
         with open(log_path, "wb") as logf:
             self.proc = Proc(
                 [sys.executable, "-m", "bench.engines", "--direct", engine,
-                 "--model-dir", str(model_dir)],
+                 "--model-dir", str(model_dir), "--kv-bytes", str(kv_bytes)],
                 name=f"direct-{engine}",
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf, text=True,
             )
@@ -342,10 +397,11 @@ class DirectProc:
     def wait_ready(self) -> None:
         self._reply(START_TIMEOUT, "starting")
 
-    def run(self, concurrency: int, max_tokens: int) -> dict[str, Any]:
+    def run(self, concurrency: int, max_tokens: int, **extra: Any) -> dict[str, Any]:
         stdin = self.proc.popen.stdin
         assert stdin is not None
-        stdin.write(json.dumps({"concurrency": concurrency, "max_tokens": max_tokens}) + "\n")
+        cmd = {"concurrency": concurrency, "max_tokens": max_tokens, **extra}
+        stdin.write(json.dumps(cmd) + "\n")
         stdin.flush()
         return self._reply(RUN_TIMEOUT, f"running {concurrency} requests")
 
@@ -362,13 +418,14 @@ class DirectProc:
             self.proc.popen.stdout.close()
 
 
-def _worker_args(engine: str, model_dir: Path | str) -> list[str]:
+def _worker_args(engine: str, model_dir: Path | str, kv_bytes: int) -> list[str]:
     args = ["--engine", engine, "--model", str(model_dir), "--model-names", MODEL,
             "--dtype", DTYPE, "--capacity", str(CAPACITY)]
     if engine == "hf":
         args += ["--device", "cpu", f"--engine-arg=threads={HF_THREADS}"]
     else:
-        args += [f"--engine-arg={k}={json.dumps(v)}" for k, v in VLLM_ENGINE_ARGS.items()]
+        vargs = {**VLLM_ENGINE_ARGS, "kv_cache_memory_bytes": kv_bytes}
+        args += [f"--engine-arg={k}={json.dumps(v)}" for k, v in vargs.items()]
     return args
 
 
@@ -386,16 +443,20 @@ def _wait_served(frontend: str, worker: Proc, log_path: Path) -> None:
 
 
 async def _zserve_run(
-    frontend: str, concurrency: int, n: int, side: Side | None = None
+    frontend: str, concurrency: int, n: int, side: Side | None = None,
+    prompts: list[str] = PROMPTS, ttft: list[float] | None = None,
 ) -> tuple[float, list[int]]:
-    """``concurrency`` streams through one AsyncClient; (seconds, tokens per stream)."""
+    """``concurrency`` streams through one AsyncClient; (seconds, tokens per stream).
+    ``ttft``, when given, receives each stream's seconds to its first delta."""
     from zserve import AsyncClient
 
     async def one(ac: AsyncClient, i: int) -> int:
         got = 0
-        stream = ac.stream(MODEL, PROMPTS[i % len(PROMPTS)], max_tokens=n,
+        stream = ac.stream(MODEL, prompts[i % len(prompts)], max_tokens=n,
                            temperature=0.0, ignore_eos=True)
         async for d in stream:
+            if not got and ttft is not None:
+                ttft.append(time.perf_counter() - t0)
             got += len(d.token_ids or ())
         return got
 
@@ -460,17 +521,22 @@ class Side:
         }
 
 
-def bench_engine(engine: str, model_dir: Path, s: Settings, logs: Path) -> dict[str, Any]:
+def bench_engine(
+    engine: str, model_dir: Path, s: Settings, logs: Path, size: str = "tiny",
+    ttft_repeats: int = 0,
+) -> dict[str, Any]:
+    kv_bytes = VLLM_KV_BYTES[size]
     with ExitStack() as stack:
         t0 = time.monotonic()
         # Both sides load at once (the slow part for vLLM); nothing is measured yet.
-        direct = DirectProc(engine, model_dir, logs / f"direct-{engine}.log")
+        direct = DirectProc(engine, model_dir, logs / f"direct-{engine}-{size}.log", kv_bytes)
         stack.callback(direct.stop)
         broker, fe, be = start_broker(log_level="error")
         stack.callback(broker.stop)
-        wlog = logs / f"worker-{engine}.log"
+        wlog = logs / f"worker-{engine}-{size}.log"
         with open(wlog, "wb") as f:
-            worker = start_worker(be, *_worker_args(engine, model_dir), log_level="warning",
+            worker = start_worker(be, *_worker_args(engine, model_dir, kv_bytes),
+                                  log_level="warning",
                                   stdout=f, stderr=subprocess.STDOUT)
         stack.callback(worker.stop)
         direct.wait_ready()
@@ -525,6 +591,7 @@ def bench_engine(engine: str, model_dir: Path, s: Settings, logs: Path) -> dict[
             for c in s.concurrency:
                 for name in order:
                     runners[name](c, sides[c][name])
+        ttft = _ttft_rounds(engine, direct, fe, quiet_pids, ttft_repeats) if ttft_repeats else None
         levels: dict[str, Any] = {}
         for c in s.concurrency:
             d = sides[c]["direct"].summary(c * n)
@@ -543,13 +610,57 @@ def bench_engine(engine: str, model_dir: Path, s: Settings, logs: Path) -> dict[
             }
         return {
             "direct_baseline": BASELINES[engine],
-            "zserve_side": f"zserve broker + zserve worker {' '.join(_worker_args(engine, '-'))} "
+            "model": size,
+            "zserve_side": "zserve broker + zserve worker "
+            f"{' '.join(_worker_args(engine, '-', kv_bytes))} "
             "(model path elided), one AsyncClient in the bench process",
             "startup_s": round(startup_s, 1),
             "settle_s_before_run": {"median": round(median(settles), 2),
                                     "max": round(max(settles), 2)},
             "levels": levels,
+            **({"ttft": ttft} if ttft else {}),
         }
+
+
+def _ttft_rounds(
+    engine: str, direct: DirectProc, frontend: str, quiet_pids: dict[str, int], repeats: int
+) -> dict[str, Any]:
+    """Time to first token at each of TTFT_CONCURRENCY, requests sent at once:
+    direct with batched prefill (``after``) and one at a time (``before``),
+    alternating, and through zserve (batched). Medians over rounds of each
+    run's median and max."""
+    modes = ("before", "after") if engine == "hf" else ("after",)
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        m: {c: [] for c in TTFT_CONCURRENCY} for m in (*modes, "zserve")
+    }
+
+    def summary(xs: list[float]) -> dict[str, float]:
+        return {"p50_ms": median(xs) * 1e3, "max_ms": max(xs) * 1e3}
+
+    for r in range(repeats + 1):  # round 0 warms up
+        for c in TTFT_CONCURRENCY:
+            order = modes if r % 2 == 0 else modes[::-1]
+            for mode in (*order, "zserve"):
+                _settle(quiet_pids)
+                if mode == "zserve":
+                    got: list[float] = []
+                    _, counts = _run_async(_zserve_run(
+                        frontend, c, TTFT_TOKENS, prompts=TTFT_PROMPTS, ttft=got))
+                else:
+                    rep = direct.run(c, TTFT_TOKENS, ttft_prompts=True,
+                                     batch_prefill=mode == "after")
+                    counts, got = rep["counts"], rep["ttft"]
+                _check(counts, TTFT_TOKENS, f"{engine} ttft {mode} {c}")
+                if r:
+                    runs[mode][c].append(summary(got))
+    out: dict[str, Any] = {"prompts": "about 64 tokens each", "tokens": TTFT_TOKENS,
+                           "rounds": repeats}
+    for mode, by_c in runs.items():
+        out[mode] = {
+            str(c): {k: round(median([x[k] for x in xs]), 2) for k in ("p50_ms", "max_ms")}
+            for c, xs in by_c.items()
+        }
+    return out
 
 
 # ------------------------------------------------------------------ report
@@ -558,24 +669,49 @@ def bench_engine(engine: str, model_dir: Path, s: Settings, logs: Path) -> dict[
 def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for engine, e in m.items():
+        small = e.get("model") == "small"
+        at, least = (RATIO_AT_SMALL, RATIO_MIN_SMALL) if small else (RATIO_AT, RATIO_MIN)
         for key, lv in e["levels"].items():
             c = int(key)
-            target = c in RATIO_AT
+            target = c in at
             rows.append({
                 "workload": f"{engine}: {c} concurrent x {lv['tokens_per_request']} (tok/s)",
                 "direct": lv["direct"]["tok_s"],
                 "zserve": lv["zserve"]["tok_s"],
                 "ratio": lv["ratio"],
-                "target": f">= {RATIO_MIN}x direct" if target else "-",
-                "pass": lv["ratio"] >= RATIO_MIN if target else None,
+                "target": f">= {least}x direct" if target else "-",
+                "pass": lv["ratio"] >= least if target else None,
             })
+        t = e.get("ttft")
+        if t and "before" in t:
+            for key in t["after"]:
+                b, a = t["before"][key]["p50_ms"], t["after"][key]["p50_ms"]
+                rows.append({
+                    "workload": f"{engine}: time to first token, {key} at once, p50 (ms)",
+                    "direct": b, "zserve": a, "ratio": round(a / b, 3) if b else None,
+                    "target": "-", "pass": None,
+                    "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
+                    "after_is": "batched prefill, same process",
+                    "through_zserve_ms": t["zserve"][key]["p50_ms"],
+                })
+            hi, lo = (str(x) for x in TTFT_AT)
+            if hi in t["after"] and lo in t["after"]:
+                x = round(t["after"][hi]["p50_ms"] / t["after"][lo]["p50_ms"], 2)
+                xb = round(t["before"][hi]["p50_ms"] / t["before"][lo]["p50_ms"], 2)
+                rows.append({
+                    "workload": f"{engine}: time to first token at {hi} / at {lo} (x)",
+                    "direct": xb, "zserve": x, "ratio": None,
+                    "target": f"<= {TTFT_MAX_RATIO:g}x (batched)",
+                    "pass": x <= TTFT_MAX_RATIO,
+                    "baseline": "one-at-a-time prefill", "after_is": "batched prefill",
+                })
         hi, lo = (str(x) for x in HF_SCALING)
-        if engine == "hf" and hi in e["levels"] and lo in e["levels"]:
+        if engine.startswith("hf") and hi in e["levels"] and lo in e["levels"]:
             lv = e["levels"]
             xd = round(lv[hi]["direct"]["tok_s"] / lv[lo]["direct"]["tok_s"], 2)
             xz = round(lv[hi]["zserve"]["tok_s"] / lv[lo]["zserve"]["tok_s"], 2)
             rows.append({
-                "workload": f"hf: tok/s at {hi} concurrent / at {lo} (x)",
+                "workload": f"{engine}: tok/s at {hi} concurrent / at {lo} (x)",
                 "direct": xd,
                 "zserve": xz,
                 "ratio": None,
@@ -602,7 +738,27 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
          "idle zs ms/run", "idle direct ms/run"],
         cpu_rows,
     )
-    lines = [table, "", cpu, "", "direct baselines:"]
+    ttft_rows: list[list[Any]] = []
+    for engine, e in m.items():
+        t = e.get("ttft") or {}
+        for key in t.get("after", {}):
+            ttft_rows.append([
+                f"{engine} x{key}", (t.get("before") or {}).get(key, {}).get("p50_ms"),
+                t["after"][key]["p50_ms"], t["zserve"][key]["p50_ms"],
+                (t.get("before") or {}).get(key, {}).get("max_ms"), t["after"][key]["max_ms"],
+                t["zserve"][key]["max_ms"],
+            ])  # fmt: skip
+    lines = [table, "", cpu, ""]
+    if ttft_rows:
+        lines += [
+            "time to first token (ms), requests of ~64 prompt tokens sent at once:",
+            format_table(["TTFT", "p50 one-by-one", "p50 batched", "p50 zserve",
+                          "max one-by-one", "max batched", "max zserve"], ttft_rows),
+            "(one-by-one / batched: the direct engine with batch_prefill off / on, same "
+            "process, alternating; zserve: through broker + worker, batched)",
+            "",
+        ]
+    lines += ["direct baselines:"]
     for engine, e in m.items():
         lines.append(f"  {engine}: {e['direct_baseline']} (loaded in {e['startup_s']} s "
                      "together with the zserve side)")
@@ -640,12 +796,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help="comma-separated, from: hf, vllm (default: both; vllm is skipped "
                     "with a note when it is not installed)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated, from: tiny, small (default: both)")
     ap.add_argument("--out", default="engines.json", help="file name under bench/results/")
     ap.add_argument("--direct", choices=ENGINES, help=argparse.SUPPRESS)  # the child side
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-bytes", type=int, default=VLLM_KV_BYTES["tiny"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.direct:
-        return _direct_child(a.direct, a.model_dir)
+        return _direct_child(a.direct, a.model_dir, a.kv_bytes)
+    sizes = [x.strip() for x in a.models.split(",") if x.strip()]
+    if set(sizes) - set(MODELS):
+        ap.error(f"unknown model(s): {', '.join(sorted(set(sizes) - set(MODELS)))}")
 
     engines = [x.strip() for x in a.engines.split(",") if x.strip()]
     unknown = sorted(set(engines) - set(ENGINES))
@@ -659,29 +821,45 @@ def main(argv: list[str] | None = None) -> int:
         skipped["vllm"] = "not installed"
         print("note: vllm is not installed; measuring hf only", flush=True)
 
-    s = QUICK if a.quick else FULL
+    mode = "quick" if a.quick else "full"
     t0 = time.monotonic()
     load_before = os.getloadavg()
     measured: dict[str, Any] = {}
     with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="zserve-bench-") as tmp:
         from zserve.tiny_model import write_tiny_model
 
-        model_dir = write_tiny_model(Path(tmp) / "tiny")
-        for engine in engines:
-            print(f"{engine}: loading both sides ...", flush=True)
-            measured[engine] = bench_engine(engine, model_dir, s, Path(tmp))
+        for size in sizes:
+            model_dir = write_tiny_model(Path(tmp) / size, size=size)
+            s = {"tiny": QUICK, "small": QUICK_SMALL}[size] if a.quick else \
+                {"tiny": FULL, "small": FULL_SMALL}[size]
+            for engine in engines:
+                key = engine if size == "tiny" else f"{engine}-{size}"
+                print(f"{key}: loading both sides ...", flush=True)
+                measured[key] = bench_engine(
+                    engine, model_dir, s, Path(tmp), size,
+                    ttft_repeats=TTFT_REPEATS[mode] if engine == "hf" else 0,
+                )
     rows = evaluate(measured)
     result: dict[str, Any] = {
         "benchmark": "engines",
-        "mode": "quick" if a.quick else "full",
+        "mode": mode,
         "machine": machine_info(),
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
                                 "after": [round(x, 2) for x in os.getloadavg()]},
         "hf_threads": HF_THREADS,
         "torch_threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
                               if k in os.environ},
-        "model": "zserve tiny-model (random Llama: hidden 128, 2 layers, float32)",
-        "settings": asdict(s),
+        "models": {
+            "tiny": "zserve tiny-model (random Llama: hidden 128, 2 layers, float32)",
+            "small": "write_tiny_model(size='small') (random Llama: hidden 768, 8 layers, "
+            "12 heads, float32, 58 M parameters)",
+        },
+        "settings": {
+            "tiny": asdict(QUICK if a.quick else FULL),
+            "small": asdict(QUICK_SMALL if a.quick else FULL_SMALL),
+            "ttft": {"concurrency": TTFT_CONCURRENCY, "tokens": TTFT_TOKENS,
+                     "rounds": TTFT_REPEATS[mode]},
+        },
         "skipped": skipped,
         "rows": rows,
         "pass": all(r["pass"] is not False for r in rows),

