@@ -34,7 +34,7 @@ def count_finals(client: Any) -> Finals:
     route = core.on_message
     seen = Finals()
 
-    def on_message(frames: list[bytes], now: float) -> None:
+    def on_message(frames: list[bytes], now: float, *link: int) -> None:
         if len(frames) == 3 and frames[1] == p.C_TOKENS:
             try:
                 recs = p.decode_tokens(frames[2])
@@ -43,7 +43,7 @@ def count_finals(client: Any) -> Finals:
             for r in recs:
                 if r[3] is not None:
                     seen[r[0]] += 1
-        route(frames, now)
+        route(frames, now, *link)
 
     core.on_message = on_message
     return seen

@@ -67,6 +67,16 @@ class StreamState:
     waiter: Any = None  # async: a future the reader resolves (and clears)
     last: float = 0.0  # monotonic time of the request's send or latest record; 0: not sent
     resume: Resume | None = None  # None: this stream is not resumed
+    link: int = 0  # the broker (index in the client's broker list) it was sent to
+
+
+@dataclass(slots=True)
+class Link:
+    """What the client knows of one broker: liveness and its requests in flight."""
+
+    heard: float = 0.0  # last heard, or last had nothing in flight (whichever is later)
+    in_flight: int = 0  # streams sent through it and not ended
+    alive: bool = True  # False once silent past expiry, until it answers again
 
 
 def wake(st: StreamState) -> None:
@@ -84,21 +94,28 @@ RESUMABLE = frozenset({"worker_lost"})
 
 class ClientCore:
     def __init__(
-        self, heartbeat_interval: float = p.HEARTBEAT_INTERVAL, max_resumes: int = MAX_RESUMES
+        self,
+        heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
+        max_resumes: int = MAX_RESUMES,
+        brokers: int = 1,
+        primary: int = 0,
     ) -> None:
         self.max_resumes = max_resumes
-        # REQUESTs that continue streams whose worker died, for the client to
-        # send (the core does no I/O); and how many there have been.
-        self.resends: list[list[bytes]] = []
+        # REQUESTs that continue streams whose worker (or broker) died, for
+        # the client to send (the core does no I/O), each with the index of
+        # the broker to send it to; and how many there have been.
+        self.resends: list[tuple[int, list[bytes]]] = []
         self.resumes = 0
+        # One Link per broker: new requests go to the primary while it lives,
+        # else to the next live one.
+        self.links = [Link() for _ in range(brokers)]
+        self.primary = primary % brokers
         self._ids = itertools.count(1)
         self.streams: dict[bytes, StreamState] = {}
-        # Broker liveness: streams sent and not ended, and when we last heard
-        # the broker or last had nothing in flight, whichever is later (a
-        # client idle for an hour must not take the broker for dead the
-        # moment its next requests go out).
-        self.in_flight = 0
-        self.heard = 0.0
+        # Broker liveness (per Link): streams sent and not ended, and when we
+        # last heard the broker or last had nothing in flight, whichever is
+        # later (a client idle for an hour must not take the broker for dead
+        # the moment its next requests go out).
         self.heartbeat_interval = heartbeat_interval
         # Our heartbeat interval, advertised on every REQUEST and HEARTBEAT so
         # that the broker does not expire us sooner than we promise to speak.
@@ -189,32 +206,92 @@ class ClientCore:
     def cancel_frames(rid: bytes) -> list[bytes]:
         return [p.CLIENT, p.C_CANCEL, rid]
 
-    def mark_sent(self, rid: bytes, now: float) -> None:
-        """The request is on its way: its timeout counts from ``now``, and if
-        nothing else was in flight, so does the broker's liveness."""
+    def choose_link(self) -> int:
+        """The broker for a new request: the primary while it lives, else the
+        next live one (the primary if none is known to live)."""
+        links = self.links
+        n = len(links)
+        for k in range(n):
+            i = (self.primary + k) % n
+            if links[i].alive:
+                return i
+        return self.primary
+
+    def mark_sent(self, rid: bytes, now: float, link: int = 0) -> None:
+        """The request is on its way (through broker ``link``): its timeout
+        counts from ``now``, and if nothing else was in flight there, so does
+        that broker's liveness."""
         st = self.streams.get(rid)
         if st is None or st.last:
             return
         st.last = now
-        if not self.in_flight:
-            self.heard = now
-        self.in_flight += 1
+        st.link = link
+        lk = self.links[link]
+        if not lk.in_flight:
+            lk.heard = now
+        lk.in_flight += 1
+
+    def unmark_sent(self, rid: bytes) -> None:
+        """The send failed after all (``mark_sent`` undone): try another broker."""
+        st = self.streams.get(rid)
+        if st is not None and st.last:
+            st.last = 0.0
+            self.links[st.link].in_flight -= 1
+
+    def silent_links(self, now: float, expiry: float) -> list[int]:
+        """Brokers with requests in flight that have said nothing for ``expiry``."""
+        return [
+            i for i, lk in enumerate(self.links) if lk.in_flight and now - lk.heard > expiry
+        ]
 
     def broker_silent(self, now: float, expiry: float) -> bool:
-        return self.in_flight > 0 and now - self.heard > expiry
+        return bool(self.silent_links(now, expiry))
 
-    def heartbeat_frames(self, now: float) -> list[bytes]:
-        """A HEARTBEAT; it lists the requests that have been quiet for an
-        interval, so that the broker can say which of them it does not hold."""
+    def heartbeat_frames(self, now: float, link: int = 0) -> list[bytes]:
+        """A HEARTBEAT for broker ``link``; it lists that broker's requests
+        that have been quiet for an interval, so that it can say which of
+        them it does not hold."""
         quiet_since = now - self.heartbeat_interval
-        quiet = [rid for rid, st in self.streams.items() if 0.0 < st.last < quiet_since]
+        quiet = [
+            rid
+            for rid, st in self.streams.items()
+            if 0.0 < st.last < quiet_since and st.link == link
+        ]
         if not quiet:
             return self.HEARTBEAT
         return [*self.HEARTBEAT, p.encode_request_ids(quiet)]
 
+    def broker_lost(
+        self, link: int, err: ZServeError, now: float
+    ) -> tuple[list[StreamState], list[bytes]]:
+        """Broker ``link`` went silent: its streams continue through another
+        live broker where they can (resumption, queued in ``resends``), the
+        rest end with ``err``. Returns the streams ended, and the request ids
+        left behind on that broker (to cancel there, should it come back)."""
+        self.links[link].alive = False
+        target = self.choose_link()
+        other = target != link and self.links[target].alive
+        ended: list[StreamState] = []
+        left: list[bytes] = []
+        for rid, st in list(self.streams.items()):
+            if st.link != link or not st.last:
+                continue
+            left.append(rid)
+            r = st.resume
+            if other and r is not None and r.left > 0:
+                st.last = now  # its timeout counts afresh
+                self._continue(st, r, target)
+                continue
+            self._pop(rid)
+            st.records.append(p.error_record(rid, err.code, err.message))
+            st.done = True
+            ended.append(st)
+        self.links[link].in_flight = 0
+        return ended, left
+
     # ------------------------------------------------------------ incoming
 
-    def on_message(self, frames: list[bytes], now: float) -> None:
+    def on_message(self, frames: list[bytes], now: float, link: int = 0) -> None:
         """Route a broker message to its streams, in one pass over its records.
 
         Each stream that gets a record has ``last`` set to ``now`` and its
@@ -222,7 +299,9 @@ class ClientCore:
         payload that is not msgpack; skips records that are malformed or
         for request ids it does not know (cancelled, given up on).
         """
-        self.heard = now
+        lk = self.links[link]
+        lk.heard = now
+        lk.alive = True
         if len(frames) != 3 or frames[1] != p.C_TOKENS or frames[0] != p.CLIENT:
             return  # HEARTBEAT, or something this version does not know
         recs = p.unpack(frames[2])
@@ -250,7 +329,7 @@ class ClientCore:
             if rec[3] is not None:
                 st.done = True
                 del streams[rec[0]]
-                self.in_flight -= 1
+                self.links[st.link].in_flight -= 1
             if st.waiter is not None:
                 wake(st)
 
@@ -270,24 +349,35 @@ class ClientCore:
                 msg = why + str(err.get("message"))
                 rec[4] = {"error": {"code": "worker_lost", "message": msg}}
             return False
+        self._continue(st, r, st.link)
+        return True
+
+    def _continue(self, st: StreamState, r: Resume, link: int) -> None:
+        """Re-send ``st`` as a continuation, under a new id, through ``link``."""
         r.left -= 1
         self.resumes += 1
         del self.streams[st.rid]
         rid = st.rid = self.next_id()
         self.streams[rid] = st
+        old = self.links[st.link]
+        new = self.links[link]
+        old.in_flight -= 1
+        if not new.in_flight:
+            new.heard = st.last
+        new.in_flight += 1
+        st.link = link
         body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
-        self.resends.append([p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb])
-        return True
+        self.resends.append((link, [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb]))
 
-    def take_resends(self) -> list[list[bytes]]:
+    def take_resends(self) -> list[tuple[int, list[bytes]]]:
         out, self.resends = self.resends, []
         return out
 
     def _pop(self, rid: bytes) -> StreamState | None:
         st = self.streams.pop(rid, None)
         if st is not None and st.last:
-            self.in_flight -= 1
+            self.links[st.link].in_flight -= 1
         return st
 
     def forget(self, rid: bytes) -> bool:
@@ -304,7 +394,8 @@ class ClientCore:
             st.done = True
             out.append((rid, st))
         self.streams.clear()
-        self.in_flight = 0
+        for lk in self.links:
+            lk.in_flight = 0
         return out
 
     def fail(self, rid: bytes, code: str, message: str) -> StreamState | None:

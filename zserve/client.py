@@ -1,11 +1,18 @@
 """The Python client: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
 
-Socket role: one DEALER per client, connected to the broker's frontend
+Socket role: one DEALER per broker, connected to the broker's frontend
 ROUTER (``ZMQ_IMMEDIATE``, so a broker that is not there is an error, not a
 silent queue). Many requests share the socket; each has a request id and
 ends with exactly one final record. While requests are in flight the client
-heartbeats and expects the broker's heartbeats back: a broker silent for
-interval x liveness ends them with ``BrokerUnreachable``.
+heartbeats and expects the broker's heartbeats back.
+
+Several brokers (``Client("tcp://a:5555,tcp://b:5555")`` or a list): new
+requests go to this client's primary broker (picked at random, so clients
+spread) while it lives, else to the next live one. A broker silent for
+interval x liveness is skipped, and probed every interval until it answers;
+its streams continue through another broker by exact resumption (the
+prompt plus the ids received), so the caller sees one unbroken stream. With
+one broker, or none left, they end with ``BrokerUnreachable``.
 
 Closing a stream early (``close``/``aclose``, leaving its ``with`` block, or
 dropping it) cancels its request on the worker.
@@ -15,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -66,6 +74,20 @@ def _close(sock: zmq.Socket, sent: bool) -> None:
     sock.close(CLOSE_LINGER_MS if sent else 0)
 
 
+def broker_addresses(address: str | Sequence[str]) -> list[str]:
+    """One address, a comma-separated list, or a sequence of them."""
+    items = [address] if isinstance(address, str) else list(address)
+    out = [a.strip() for item in items for a in item.split(",") if a.strip()]
+    if not out:
+        raise ValueError("no broker address given")
+    return out
+
+
+# A QUERY sent to a broker thought dead: any answer shows it lives again.
+_PROBE_ID = b"~probe"
+_PROBE = [p.CLIENT, p.C_QUERY, _PROBE_ID, p.SERVICE_MODELS]
+
+
 def _dealer(
     ctx: zmq.Context, address: str, curve: ClientCurve | None = None
 ) -> tuple[zmq.Socket, HandshakeWatch | None]:
@@ -83,38 +105,48 @@ def _dealer(
 class _Base:
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float,
         heartbeat_interval: float,
         heartbeat_liveness: int,
         connect_timeout: float,
         max_resumes: int = MAX_RESUMES,
     ) -> None:
-        self.address = address
+        self.addresses = broker_addresses(address)
+        self.address = ",".join(self.addresses)
         self.timeout = timeout  # seconds without progress before Timeout
         self.heartbeat_interval = heartbeat_interval
         self.expiry = heartbeat_interval * heartbeat_liveness
         self.connect_timeout = connect_timeout
-        self._core = ClientCore(heartbeat_interval, max_resumes)
+        n = len(self.addresses)
+        self._core = ClientCore(heartbeat_interval, max_resumes, n, random.randrange(n))
         self._last_send = 0.0
         self._closed = False
+        self._watches: list[HandshakeWatch | None] = []  # CURVE handshakes, per broker
+        self._last_probe = 0.0
+
+    def _links_to_try(self) -> list[int]:
+        """The broker for a new request first, then the others."""
+        first = self._core.choose_link()
+        n = len(self.addresses)
+        return [first] + [i for i in range(n) if i != first]
 
     @property
     def resumes(self) -> int:
         """Streams continued on another worker after theirs died, so far."""
         return self._core.resumes
 
-    _watch: HandshakeWatch | None = None  # CURVE handshakes, where CURVE is on
-
-    def _unreachable(self) -> BrokerUnreachable:
+    def _unreachable(self, link: int = 0) -> BrokerUnreachable:
         """Nothing could be sent within ``connect_timeout``."""
-        if self._watch is not None:
-            return BrokerUnreachable(self._watch.explain(self.address))
-        return BrokerUnreachable(f"no broker at {self.address}")
+        address = self.addresses[link]
+        watch = self._watches[link] if link < len(self._watches) else None
+        if watch is not None:
+            return BrokerUnreachable(watch.explain(address))
+        return BrokerUnreachable(f"no broker at {address}")
 
-    def _silent_error(self) -> BrokerUnreachable:
+    def _silent_error(self, link: int = 0) -> BrokerUnreachable:
         return BrokerUnreachable(
-            f"broker at {self.address} went silent for {self.expiry:g} s"
+            f"broker at {self.addresses[link]} went silent for {self.expiry:g} s"
         )
 
 
@@ -144,7 +176,8 @@ class Stream:
             if remaining <= 0:
                 self.close()
                 raise Timeout(f"no reply within {c.timeout} s")
-            c._pump(min(remaining, c.heartbeat_interval))
+            # (a quarter interval: a silent broker is noticed soon after expiry)
+            c._pump(min(remaining, c.heartbeat_interval / 4))
         rec = st.records.popleft()
         try:
             d = to_delta(rec)
@@ -159,9 +192,10 @@ class Stream:
         """Stop reading; cancels the request if it is still running."""
         if not self._finished:
             self._finished = True
-            rid = self._state.rid  # the current attempt's (a resume takes a new id)
+            st = self._state  # the current attempt's id and broker (a resume moves them)
+            rid = st.rid
             if self._client._core.forget(rid) and not self._client._closed:
-                self._client._send_cancel(rid)
+                self._client._send_cancel(rid, st.link)
 
     def __enter__(self) -> Stream:
         return self
@@ -179,7 +213,7 @@ class Client(_Base):
 
     def __init__(
         self,
-        address: str = p.DEFAULT_FRONTEND,
+        address: str | Sequence[str] = p.DEFAULT_FRONTEND,
         *,
         timeout: float = 60.0,
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
@@ -194,109 +228,157 @@ class Client(_Base):
         )
         # CURVE: our .key_secret file and the broker's .key file (or z85 keys)
         curve = ClientCurve.load(curve_secret, curve_server)
-        self._sock, self._watch = _dealer(zmq.Context.instance(), address, curve)
-        self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set
-        # CANCELs that found the pipe full: sent before anything else, so a
-        # cancel is never lost while the request it names can still run.
-        self._backlog: deque[list[bytes]] = deque()
+        ctx = zmq.Context.instance()
+        self._socks: list[zmq.Socket] = []
+        for a in self.addresses:
+            sock, watch = _dealer(ctx, a, curve)
+            self._socks.append(sock)
+            self._watches.append(watch)
+        self._sock = self._socks[0]  # the one socket of a one-broker client
+        self._poller: zmq.Poller | None = None
+        if len(self._socks) > 1:
+            self._poller = zmq.Poller()
+            for sock in self._socks:
+                self._poller.register(sock, zmq.POLLIN)
+        self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set (one-broker path)
+        # CANCELs that found the pipe full, per broker: sent before anything
+        # else, so a cancel is never lost while the request it names can run.
+        self._backlogs: list[deque[list[bytes]]] = [deque() for _ in self._socks]
+        self._sent_at = [0.0] * len(self._socks)  # last send, per broker
 
-    def _flush_backlog(self) -> bool:
+    def _flush_backlog(self, link: int = 0) -> bool:
         """Send what waits; True once nothing does."""
-        while self._backlog:
+        backlog = self._backlogs[link]
+        sock = self._socks[link]
+        while backlog:
             try:
-                send_frames(self._sock, self._backlog[0])
+                send_frames(sock, backlog[0])
             except zmq.Again:
                 return False
-            self._backlog.popleft()
+            backlog.popleft()
         return True
 
-    def _send(self, frames: list[bytes], quiet: bool = False) -> None:
+    def _send(self, frames: list[bytes], quiet: bool = False, link: int = 0) -> None:
         """Send, waiting up to ``connect_timeout`` for room; ``quiet``: a
         heartbeat, dropped if there is no room at once."""
-        if not self._flush_backlog():
+        sock = self._socks[link]
+        if not self._flush_backlog(link):
             if quiet:
                 return
             deadline = time.monotonic() + self.connect_timeout
-            while not self._flush_backlog():
+            while not self._flush_backlog(link):
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._sock.poll(left * 1000, zmq.POLLOUT):
-                    raise self._unreachable()
+                if left <= 0 or not sock.poll(left * 1000, zmq.POLLOUT):
+                    raise self._unreachable(link)
         try:
-            send_frames(self._sock, frames)
+            send_frames(sock, frames)
         except zmq.Again:
-            if quiet or not self._sock.poll(self.connect_timeout * 1000, zmq.POLLOUT):
+            if quiet or not sock.poll(self.connect_timeout * 1000, zmq.POLLOUT):
                 if quiet:
                     return
-                raise self._unreachable() from None
-            send_frames(self._sock, frames)
-        self._last_send = time.monotonic()
+                raise self._unreachable(link) from None
+            send_frames(sock, frames)
+        self._last_send = self._sent_at[link] = time.monotonic()
 
-    def _send_cancel(self, rid: bytes) -> None:
+    def _send_cancel(self, rid: bytes, link: int = 0) -> None:
         """A CANCEL goes out now or, if the pipe is full, before the next send."""
         frames = self._core.cancel_frames(rid)
-        if not self._flush_backlog():
-            self._backlog.append(frames)
+        if not self._flush_backlog(link):
+            self._backlogs[link].append(frames)
             return
         try:
-            send_frames(self._sock, frames)
+            send_frames(self._socks[link], frames)
         except zmq.Again:
-            self._backlog.append(frames)
+            self._backlogs[link].append(frames)
 
-    def _pump(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for broker messages and route them.
-
-        A blocking receive with ``ZMQ_RCVTIMEO`` (set only when it changes)
-        costs less than a poll then a receive; then whatever else is waiting
-        is read without blocking, checking ``ZMQ_EVENTS`` rather than
-        provoking ``zmq.Again``.
-        """
-        sock = self._sock
-        if self._backlog:
-            self._flush_backlog()
-        ms = max(0, int(timeout * 1000))
-        if ms != self._rcvtimeo:
-            _set(sock, _RCVTIMEO, ms)
-            self._rcvtimeo = ms
-        try:
-            frames = recv_frames(sock, 0)  # blocks up to RCVTIMEO
-        except zmq.Again:
-            pass
-        else:
+    def _read(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for broker messages and route them."""
+        core = self._core
+        if self._poller is None:
+            # One broker: a blocking receive with ZMQ_RCVTIMEO (set only when
+            # it changes) costs less than a poll then a receive; then whatever
+            # else waits is read without blocking, checking ZMQ_EVENTS rather
+            # than provoking zmq.Again.
+            sock = self._sock
+            ms = max(0, int(timeout * 1000))
+            if ms != self._rcvtimeo:
+                _set(sock, _RCVTIMEO, ms)
+                self._rcvtimeo = ms
+            try:
+                frames = recv_frames(sock, 0)  # blocks up to RCVTIMEO
+            except zmq.Again:
+                return
             now = time.monotonic()
-            core = self._core
             while True:
                 try:
                     core.on_message(frames, now)
                 except (ValueError, TypeError):
                     pass  # malformed: ignore
                 if not _get(sock, _EVENTS) & _POLLIN:
-                    break
+                    return
                 frames = recv_frames(sock)
+        ready = dict(self._poller.poll(max(0, int(timeout * 1000))))
+        now = time.monotonic()
+        for link, sock in enumerate(self._socks):
+            if sock not in ready:
+                continue
+            while _get(sock, _EVENTS) & _POLLIN:
+                try:
+                    core.on_message(recv_frames(sock), now, link)
+                except (ValueError, TypeError):
+                    pass  # malformed: ignore
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for broker messages and route them; then
+        send what is owed (continuations, heartbeats, probes) and judge the
+        brokers' silence."""
+        for link, backlog in enumerate(self._backlogs):
+            if backlog:
+                self._flush_backlog(link)
+        self._read(timeout)
         now = time.monotonic()
         core = self._core
-        if core.resends:
-            for frames in core.take_resends():
+        for link, lk in enumerate(core.links):
+            if lk.in_flight and now - self._sent_at[link] >= self.heartbeat_interval:
+                self._send(core.heartbeat_frames(now, link), quiet=True, link=link)
+        for link in core.silent_links(now, self.expiry):
+            ended, left = core.broker_lost(link, self._silent_error(link), now)
+            for rid in left:
+                self._send_cancel(rid, link)  # delivered if the broker was only slow
+        self._resend()
+        if now - self._last_probe >= self.heartbeat_interval:
+            self._last_probe = now
+            for link, lk in enumerate(core.links):
+                if not lk.alive:
+                    self._send(_PROBE, quiet=True, link=link)
+
+    def _resend(self) -> None:
+        """Send the continuations the core queued (worker or broker lost)."""
+        core = self._core
+        while core.resends:
+            for link, frames in core.take_resends():
                 try:
-                    self._send(frames)
+                    self._send(frames, link=link)
                 except BrokerUnreachable as e:
                     st = core.fail(frames[2], e.code, e.message)
                     if st is not None:
-                        self._send_cancel(frames[2])
-        if core.streams and now - self._last_send >= self.heartbeat_interval:
-            self._send(core.heartbeat_frames(now), quiet=True)
-        if core.broker_silent(now, self.expiry):
-            for rid, _ in core.fail_all(self._silent_error()):
-                self._send_cancel(rid)  # delivered if the broker was only slow
+                        self._send_cancel(frames[2], link)
 
     def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
         st = self._core.streams[rid]
-        try:
-            self._send(frames)
-        except BrokerUnreachable:
-            self._core.forget(rid)
-            raise
-        self._core.mark_sent(rid, time.monotonic())
-        return st
+        err: BrokerUnreachable | None = None
+        for link in self._links_to_try():
+            try:
+                self._send(frames, link=link)
+            except BrokerUnreachable as e:
+                err = err or e
+                self._core.links[link].alive = False  # probed until it answers
+                continue
+            self._core.mark_sent(rid, time.monotonic(), link)
+            return st
+        self._core.forget(rid)
+        assert err is not None
+        raise err
 
     def stream(
         self,
@@ -352,13 +434,15 @@ class Client(_Base):
             return
         for rid, st in list(self._core.streams.items()):
             if st.last:
-                self._send_cancel(rid)
+                self._send_cancel(rid, st.link)
         self._core.fail_all(Cancelled("client closed"))
         self._closed = True
-        self._flush_backlog()
-        _close(self._sock, self._last_send > 0)
-        if self._watch is not None:
-            self._watch.close()
+        for link, sock in enumerate(self._socks):
+            self._flush_backlog(link)
+            _close(sock, self._sent_at[link] > 0)
+        for watch in self._watches:
+            if watch is not None:
+                watch.close()
 
     def __enter__(self) -> Client:
         return self
@@ -446,9 +530,10 @@ class AsyncStream:
         if not self._finished:
             self._finished = True
             c = self._client
-            rid = self._state.rid  # the current attempt's (a resume takes a new id)
+            st = self._state  # the current attempt's id and broker (a resume moves them)
+            rid = st.rid
             if c._core.forget(rid) and self._frames is None and not c._closed:
-                c._send_cancel(rid)
+                c._send_cancel(rid, st.link)
 
     async def __aenter__(self) -> AsyncStream:
         await self.start()
@@ -472,7 +557,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        address: str = p.DEFAULT_FRONTEND,
+        address: str | Sequence[str] = p.DEFAULT_FRONTEND,
         *,
         timeout: float = 60.0,
         heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
@@ -486,84 +571,139 @@ class AsyncClient(_Base):
             address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout, max_resumes
         )
         curve = ClientCurve.load(curve_secret, curve_server)  # as on Client
-        self._raw, self._watch = _dealer(zmq.Context.instance(), address, curve)
-        self._sock: LoopSocket | None = None  # bound to the loop on first use
+        ctx = zmq.Context.instance()
+        self._raws: list[zmq.Socket] = []
+        for a in self.addresses:
+            raw, watch = _dealer(ctx, a, curve)
+            self._raws.append(raw)
+            self._watches.append(watch)
+        self._socks: list[LoopSocket] | None = None  # bound to the loop on first use
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _loop_sock(self) -> LoopSocket:
-        if self._sock is None:
+    def _loop_socks(self) -> list[LoopSocket]:
+        if self._socks is None:
             if self._closed:
                 raise Cancelled("client closed")
-            self._loop = asyncio.get_running_loop()
-            self._sock = LoopSocket(self._raw, self._on_message, self._loop, READ_BATCH)
+            loop = self._loop = asyncio.get_running_loop()
+            self._socks = [
+                LoopSocket(raw, self._reader(link), loop, READ_BATCH)
+                for link, raw in enumerate(self._raws)
+            ]
             self._ticker = asyncio.create_task(self._tick())
-        return self._sock
+        return self._socks
 
-    async def _send(self, frames: list[bytes]) -> None:
-        sock = self._loop_sock()
+    def _reader(self, link: int) -> Any:
+        if link == 0:
+            return self._on_message
+        return lambda frames: self._on_message(frames, link)
+
+    async def _send(self, frames: list[bytes], link: int = 0) -> None:
+        sock = self._loop_socks()[link]
         drained = sock.send(frames)
         if drained is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(drained), self.connect_timeout)
             except TimeoutError:
                 sock.unsend(frames)
-                raise self._unreachable() from None
+                raise self._unreachable(link) from None
         self._last_send = time.monotonic()
 
-    def _send_nowait(self, frames: list[bytes]) -> None:
+    def _send_nowait(self, frames: list[bytes], link: int = 0) -> None:
         """Best effort (heartbeats): dropped if the pipe has no room."""
-        if self._sock is not None:
-            self._sock.send_now(frames)
+        if self._socks is not None:
+            self._socks[link].send_now(frames)
 
-    def _send_cancel(self, rid: bytes) -> None:
+    def _send_cancel(self, rid: bytes, link: int = 0) -> None:
         """Never dropped: queued behind anything not yet sent (the REQUEST
         it names, if that still waits) and sent when there is room."""
-        if self._sock is not None and not self._sock.closed:
-            self._sock.send(self._core.cancel_frames(rid))
+        if self._socks is not None and not self._socks[link].closed:
+            self._socks[link].send(self._core.cancel_frames(rid))
 
     async def _open(self, rid: bytes, frames: list[bytes]) -> None:
-        # its timeout, and the broker's liveness if nothing else was in
-        # flight, count from here
-        self._core.mark_sent(rid, time.monotonic())
-        try:
-            await self._send(frames)
-        except BrokerUnreachable:
-            self._core.forget(rid)
-            raise
+        core = self._core
+        err: BrokerUnreachable | None = None
+        for link in self._links_to_try():
+            # its timeout, and the broker's liveness if nothing else was in
+            # flight there, count from here
+            core.mark_sent(rid, time.monotonic(), link)
+            try:
+                await self._send(frames, link)
+                return
+            except BrokerUnreachable as e:
+                err = err or e
+                core.unmark_sent(rid)
+                core.links[link].alive = False  # probed until it answers
+        core.forget(rid)
+        assert err is not None
+        raise err
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _on_message(self, frames: list[bytes], link: int = 0) -> None:
         core = self._core
         try:
-            core.on_message(frames, time.monotonic())
+            core.on_message(frames, time.monotonic(), link)
         except (ValueError, TypeError):
             return  # malformed: ignore
-        if core.resends and self._sock is not None:
-            for f in core.take_resends():
-                self._sock.send(f)  # queued if there is no room: never dropped
+        if core.resends:
+            self._resend()
+
+    def _resend(self) -> None:
+        """Send the continuations the core queued (worker or broker lost):
+        queued if there is no room, never dropped."""
+        socks = self._socks
+        if socks is not None:
+            for link, frames in self._core.take_resends():
+                socks[link].send(frames)
 
     async def _tick(self) -> None:
+        """Every interval: heartbeats, probes of dead brokers, timeouts. And a
+        broker's silence is judged the moment it passes expiry, not at the
+        next interval, so a stream moves on within interval x liveness."""
         core = self._core
+        interval = self.heartbeat_interval
+        beat = time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            wake = beat + interval
+            for lk in core.links:
+                if lk.in_flight:
+                    wake = min(wake, lk.heard + self.expiry + 0.001)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
             now = time.monotonic()
+            silent = core.silent_links(now, self.expiry)
+            if now < beat + interval:
+                if silent:
+                    self._lost(silent, now)
+                continue
+            beat = now
+            for link, lk in enumerate(core.links):
+                if not lk.alive:
+                    self._send_nowait(_PROBE, link)  # any answer: alive again
             if not core.streams:
                 continue
-            self._send_nowait(core.heartbeat_frames(now))
-            if core.broker_silent(now, self.expiry):
-                ended = core.fail_all(self._silent_error())
-                for rid, st in ended:
-                    if st.last:
-                        self._send_cancel(rid)  # delivered if the broker was only slow
-                self._wake([st for _, st in ended])
+            for link, lk in enumerate(core.links):
+                if lk.in_flight:
+                    self._send_nowait(core.heartbeat_frames(now, link), link)
+            if silent:
+                self._lost(silent, now)
                 continue
             stale = now - self.timeout
             late = [rid for rid, st in core.streams.items() if 0.0 < st.last < stale]
             for rid in late:
                 st = core.fail(rid, "timeout", f"no reply in {self.timeout} s")
                 if st is not None:
-                    self._send_cancel(rid)
+                    self._send_cancel(rid, st.link)
                     self._wake([st])
+
+    def _lost(self, silent: list[int], now: float) -> None:
+        """Brokers gone silent: their streams move on (or end)."""
+        core = self._core
+        for link in silent:
+            ended, left = core.broker_lost(link, self._silent_error(link), now)
+            for rid in left:
+                self._send_cancel(rid, link)  # delivered if the broker was only slow
+            self._wake(ended)
+        if core.resends:
+            self._resend()
 
     @staticmethod
     def _wake(states: list[StreamState]) -> None:
@@ -625,19 +765,22 @@ class AsyncClient(_Base):
             return
         for rid, st in list(self._core.streams.items()):
             if st.last:
-                self._send_cancel(rid)
+                self._send_cancel(rid, st.link)
         self._wake([st for _, st in self._core.fail_all(Cancelled("client closed"))])
         self._closed = True
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        if self._sock is not None:
-            self._sock.close(CLOSE_LINGER_MS)
+        if self._socks is not None:
+            for sock in self._socks:
+                sock.close(CLOSE_LINGER_MS)
         else:
-            self._raw.close(0)
-        if self._watch is not None:
-            self._watch.close()
+            for raw in self._raws:
+                raw.close(0)
+        for watch in self._watches:
+            if watch is not None:
+                watch.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -110,7 +110,7 @@ def late_records(client: Any) -> list[bytes]:
     finished: set[bytes] = set()
     late: list[bytes] = []
 
-    def on_message(frames: list[bytes], now: float) -> None:
+    def on_message(frames: list[bytes], now: float, *link: int) -> None:
         if len(frames) == 3 and frames[1] == p.C_TOKENS:
             try:
                 recs = p.decode_tokens(frames[2])
@@ -121,7 +121,7 @@ def late_records(client: Any) -> list[bytes]:
                     late.append(r[0])
                 elif r[3] is not None:
                     finished.add(r[0])
-        route(frames, now)
+        route(frames, now, *link)
 
     core.on_message = on_message
     return late
