@@ -7,9 +7,10 @@ ends with exactly one final record. While requests are in flight the client
 heartbeats and expects the broker's heartbeats back.
 
 Several brokers (``Client("tcp://a:5555,tcp://b:5555")`` or a list): new
-requests go to this client's primary broker (picked at random, so clients
-spread) while it lives, else to the next live one. A broker silent for
-interval x liveness is skipped, and probed every interval until it answers;
+requests go to this client's primary broker (``primary=``, an index; by
+default picked at random, so clients spread) while it lives, else to the
+next live one. A broker silent for interval x liveness is skipped, and
+probed every interval until it answers;
 its streams continue through another broker by exact resumption (the
 prompt plus the ids received), so the caller sees one unbroken stream. With
 one broker, or none left, they end with ``BrokerUnreachable``.
@@ -111,6 +112,7 @@ class _Base:
         heartbeat_liveness: int,
         connect_timeout: float,
         max_resumes: int = MAX_RESUMES,
+        primary: int | None = None,
     ) -> None:
         self.addresses = broker_addresses(address)
         self.address = ",".join(self.addresses)
@@ -119,7 +121,11 @@ class _Base:
         self.expiry = heartbeat_interval * heartbeat_liveness
         self.connect_timeout = connect_timeout
         n = len(self.addresses)
-        self._core = ClientCore(heartbeat_interval, max_resumes, n, random.randrange(n))
+        if primary is None:
+            primary = random.randrange(n)  # clients spread over the brokers
+        elif not 0 <= primary < n:
+            raise ValueError(f"primary must index one of the {n} brokers")
+        self._core = ClientCore(heartbeat_interval, max_resumes, n, primary)
         self._last_send = 0.0
         self._closed = False
         self._watches: list[HandshakeWatch | None] = []  # CURVE handshakes, per broker
@@ -222,9 +228,16 @@ class Client(_Base):
         curve_secret: KeySource | None = None,
         curve_server: KeySource | None = None,
         max_resumes: int = MAX_RESUMES,
+        primary: int | None = None,
     ) -> None:
         super().__init__(
-            address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout, max_resumes
+            address,
+            timeout,
+            heartbeat_interval,
+            heartbeat_liveness,
+            connect_timeout,
+            max_resumes,
+            primary,
         )
         # CURVE: our .key_secret file and the broker's .key file (or z85 keys)
         curve = ClientCurve.load(curve_secret, curve_server)
@@ -566,9 +579,16 @@ class AsyncClient(_Base):
         curve_secret: KeySource | None = None,
         curve_server: KeySource | None = None,
         max_resumes: int = MAX_RESUMES,
+        primary: int | None = None,
     ) -> None:
         super().__init__(
-            address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout, max_resumes
+            address,
+            timeout,
+            heartbeat_interval,
+            heartbeat_liveness,
+            connect_timeout,
+            max_resumes,
+            primary,
         )
         curve = ClientCurve.load(curve_secret, curve_server)  # as on Client
         ctx = zmq.Context.instance()
