@@ -68,6 +68,7 @@ class StreamState:
     last: float = 0.0  # monotonic time of the request's send or latest record; 0: not sent
     resume: Resume | None = None  # None: this stream is not resumed
     link: int = 0  # the broker (index in the client's broker list) it was sent to
+    tried: int = 0  # brokers (bits) that answered model_not_found before any token
 
 
 @dataclass(slots=True)
@@ -341,6 +342,15 @@ class ClientCore:
             return False
         err = (rec[4] or {}).get("error") or {}
         code = err.get("code")
+        if code == "model_not_found" and not r.ids and not r.chars:
+            # Brokers can disagree for a moment (one just restarted, its
+            # workers not back yet): ask the next live broker not yet asked.
+            st.tried |= 1 << st.link
+            for k in range(1, len(self.links)):
+                i = (st.link + k) % len(self.links)
+                if self.links[i].alive and not st.tried >> i & 1:
+                    self._continue(st, r, i, bounce=True)
+                    return True
         if code not in RESUMABLE or r.left <= 0:
             if r.left < self.max_resumes and code not in RESUMABLE:
                 # A continuation that could not run (no other worker...):
@@ -352,10 +362,12 @@ class ClientCore:
         self._continue(st, r, st.link)
         return True
 
-    def _continue(self, st: StreamState, r: Resume, link: int) -> None:
-        """Re-send ``st`` as a continuation, under a new id, through ``link``."""
-        r.left -= 1
-        self.resumes += 1
+    def _continue(self, st: StreamState, r: Resume, link: int, bounce: bool = False) -> None:
+        """Re-send ``st`` as a continuation, under a new id, through ``link``
+        (``bounce``: the same request to another broker, not a resume)."""
+        if not bounce:
+            r.left -= 1
+            self.resumes += 1
         del self.streams[st.rid]
         rid = st.rid = self.next_id()
         self.streams[rid] = st

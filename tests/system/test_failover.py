@@ -8,6 +8,7 @@ SIGKILLed mid-stream and restarted on the same ports.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -146,5 +147,129 @@ def test_an_async_client_with_all_brokers_dead_fails_clearly() -> None:
                 raise AssertionError("the stream ended without an error")
 
         asyncio.run(main())
+    finally:
+        b.stop()
+
+
+# ---------------------------------------------- through the gateway, hf
+
+
+PROMPTS = [f"Once upon a time there was a dragon number {i}" for i in range(4)]
+
+
+def test_gateway_with_two_brokers_loses_no_stream_when_one_dies(tiny_model_dir) -> None:
+    """Two brokers, two hf workers registered with both, the gateway given
+    both: 32 concurrent greedy streams; the broker carrying them is SIGKILLed
+    mid-run. No caller sees an error and every text equals an uninterrupted
+    run; the broker, restarted, is used again within 10 s."""
+    import httpx
+
+    from tests.gateway.conftest import start_gateway
+
+    b = Brokers(2)
+    try:
+        for i in range(2):
+            b.start(i)
+        for _ in range(2):
+            b.others.append(start_worker(
+                b.backends[0], "--broker", b.backends[1], "--engine", "hf",
+                "--model", str(tiny_model_dir), "--model-names", "tiny", "--dtype", "float32",
+                "--capacity", "32", "--engine-arg", "threads=1", *FAST_HB,
+            ))  # fmt: skip
+        for i in range(2):
+            wait_for(lambda i=i: len(b.status(i)["workers"]) == 2, 120, f"workers on broker {i}")
+        gw, root = start_gateway(",".join(b.frontends), *FAST_HB)
+        b.others.append(gw)
+        n = 300
+        body = {"model": "tiny", "max_tokens": n, "temperature": 0, "ignore_eos": True}
+
+        def ask(prompt: str, **kw: Any) -> dict[str, Any]:
+            r = httpx.post(root + "/v1/completions", json={**body, "prompt": prompt, **kw},
+                           timeout=120)  # fmt: skip
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        want = {p: ask(p)["choices"][0]["text"] for p in PROMPTS}
+
+        async def run() -> tuple[list[str], list[Any]]:
+            started = asyncio.Event()
+            count = 0
+            errors: list[Any] = []
+
+            async def one(prompt: str) -> str:
+                nonlocal count
+                text = ""
+                first = True
+                async with httpx.AsyncClient(timeout=120) as h, h.stream(
+                    "POST", root + "/v1/completions",
+                    json={**body, "prompt": prompt, "stream": True},
+                ) as r:  # fmt: skip
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        ev = json.loads(line[6:])
+                        if "error" in ev:
+                            errors.append(ev["error"])
+                            continue
+                        text += "".join(c.get("text") or "" for c in ev["choices"])
+                        if first and text:
+                            first = False
+                            count += 1
+                            if count == 32:
+                                started.set()
+                return text
+
+            tasks = [asyncio.create_task(one(PROMPTS[i % 4])) for i in range(32)]
+            await asyncio.wait_for(started.wait(), 60)
+            dead = await asyncio.to_thread(b.busy)
+            b.kill(dead)
+            texts = await asyncio.gather(*tasks)
+            return [f"{dead}", *texts], errors
+
+        (dead_s, *texts), errors = asyncio.run(run())
+        dead = int(dead_s)
+        assert errors == []
+        assert texts == [want[PROMPTS[i % 4]] for i in range(32)]
+        metrics = httpx.get(root + "/metrics").text
+        assert "zserve_gateway_stream_resumes_total" in metrics
+        # restarted, it is used again within 10 s (the gateway's primary was
+        # the one that carried the streams)
+        b.start(dead)
+        t0 = time.monotonic()
+
+        def used_again() -> bool:
+            ask(PROMPTS[0], max_tokens=1)
+            return b.status(dead)["counters"].get("requests", 0) > 0
+
+        wait_for(used_again, 10, "the restarted broker to take requests again")
+        assert time.monotonic() - t0 < 10
+    finally:
+        b.stop()
+
+
+def test_a_broker_that_does_not_know_the_model_yet_passes_the_request_on() -> None:
+    """Brokers can disagree for a moment (one just restarted, its workers not
+    back): model_not_found from one sends the request to the next live one."""
+    b = Brokers(2)
+    try:
+        b.start(0)
+        b.start(1)
+        b.others.append(start_worker(b.backends[1], "--engine", "null", "--model", "m"))
+        wait_for(lambda: b.status(1)["workers"], 20, "the worker on broker 1")
+        with Client(b.frontends, timeout=30, primary=0) as c:
+            finals = count_finals(c)
+            assert c.generate("m", "x", max_tokens=2).text == "t0 t1 "
+            assert c.resumes == 0  # passed on, not resumed
+            assert finals.each_once() is not None
+            # a model no broker knows is still model_not_found
+            from zserve import ModelNotFound
+
+            try:
+                c.generate("nope", "x")
+            except ModelNotFound:
+                pass
+            else:
+                raise AssertionError("an unknown model was served")
+        assert b.status(0)["counters"]["model_not_found"] == 2
     finally:
         b.stop()
