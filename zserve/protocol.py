@@ -30,6 +30,7 @@ more partial records and exactly one final record (``finish_reason`` set;
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +61,15 @@ C_TOKENS = b"\x06"  # [ZSC1, TOKENS, payload]
 # worker -> broker
 W_READY = b"\x01"  # [ZSW1, READY, info]
 W_HEARTBEAT = b"\x02"  # [ZSW1, HEARTBEAT, state]   (broker -> worker: [ZSW1, HEARTBEAT])
+# state: {queue_length: requests the worker runs, from every broker,
+#         peak_queue_length: the most it has run at once since it started}
 W_TOKENS = b"\x03"  # [ZSW1, TOKENS, client_id, header, payload]
 W_DISCONNECT = b"\x04"  # [ZSW1, DISCONNECT]      (both ways)
+W_REFUSE = b"\x07"  # [ZSW1, REFUSE, client_id, request_id]
+# A worker on several brokers refuses a REQUEST that would take it past its
+# capacity, before starting it; the broker dispatches it elsewhere (or queues
+# it, ahead of newer requests, not as a retry) and sends that worker nothing
+# more until its next HEARTBEAT.
 # broker -> worker
 W_REQUEST = b"\x05"  # [ZSW1, REQUEST, client_id, request_id, model, body]
 W_CANCEL = b"\x06"  # [ZSW1, CANCEL, client_id, request_id]
@@ -147,6 +155,10 @@ class WorkerInfo:
     # The worker's own heartbeat interval (seconds): the broker expires it
     # after max(broker interval, this) x liveness, as it does for clients.
     heartbeat_interval: float = HEARTBEAT_INTERVAL
+    # This worker process's instance id (random, the same on every broker
+    # and every reconnection): one worker seen through several brokers is
+    # one worker. "" from a worker that predates it.
+    worker_id: str = ""
 
     def encode(self) -> bytes:
         return pack(
@@ -158,6 +170,7 @@ class WorkerInfo:
                 "speed": self.speed,
                 "pid": self.pid,
                 "heartbeat_ms": max(1, round(self.heartbeat_interval * 1000)),
+                "worker_id": self.worker_id,
             }
         )
 
@@ -188,7 +201,13 @@ class WorkerInfo:
             speed=float(speed),
             pid=int(d.get("pid") or 0),
             heartbeat_interval=min(hb_ms / 1000, MAX_CLIENT_HEARTBEAT_INTERVAL),
+            worker_id=str(d.get("worker_id") or "")[:64],
         )
+
+
+def new_worker_id() -> str:
+    """A worker instance id for READY: 16 hex digits, random."""
+    return secrets.token_hex(8)
 
 
 @dataclass(slots=True)

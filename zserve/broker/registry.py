@@ -2,6 +2,14 @@
 
 Every method that depends on time takes ``now`` (``time.monotonic()``
 seconds) so expiry and dispatch are unit-tested without sockets or sleeps.
+
+A worker may serve several brokers at once. Its capacity is its own, so a
+broker counts what the others give it: at each HEARTBEAT, the worker's
+queue length (everything it runs) less this broker's own in-flight count
+is the load of the other brokers (``others``). Room and load are then
+own in-flight + others. The estimate lags by up to one heartbeat; a
+worker that is sent more than it can take refuses the extra request
+(REFUSE), and the broker counts it full until its next heartbeat.
 """
 
 from __future__ import annotations
@@ -27,15 +35,24 @@ class WorkerState:
     # updated at dispatch and at completion (not only by heartbeats).
     in_flight: set[RequestKey] = field(default_factory=set)
     dispatched: int = 0  # requests sent to it, ever
+    # Requests other brokers give it, as of its last HEARTBEAT: its
+    # queue_length less our in-flight count then, never below 0.
+    others: int = 0
+    # It refused a request since its last HEARTBEAT: send it nothing more
+    # until it reports again.
+    full: bool = False
+    refused: int = 0  # requests it refused, ever
+    peak_queue_length: int = 0  # the most it ran at once, as it last reported
 
     @property
     def load(self) -> float:
-        """In-flight requests per unit of speed (shortest_queue's measure)."""
-        return len(self.in_flight) / self.info.speed
+        """Requests it runs (ours in flight + the other brokers') per unit
+        of speed: shortest_queue's measure."""
+        return (len(self.in_flight) + self.others) / self.info.speed
 
     @property
     def has_room(self) -> bool:
-        return len(self.in_flight) < self.info.capacity
+        return not self.full and len(self.in_flight) + self.others < self.info.capacity
 
     @property
     def id_hex(self) -> str:
@@ -81,6 +98,23 @@ class Registry:
         """Any traffic from a worker counts as a heartbeat."""
         w.last_seen = now
         w.expiry = now + w.ttl
+
+    def heartbeat(self, w: WorkerState, queue_length: int, peak: int = 0) -> None:
+        """A HEARTBEAT's state: what it runs in all (``queue_length``, every
+        broker's requests) sets the other brokers' share, and ends a
+        refusal's hold."""
+        w.queue_length = queue_length
+        w.others = max(0, queue_length - len(w.in_flight))
+        w.peak_queue_length = max(w.peak_queue_length, peak)
+        w.full = False
+
+    def refuse(self, w: WorkerState, key: RequestKey) -> None:
+        """``w`` refused the request ``key`` (it is full, other brokers'
+        requests included): it is no longer in flight there, and ``w`` gets
+        nothing more until its next heartbeat."""
+        w.in_flight.discard(key)
+        w.full = True
+        w.refused += 1
 
     def expired(self, now: float) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.expiry < now]

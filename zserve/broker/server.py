@@ -379,18 +379,52 @@ class Broker:
         if cmd == p.W_TOKENS:
             self._handle_worker_tokens(w, frames)
         elif cmd == p.W_HEARTBEAT:
-            if len(frames) == 4:
-                state = p.unpack(frames[3])
-                if isinstance(state, dict) and isinstance(state.get("queue_length"), int):
-                    w.queue_length = state["queue_length"]
-            if w.info.heartbeat_interval < self.cfg.heartbeat_interval:
-                # A worker that heartbeats faster than we do judges us by
-                # its own interval: answer it at its pace.
-                self._send_worker(wid, [p.WORKER, p.W_HEARTBEAT])
+            self._handle_worker_heartbeat(w, frames)
+        elif cmd == p.W_REFUSE:
+            self._handle_worker_refuse(w, frames)
         elif cmd == p.W_DISCONNECT:
             self._remove_worker(w, "worker disconnected")
         else:
             raise ValueError(f"backend: unknown command {cmd!r}")
+
+    def _handle_worker_heartbeat(self, w: WorkerState, frames: list[bytes]) -> None:
+        # [worker, ZSW1, HEARTBEAT, state?]
+        if len(frames) == 4:
+            state = p.unpack(frames[3])
+            if isinstance(state, dict):
+                ql = state.get("queue_length")
+                peak = state.get("peak_queue_length", 0)
+                if isinstance(ql, int) and not isinstance(ql, bool) and ql >= 0:
+                    self.registry.heartbeat(w, ql, peak if isinstance(peak, int) else 0)
+                    if w.has_room:
+                        # Room again (others finished, or a refusal's hold
+                        # ended): what waits for its models may go now.
+                        self._dirty_models.update(w.info.models)
+        if w.info.heartbeat_interval < self.cfg.heartbeat_interval:
+            # A worker that heartbeats faster than we do judges us by
+            # its own interval: answer it at its pace.
+            self._send_worker(w.identity, [p.WORKER, p.W_HEARTBEAT])
+
+    def _handle_worker_refuse(self, w: WorkerState, frames: list[bytes]) -> None:
+        # [worker, ZSW1, REFUSE, client_id, request_id]: other brokers keep
+        # it full. It never started the request: dispatch it elsewhere, or
+        # queue it ahead of newer requests; it is not a retry.
+        if len(frames) != 5:
+            raise ValueError("REFUSE needs 5 frames")
+        key = (frames[3], frames[4])
+        req = self.requests.get(key)
+        if req is None or req.worker is not w or req.started:
+            self.counters["stale_refusals"] += 1
+            return
+        self.counters["refused"] += 1
+        self.registry.refuse(w, key)
+        req.worker = None
+        req.attempts -= 1
+        if req.cancelled:  # the CANCEL we sent found nothing running there
+            self._end_cancelled(req)
+            return
+        self.queues.setdefault(req.model, deque()).appendleft(req)
+        self._dirty_models.add(req.model)
 
     def _handle_worker_ready(
         self, wid: bytes, frames: list[bytes], old: WorkerState | None
@@ -516,6 +550,15 @@ class Broker:
                 req.worker.identity, [p.WORKER, p.W_CANCEL, req.client, req.request_id]
             )
 
+    def _end_cancelled(self, req: PendingRequest) -> None:
+        """A cancelled request no worker will answer: the broker sends its
+        ``cancelled`` final."""
+        c = self.clients.get(req.client)
+        if c is not None and req.request_id not in c.finalized:
+            # (a slow client already owes its ``overloaded`` final)
+            self._reply_final(req.client, req.request_id, p.FINISH_CANCELLED)
+        self._finish(req.key, None)
+
     def _dispatch_queued(self) -> None:
         models, self._dirty_models = self._dirty_models, set()
         for model in models:
@@ -541,11 +584,7 @@ class Broker:
             req.worker = None
             w.in_flight.discard(key)
             if req.cancelled:
-                c = self.clients.get(req.client)
-                if c is not None and req.request_id not in c.finalized:
-                    # (a slow client already owes its ``overloaded`` final)
-                    self._reply_final(req.client, req.request_id, p.FINISH_CANCELLED)
-                self._finish(key, None)
+                self._end_cancelled(req)
             elif (
                 not req.started
                 and req.attempts <= self.cfg.max_retries
@@ -687,10 +726,14 @@ class Broker:
             "workers": [
                 {
                     "id": w.id_hex,
+                    "worker_id": w.info.worker_id,
                     "models": w.info.models,
                     "capacity": w.info.capacity,
                     "queue_length": w.queue_length,
+                    "peak_queue_length": w.peak_queue_length,
                     "in_flight": len(w.in_flight),
+                    "others": w.others,
+                    "refused": w.refused,
                     "dispatched": w.dispatched,
                     "speed": w.info.speed,
                     "engine": w.info.engine,
