@@ -141,7 +141,7 @@ def _events(log: Path) -> list[tuple[float, str, float | None]]:
     """(time, "lost" | "ready", the announced delay) from a worker's log."""
     out: list[tuple[float, str, float | None]] = []
     for line in log.read_text().splitlines():
-        m = re.match(_STAMP + r" \w+ zserve\.worker\.runtime: (.*)", line)
+        m = re.match(_STAMP + r" \w+ zserve\.worker\.session: (.*)", line)
         if not m:
             continue
         t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
@@ -200,7 +200,7 @@ def test_backoff_doubles_up_to_its_cap_and_resets_after_a_session(stack, caplog)
     the cap and stay there; a session in which the broker spoke resets them."""
     assert (WorkerConfig().reconnect_initial, WorkerConfig().reconnect_max) == (1.0, 32.0)
     assert (p.RECONNECT_INITIAL, p.RECONNECT_MAX) == (1.0, 32.0)
-    caplog.set_level(logging.WARNING, logger="zserve.worker.runtime")
+    caplog.set_level(logging.WARNING, logger="zserve.worker.session")
     port = free_port()
     cfg = WorkerConfig(
         broker=f"tcp://127.0.0.1:{port}",
@@ -218,7 +218,7 @@ def test_backoff_doubles_up_to_its_cap_and_resets_after_a_session(stack, caplog)
         return [
             r.args[0]
             for r in caplog.records
-            if r.name == "zserve.worker.runtime" and r.msg.startswith("broker lost")
+            if r.name == "zserve.worker.session" and r.msg.startswith("broker lost")
         ]
 
     broker: Proc | None = None

@@ -1,12 +1,17 @@
 """The worker runtime (the seed's BaseModelWorker), shared by every engine.
 
-Socket role: the worker's DEALER connects to the broker's backend ROUTER.
-It says READY with what it serves, heartbeats with its queue length, runs
-each REQUEST as a task over the engine, and streams deltas back through the
-outbox. When the broker goes silent for interval x liveness it closes the
-socket, aborts what it was running (the broker has failed those requests),
-backs off (1 s doubling to 32 s) and reconnects with a fresh READY, so a
-restarted broker repopulates itself.
+A worker serves one or more brokers: it holds one ``BrokerSession`` per
+broker (socket, READY, heartbeats, reconnects: ``zserve/worker/session.py``)
+and owns what they share: the engine, its capacity and the count of
+requests it runs. Each REQUEST runs as a task over the engine and streams
+deltas back through its session's outbox.
+
+Capacity is the worker's own, across brokers: a REQUEST that would take the
+worker past it is refused before it starts (REFUSE), and its broker sends it
+elsewhere. Every broker hears the real queue length in each HEARTBEAT, so
+dispatch stays balanced; while one broker has more than the worker took
+(it was refused), the others keep to an equal share of the capacity, so
+that no broker's requests wait behind another's for long.
 """
 
 from __future__ import annotations
@@ -17,29 +22,43 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import zmq
 
 from zserve import protocol as p
-from zserve._loopsock import LoopSocket
 from zserve.errors import BadRequest, ModelNotFound, WorkerLost, ZServeError
 from zserve.protocol import Delta, Request, SamplingParams, WorkerInfo
 from zserve.security import ClientCurve
 from zserve.worker.engine import Engine, GenerateRequest
-from zserve.worker.outbox import Message, Outbox, embeddings_per_record, encode_message
+from zserve.worker.outbox import embeddings_per_record
+from zserve.worker.session import BrokerSession
 from zserve.worker.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 
-_CANCEL_REASON = "cancelled by the client"
 _no_deadline = contextlib.nullcontext()
+
+
+def broker_list(broker: str | list[str]) -> list[str]:
+    """Broker backends from one address, a comma-separated list, or a list of
+    them (blanks dropped, each once, in order)."""
+    items = [broker] if isinstance(broker, str) else list(broker)
+    out: list[str] = []
+    for item in items:
+        for a in item.split(","):
+            a = a.strip()
+            if a and a not in out:
+                out.append(a)
+    if not out:
+        raise ValueError("no broker address given")
+    return out
 
 
 @dataclass
 class WorkerConfig:
-    broker: str = p.DEFAULT_BACKEND
+    # One broker backend, a comma-separated list, or a list: one session each.
+    broker: str | list[str] = p.DEFAULT_BACKEND
     capacity: int = 1
     speed: float = 1.0
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL
@@ -49,6 +68,12 @@ class WorkerConfig:
     # CURVE (both or neither): this worker's .key_secret file and the broker's .key file
     curve_secret: str | None = None
     curve_server: str | None = None
+    # This worker's instance id in READY (default: a random one)
+    worker_id: str = field(default_factory=p.new_worker_id)
+
+    @property
+    def brokers(self) -> list[str]:
+        return broker_list(self.broker)
 
 
 class Worker:
@@ -57,41 +82,32 @@ class Worker:
         self.cfg = config
         self.curve = ClientCurve.load(config.curve_secret, config.curve_server)
         self.ctx = zmq.Context.instance()
-        self.sock: LoopSocket | None = None
-        self.outbox = Outbox()
-        # (client id, request id) -> the task running it
-        self.active: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
+        self.brokers = [BrokerSession(self, b) for b in config.brokers]
+        self.stopping = asyncio.Event()
+        self.queue_length = 0  # requests running, from every broker
+        self.peak_queue_length = 0  # the most ever run at once
+        self.refused = 0  # REQUESTs refused for want of room
+        self._contended_until = 0.0  # a session was refused; see ``_has_room``
         self._seq = 0
-        self._last_recv = 0.0  # monotonic time of the last broker message
-        self._heard = False  # the broker has spoken in this session
-        self._stopping = asyncio.Event()
-        self.sessions = 0  # connections made (READY sent)
+
+    @property
+    def sessions(self) -> int:
+        """Connections made to brokers (READY sent), all sessions together."""
+        return sum(s.connections for s in self.brokers)
 
     # ------------------------------------------------------------- lifecycle
 
     async def run(self) -> None:
         await self.engine.start()
-        delay = self.cfg.reconnect_initial
         try:
-            while not self._stopping.is_set():
-                heard = await self._session()
-                if self._stopping.is_set() or getattr(self.engine, "dead", False):
-                    break
-                if heard:
-                    delay = self.cfg.reconnect_initial
-                log.warning("broker lost: reconnecting in %.1f s", delay)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, self.cfg.reconnect_max)
+            await asyncio.gather(*(s.run() for s in self.brokers))
         finally:
             await self.engine.close()
 
     def stop(self) -> None:
-        self._stopping.set()
+        self.stopping.set()
 
-    def _info(self) -> WorkerInfo:
+    def info(self) -> WorkerInfo:
         return WorkerInfo(
             models=list(self.engine.models),
             capacity=self.cfg.capacity,
@@ -100,122 +116,59 @@ class Worker:
             speed=self.cfg.speed,
             pid=os.getpid(),
             heartbeat_interval=self.cfg.heartbeat_interval,
+            worker_id=self.cfg.worker_id,
         )
 
-    async def _session(self) -> bool:
-        """One connection to the broker; returns whether the broker ever spoke."""
-        raw = self.ctx.socket(zmq.DEALER)
-        raw.setsockopt(zmq.LINGER, 0)
-        watch = self.curve.apply(raw) if self.curve is not None else None
-        raw.connect(self.cfg.broker)
-        self.sessions += 1
-        self._last_recv = time.monotonic()
-        self._heard = False
-        ended = asyncio.get_running_loop().create_future()
+    def state(self) -> bytes:
+        """A HEARTBEAT's state frame."""
+        return p.pack(
+            {"queue_length": self.queue_length, "peak_queue_length": self.peak_queue_length}
+        )
 
-        def on_message(frames: list[bytes]) -> None:
-            self._heard = True
-            self._last_recv = time.monotonic()
-            if not self._handle(frames) and not ended.done():
-                ended.set_result(None)  # the broker told us to reconnect
+    # ------------------------------------------------------------- capacity
 
-        sock = self.sock = LoopSocket(raw, on_message)
-        sock.send([p.WORKER, p.W_READY, self._info().encode()])
-        log.info("READY sent to %s: models=%s", self.cfg.broker, self.engine.models)
+    def _has_room(self, s: BrokerSession, now: float) -> bool:
+        """Whether a REQUEST of session ``s`` may start now.
 
-        def send(msg: Message) -> Any:
-            fut = None
-            for client, header, payload in encode_message(msg):
-                # [ZSW1, TOKENS, client_id, header, payload]
-                fut = sock.send([p.WORKER, p.W_TOKENS, client, header, payload])
-            return fut
-
-        self.outbox.attach(send)
-        ticker = asyncio.create_task(self._heartbeats(sock))
-        stopping = asyncio.create_task(self._stopping.wait())
-        try:
-            await asyncio.wait({ended, ticker, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (ticker, stopping):
-                t.cancel()
-            if self._stopping.is_set():
-                # DISCONNECT first: the broker dispatches nothing more to us
-                # (and retries what had not started) while we drain.
-                sock.send([p.WORKER, p.W_DISCONNECT])
-                try:
-                    await asyncio.wait_for(self._drain(), 2.0)
-                except TimeoutError:
-                    pass
-            # Stop reading before anything else is awaited: a REQUEST read
-            # now would run on into the next session, unknown to its broker.
-            self.outbox.attach(None)
-            sock.close()
-            self.sock = None
-            if watch is not None:
-                if not self._heard and not self._stopping.is_set():
-                    log.warning("%s", watch.explain(self.cfg.broker))  # a refused key, say
-                watch.close()
-            await self._abort_all()
-            # Every task of this session has ended: none of its records may
-            # reach the next session.
-            self.outbox.drop_all()
-        return self._heard
-
-    async def _drain(self) -> None:
-        """On shutdown: cancel running requests and send their final frames."""
-        for task in list(self.active.values()):
-            task.cancel(_CANCEL_REASON)
-        if self.active:
-            await asyncio.gather(*self.active.values(), return_exceptions=True)
-        while not self.outbox.empty:
-            await asyncio.sleep(0.001)
-
-    async def _abort_all(self) -> None:
-        tasks = list(self.active.values())
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self.active.clear()
-
-    async def _heartbeats(self, sock: LoopSocket) -> None:
-        """Send HEARTBEAT every interval; return when the broker is silent too long."""
-        expiry = self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_interval)
-            if time.monotonic() - self._last_recv > expiry:
-                return
-            sock.send_now([p.WORKER, p.W_HEARTBEAT, p.pack({"queue_length": len(self.active)})])
-            if getattr(self.engine, "dead", False):
-                log.error("engine is dead: leaving")
-                self._stopping.set()
-
-    # ------------------------------------------------------------- messages
-
-    def _handle(self, frames: list[bytes]) -> bool:
-        if len(frames) < 2 or frames[0] != p.WORKER:
-            log.warning("malformed message from broker ignored")
-            return True
-        cmd = frames[1]
-        if cmd == p.W_REQUEST and len(frames) == 6:
-            self._handle_request(frames[2], frames[3], frames[4], frames[5])
-        elif cmd == p.W_CANCEL and len(frames) == 4:
-            task = self.active.get((frames[2], frames[3]))
-            log.debug("CANCEL %r: %s", frames[3], "running" if task else "not running")
-            if task is not None:
-                task.cancel(_CANCEL_REASON)
-        elif cmd == p.W_HEARTBEAT:
-            pass
-        elif cmd == p.W_DISCONNECT:
-            log.warning("broker asked us to reconnect")
+        Never past the capacity. While other brokers have more for us than
+        we took (we refused them lately), ``s`` keeps to an equal share, so
+        the slots that free up go to them rather than all back to whichever
+        broker refills fastest."""
+        if self.queue_length >= self.cfg.capacity:
             return False
-        else:
-            log.warning("unknown or malformed command %r from broker ignored", cmd)
+        if self._contended_until > now and len(s.running) >= self._share():
+            return not any(t is not s and t.wanting_until > now for t in self.brokers)
         return True
 
-    def _handle_request(self, client: bytes, rid: bytes, model_b: bytes, body: bytes) -> None:
+    def slot_freed(self) -> None:
+        """A request gave its slot back. A broker we refused that holds less
+        than its share hears at once that there is room (it counts us full
+        until then); its request gets the slot, as ``_has_room`` refuses the
+        others theirs while they hold their share."""
+        self.queue_length -= 1
+        if self._contended_until > 0.0:
+            now = time.monotonic()
+            if self._contended_until <= now:
+                self._contended_until = 0.0
+                return
+            share = self._share()
+            for t in self.brokers:
+                if t.wanting_until > now and len(t.running) < share:
+                    t.send_state()
+
+    def _share(self) -> int:
+        """An equal share of the capacity among the brokers (at least 1)."""
+        return max(1, self.cfg.capacity // len(self.brokers))
+
+    # ------------------------------------------------------------- requests
+
+    def admit(
+        self, s: BrokerSession, client: bytes, rid: bytes, model_b: bytes, body: bytes
+    ) -> None:
+        """A REQUEST from session ``s``: run it, refuse it (no room), or end
+        it with an error (not one we can serve)."""
         key = (client, rid)
-        if key in self.active:
+        if key in s.active:
             return  # duplicate delivery
         try:
             model = model_b.decode()
@@ -223,26 +176,43 @@ class Worker:
             if model not in self.engine.models:
                 raise ModelNotFound(f"this worker does not serve {model!r}")
         except ZServeError as e:
-            self._final_error(client, rid, e)
+            self._final_error(s, client, rid, e)
             return
         except (ValueError, TypeError, UnicodeDecodeError) as e:
-            self._final_error(client, rid, BadRequest(str(e)))
+            self._final_error(s, client, rid, BadRequest(str(e)))
             return
+        now = time.monotonic()
+        if not self._has_room(s, now):
+            self.refused += 1
+            s.refuse(client, rid, now)
+            self._contended_until = max(self._contended_until, s.wanting_until)
+            log.debug("REQUEST %r refused: %d running", rid, self.queue_length)
+            return
+        if s.wanting_until and len(s.running) + 1 >= self._share():
+            s.wanting_until = 0.0  # it has its share now
         self._seq += 1
-        task = asyncio.create_task(self._serve(client, rid, model, req, f"{self._seq}"))
-        self.active[key] = task
-        task.add_done_callback(lambda t: self._never_started(client, rid, t))
+        task = asyncio.create_task(self._serve(s, client, rid, model, req, f"{self._seq}"))
+        s.active[key] = task
+        s.running.add(key)
+        self.queue_length += 1
+        if self.queue_length > self.peak_queue_length:
+            self.peak_queue_length = self.queue_length
+        task.add_done_callback(lambda t: self._never_started(s, client, rid, t))
 
-    def _never_started(self, client: bytes, rid: bytes, task: asyncio.Task[None]) -> None:
+    def _never_started(
+        self, s: BrokerSession, client: bytes, rid: bytes, task: asyncio.Task[None]
+    ) -> None:
         """A task cancelled before its first step never runs ``_serve``'s
         cleanup (REQUEST and CANCEL in one batch): end the request here."""
-        if self.active.get((client, rid)) is task:
-            del self.active[(client, rid)]
-            if self.sock is not None:
-                self.outbox.put(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), True)
+        if s.active.get((client, rid)) is task:
+            del s.active[(client, rid)]
+            if s.sock is not None:
+                s.put_final(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), True)
+            s.release((client, rid))
 
-    def _final_error(self, client: bytes, rid: bytes, e: ZServeError) -> None:
-        self.outbox.put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), False)
+    def _final_error(self, s: BrokerSession, client: bytes, rid: bytes, e: ZServeError) -> None:
+        delta = Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict())
+        s.outbox.put(client, rid, delta, False)
 
     async def _continuation(
         self, model: str, req: Request, stops: StopMatcher
@@ -265,9 +235,12 @@ class Worker:
             stops.held = (await self.engine.decode(model, cont))[req.continue_chars :]
         return params
 
-    async def _serve(self, client: bytes, rid: bytes, model: str, req: Request, eid: str) -> None:
-        put = self.outbox.put
-        active = self.active
+    async def _serve(
+        self, s: BrokerSession, client: bytes, rid: bytes, model: str, req: Request, eid: str
+    ) -> None:
+        put = s.outbox.put  # partial records
+        fin = s.put_final  # the final record: it frees the slot
+        active = s.active
         first = True
         finished = False  # our final frame is out
         engine_done = False  # the engine itself ended the request
@@ -280,9 +253,9 @@ class Worker:
                 per = embeddings_per_record(vecs)
                 chunks = [vecs[i : i + per] for i in range(0, len(vecs), per)] or [[]]
                 for chunk in chunks[:-1]:
-                    self.outbox.put_chunk(client, rid, Delta(embeddings=chunk), first)
+                    s.outbox.put_chunk(client, rid, Delta(embeddings=chunk), first)
                     first = False
-                put(
+                fin(
                     client,
                     rid,
                     Delta(
@@ -301,7 +274,7 @@ class Worker:
             if resumed:
                 params = await self._continuation(model, req, stops)
                 if params is None:  # nothing left to generate
-                    put(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
+                    fin(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
                         "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
                     finished = engine_done = True
                     return
@@ -353,7 +326,7 @@ class Worker:
                         if finish is not None:
                             done = count + correction + resumed
                             d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
-                            put(client, rid, d, first, len(active) == 1)
+                            fin(client, rid, d, first, len(active) == 1)
                             finished = True
                             break
                         if d.text or ids or d.logprobs:
@@ -366,7 +339,7 @@ class Worker:
                 if not finished:
                     # The engine ended without a finish reason: treat as length.
                     done = count + correction + resumed
-                    put(
+                    fin(
                         client,
                         rid,
                         Delta(
@@ -384,26 +357,27 @@ class Worker:
             else:
                 err = {"code": "timeout", "message": "the request's deadline passed"}
             if not finished:
-                put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
             finished = True
         except asyncio.CancelledError:
             # (a CANCEL can land while ``gen.aclose()`` runs after the final)
-            if not finished and self.sock is not None:
-                put(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
+            if not finished and s.sock is not None:
+                fin(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
             finished = True
             raise
         except ZServeError as e:
             if not finished:
-                put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), first)
+                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), first)
             finished = True
         except Exception as e:  # an engine failure must not kill the worker
             log.exception("engine failed on request %s", eid)
             if not finished:
                 err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
-                put(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
             finished = True
         finally:
-            self.active.pop((client, rid), None)
+            active.pop((client, rid), None)
+            s.release((client, rid))
             if req.kind != p.KIND_EMBED and not engine_done:
                 try:
                     await self.engine.abort(eid)
