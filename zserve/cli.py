@@ -43,6 +43,26 @@ CurveSecret = Annotated[
 CurveServer = Annotated[str | None, typer.Option(help="CURVE: the broker's public .key file")]
 
 
+# A broker address option: repeatable, each a comma-separated list.
+Brokers = Annotated[
+    list[str] | None,
+    typer.Option("--broker", help="broker address; repeatable, or a comma-separated list"),
+]
+
+
+def _addresses(values: list[str] | None, default: str) -> list[str]:
+    """Every address given (``--broker a --broker b,c``), each once, in order."""
+    out: list[str] = []
+    for v in values or [default]:
+        for a in v.split(","):
+            a = a.strip()
+            if a and a not in out:
+                out.append(a)
+    if not out:
+        raise typer.BadParameter("--broker is empty")
+    return out
+
+
 def _logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -152,7 +172,7 @@ def broker(
 
 @app.command()
 def worker(
-    broker: Annotated[str, typer.Option(help="broker backend")] = p.DEFAULT_BACKEND,
+    broker: Brokers = None,
     engine: Annotated[str, typer.Option(help="null|hf|vllm|hf-api")] = "null",
     model: Annotated[
         list[str] | None, typer.Option(help="model path/hub id (null: a name); repeatable")
@@ -188,7 +208,9 @@ def worker(
     curve_server: CurveServer = None,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run a model worker on one engine."""
+    """Run a model worker on one engine, for one broker backend or several
+    (--broker repeated or comma-separated: it registers with each, and its
+    capacity is shared by all of them)."""
     import asyncio
 
     from zserve.worker.engines import load_engine
@@ -243,7 +265,7 @@ def worker(
         why = "--capacity"
     logging.getLogger("zserve.worker").info("capacity %d (%s)", capacity, why)
     wcfg = WorkerConfig(
-        broker=broker,
+        broker=_addresses(broker, p.DEFAULT_BACKEND),
         capacity=capacity,
         speed=speed,
         heartbeat_interval=heartbeat_interval,
@@ -274,19 +296,30 @@ def worker(
 
 @app.command()
 def status(
-    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    broker: Brokers = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     timeout: float = 5.0,
     curve_secret: CurveSecret = None,
     curve_server: CurveServer = None,
 ) -> None:
-    """Show the broker's workers and models."""
+    """Show the broker's workers and models. With several brokers (--broker
+    repeated or comma-separated): each broker, reachable or not, and every
+    worker once; exits 0 while any broker answers."""
     from zserve.client import Client
     from zserve.errors import ZServeError
 
+    addresses = _addresses(broker, p.DEFAULT_FRONTEND)
+    if len(addresses) > 1:
+        try:
+            _status_of_several(addresses, json_out, timeout, curve_secret, curve_server)
+        except (ValueError, OSError) as e:  # a key file
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        return
+    (address,) = addresses
     try:
         with Client(
-            broker, timeout=timeout, connect_timeout=timeout,
+            address, timeout=timeout, connect_timeout=timeout,
             curve_secret=curve_secret, curve_server=curve_server,
         ) as c:  # fmt: skip
             st = c.status()
@@ -317,7 +350,7 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"zserve broker {broker}")
+    t = Table(title=f"zserve broker {address}")
     for col in ("worker", "models", "engine", "capacity", "in flight", "queue", "speed", "seen"):
         t.add_column(col)
     for w in st["workers"]:
@@ -340,6 +373,66 @@ def status(
             f"allowed; refused handshakes: workers {cv['refused_workers']}, "
             f"clients {cv['refused_clients']}"
         )
+
+
+def _status_of_several(
+    addresses: list[str],
+    json_out: bool,
+    timeout: float,
+    curve_secret: str | None,
+    curve_server: str | None,
+) -> None:
+    from zserve.security import ClientCurve
+    from zserve.status import cluster_status
+
+    ClientCurve.load(curve_secret, curve_server)  # bad key files fail once, here
+    st = cluster_status(addresses, timeout, curve_secret, curve_server)
+    up = [b for b in st["brokers"] if b["reachable"]]
+    if json_out:
+        typer.echo(json.dumps(st))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        bt = Table(title="zserve brokers")
+        for col in ("broker", "state", "workers", "in flight", "queued", "uptime"):
+            bt.add_column(col)
+        for b in st["brokers"]:
+            if b["reachable"]:
+                queued = sum(b["queued"].values())
+                bt.add_row(
+                    b["broker"], "reachable", str(b["workers"]),
+                    str(b["requests_in_flight"]), str(queued), f"{b['uptime_s']:.0f}s",
+                )  # fmt: skip
+            else:
+                err = b["error"]
+                bt.add_row(b["broker"], f"unreachable [{err['code']}]", "-", "-", "-", "-")
+        wt = Table(title="workers (each once, on every broker it serves)")
+        cols = ("worker", "models", "engine", "capacity", "in flight", "queue", "brokers", "seen")
+        for col in cols:
+            wt.add_column(col)
+        index = {a: str(i + 1) for i, a in enumerate(addresses)}
+        for w in st["workers"]:
+            wt.add_row(
+                w["id"], ",".join(w["models"]), w["engine"], str(w["capacity"]),
+                str(w["in_flight"]), str(w["queue_length"]),
+                ",".join(index.get(b, b) for b in w["brokers"]),
+                f"{w['last_seen_s']:.1f}s ago",
+            )  # fmt: skip
+        con = Console()
+        con.print(bt)
+        con.print(wt)
+        con.print(
+            f"brokers: {len(up)} of {len(addresses)} reachable "
+            f"({', '.join(f'{i} = {a}' for a, i in index.items())}); "
+            f"models: {', '.join(st['models']) or '(none)'}"
+        )
+    for b in st["brokers"]:
+        if not b["reachable"]:
+            err = b["error"]
+            typer.echo(f"error [{err['code']}] {b['broker']}: {err['message']}", err=True)
+    if not up:
+        raise typer.Exit(_EXIT["broker_unreachable"])
 
 
 @app.command()
@@ -511,6 +604,13 @@ def run(
     frontend: str = p.DEFAULT_FRONTEND,
     backend: str = p.DEFAULT_BACKEND,
     gateway_port: int = 8000,
+    brokers: Annotated[
+        int,
+        typer.Option(
+            help="brokers to start: the first on --frontend/--backend, the others on free "
+            "ports of the same hosts; the worker registers with all, the gateway knows all"
+        ),
+    ] = 1,
     curve_dir: Annotated[
         str | None,
         typer.Option(help="CURVE on: keys for broker, worker and client in DIR (made if missing)"),
@@ -522,11 +622,17 @@ def run(
     from zserve.launcher import run_stack
 
     _logging(log_level)
-    code = run_stack(
-        engine, model_dir, frontend, backend, gateway_port, log_level,
-        model=model, model_names=model_names, extra_worker_args=list(ctx.args),
-        curve_dir=curve_dir,
-    )  # fmt: skip
+    if brokers < 1:
+        raise typer.BadParameter("--brokers must be >= 1")
+    try:
+        code = run_stack(
+            engine, model_dir, frontend, backend, gateway_port, log_level,
+            model=model, model_names=model_names, extra_worker_args=list(ctx.args),
+            curve_dir=curve_dir, brokers=brokers,
+        )  # fmt: skip
+    except ValueError as e:  # endpoints that cannot take several brokers
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     raise typer.Exit(code)
 
 

@@ -174,6 +174,15 @@ def worker_args(
     return names.split(",")[0], ["--engine", engine, "--model", model, "--model-names", names]
 
 
+def _any_port(endpoint: str) -> str:
+    """``tcp://host:port`` -> ``tcp://host:*``: the same host, a free port."""
+    scheme, sep, rest = endpoint.partition("://")
+    host, colon, _ = rest.rpartition(":")
+    if scheme != "tcp" or not sep or not colon:
+        raise ValueError(f"several brokers need tcp:// endpoints, got {endpoint!r}")
+    return f"tcp://{host}:*"
+
+
 def run_stack(
     engine: str,
     model_dir: str,
@@ -185,8 +194,14 @@ def run_stack(
     model_names: str | None = None,
     extra_worker_args: Sequence[str] = (),
     curve_dir: str | None = None,
+    brokers: int = 1,
 ) -> int:
     """Broker + one worker (+ the gateway where installed) until Ctrl-C.
+
+    ``brokers``: how many brokers; the first binds ``frontend`` and
+    ``backend``, the others the same hosts on ports of the system's choosing.
+    The worker registers with every broker and the gateway is given every
+    frontend.
 
     ``model``: a path or hub id, served under ``model_names`` (default: its
     basename); without it, the tiny model. ``extra_worker_args`` go to
@@ -216,22 +231,34 @@ def run_stack(
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
+    if brokers < 1:
+        raise ValueError("brokers must be >= 1")
+    endpoints = [(frontend, backend)] + [
+        (_any_port(frontend), _any_port(backend)) for _ in range(brokers - 1)
+    ]
     try:
-        broker, fe, be = start_broker(
-            *broker_curve, frontend=frontend, backend=backend, log_level=log_level
-        )
-        procs.append(broker)
+        fes: list[str] = []
+        bes: list[str] = []
+        for fe_bind, be_bind in endpoints:
+            broker, fe, be = start_broker(
+                *broker_curve, frontend=fe_bind, backend=be_bind, log_level=log_level
+            )
+            procs.append(broker)
+            fes.append(fe)
+            bes.append(be)
+        fe, be = fes[0], bes[0]
         model, wargs = worker_args(engine, model, model_names, model_dir)
-        procs.append(
-            start_worker(be, *wargs, *worker_curve, *extra_worker_args, log_level=log_level)
+        worker = start_worker(
+            ",".join(bes), *wargs, *worker_curve, *extra_worker_args, log_level=log_level
         )
+        procs.append(worker)
         gateway = None
         try:
             import zserve.gateway.app  # noqa: F401
 
             gateway = Proc(
                 zserve_cmd(
-                    "gateway", "--broker", fe, "--port", str(gateway_port),
+                    "gateway", "--broker", ",".join(fes), "--port", str(gateway_port),
                     "--log-level", log_level, *client_curve,
                 ),
                 name="gateway",
@@ -240,13 +267,15 @@ def run_stack(
         except ImportError:
             pass
         print(f"waiting for the worker to load {model} ...", flush=True)
-        worker = procs[1]
         from zserve.client import Client
 
-        with Client(fe, timeout=5, **client_keys) as c:
-            wait_for(
-                lambda: model in c.models() or not worker.alive(), 1800, f"the model {model}"
-            )
+        for address in fes:  # registered with every broker
+            with Client(address, timeout=5, **client_keys) as c:
+                wait_for(
+                    lambda c=c: model in c.models() or not worker.alive(),
+                    1800,
+                    f"the model {model} at {address}",
+                )
         if not worker.alive():
             print(f"the worker exited ({worker.popen.returncode}) before serving", flush=True)
             return 1
@@ -263,16 +292,22 @@ def run_stack(
             chat_line = ""  # zserve chat has no CURVE options yet
             keys_note = f"  CURVE keys      : {curve_dir} (SIGHUP the broker to reload)\n"
             keys_args = " " + " ".join(client_curve)
+        if len(fes) == 1:
+            where = f"  broker frontend : {fe}\n  broker backend  : {be}\n"
+        else:
+            where = "".join(
+                f"  broker {i + 1}        : frontend {f}, backend {b}\n"
+                for i, (f, b) in enumerate(zip(fes, bes, strict=True))
+            )
         print(
             f"\nzserve is up.\n"
-            f"  broker frontend : {fe}\n"
-            f"  broker backend  : {be}\n"
+            f"{where}"
             f"  model           : {model} ({engine} engine)\n{keys_note}\n"
             f"Try:\n"
             f"  .venv/bin/zserve generate --broker {fe} --model {model} --max-tokens 16 "
             f"'Hello, world'{keys_args}\n"
             f"{chat_line}"
-            f"  .venv/bin/zserve status --broker {fe}{keys_args}\n",
+            f"  .venv/bin/zserve status --broker {','.join(fes)}{keys_args}\n",
             flush=True,
         )
         if gateway is not None:
