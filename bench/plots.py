@@ -134,7 +134,7 @@ def throughput_concurrency(directory: Path) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("tokens/s")
-    ax.set_title("Real engines, tiny model, CPU")
+    ax.set_title("Real engines, CPU (tiny and small models)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     if http and len(panels) > 1:
