@@ -231,14 +231,14 @@ def test_status_shows_each_broker_and_every_worker_once(brokers):
     # A comma list, a broker that is not there: each broker is shown,
     # reachable or not; the answer stands while one broker answers.
     gone = f"tcp://127.0.0.1:{free_port()}"
-    r = _zserve("status", "--broker", f"{fe1},{fe2}", "--broker", gone, "--timeout", "1")
+    r = _zserve("status", "--broker", f"{fe1},{fe2}", "--broker", gone, "--timeout", "2")
     assert r.returncode == 0, r.stderr
     for addr in (fe1, fe2, gone):
         assert addr in r.stdout
     assert "unreachable" in r.stdout and "2 of 3 reachable" in r.stdout
     assert "broker_unreachable" in r.stderr and gone in r.stderr
     gone_too = f"tcp://127.0.0.1:{free_port()}"
-    r = _zserve("status", "--broker", gone, "--broker", gone_too, "--timeout", "1", "--json")
+    r = _zserve("status", "--broker", gone, "--broker", gone_too, "--timeout", "2", "--json")
     assert r.returncode == 8  # none answers: broker_unreachable
     assert [b["reachable"] for b in json.loads(r.stdout)["brokers"]] == [False, False]
 
