@@ -43,10 +43,20 @@ CurveSecret = Annotated[
 CurveServer = Annotated[str | None, typer.Option(help="CURVE: the broker's public .key file")]
 
 
-# A broker address option: repeatable, each a comma-separated list.
-Brokers = Annotated[
+# Broker address options: repeatable, each a comma-separated list.
+Backends = Annotated[
     list[str] | None,
-    typer.Option("--broker", help="broker address; repeatable, or a comma-separated list"),
+    typer.Option(
+        "--broker",
+        help=f"broker backend; repeatable, or a comma-separated list [{p.DEFAULT_BACKEND}]",
+    ),
+]
+Frontends = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--broker",
+        help=f"broker frontend; repeatable, or a comma-separated list [{p.DEFAULT_FRONTEND}]",
+    ),
 ]
 
 
@@ -172,7 +182,7 @@ def broker(
 
 @app.command()
 def worker(
-    broker: Brokers = None,
+    broker: Backends = None,
     engine: Annotated[str, typer.Option(help="null|hf|vllm|hf-api")] = "null",
     model: Annotated[
         list[str] | None, typer.Option(help="model path/hub id (null: a name); repeatable")
@@ -296,7 +306,7 @@ def worker(
 
 @app.command()
 def status(
-    broker: Brokers = None,
+    broker: Frontends = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     timeout: float = 5.0,
     curve_secret: CurveSecret = None,
