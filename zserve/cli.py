@@ -48,14 +48,14 @@ Backends = Annotated[
     list[str] | None,
     typer.Option(
         "--broker",
-        help=f"broker backend; repeatable, or a comma-separated list [{p.DEFAULT_BACKEND}]",
+        help=f"broker backend; repeatable, or a comma list (default {p.DEFAULT_BACKEND})",
     ),
 ]
 Frontends = Annotated[
     list[str] | None,
     typer.Option(
         "--broker",
-        help=f"broker frontend; repeatable, or a comma-separated list [{p.DEFAULT_FRONTEND}]",
+        help=f"broker frontend; repeatable, or a comma list (default {p.DEFAULT_FRONTEND})",
     ),
 ]
 
