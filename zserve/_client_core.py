@@ -351,6 +351,11 @@ class ClientCore:
                 if self.links[i].alive and not st.tried >> i & 1:
                     self._continue(st, r, i, bounce=True)
                     return True
+        if code in RESUMABLE and not r.ids and not r.chars:
+            # No token yet: retrying is the broker's job, and it has given up
+            # (retries exhausted: a request that kills its workers must not
+            # get more chances here).
+            return False
         if code not in RESUMABLE or r.left <= 0:
             if r.left < self.max_resumes and code not in RESUMABLE:
                 # A continuation that could not run (no other worker...):
