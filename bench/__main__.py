@@ -1,6 +1,6 @@
 """``make bench``: every benchmark in turn, then one summary table.
 
-    python -m bench [--quick] [--only overhead,http,engines,serving,vllm_server,scale,soak]
+    python -m bench [--quick] [--only overhead,http,engines,serving,vllm_server,scale,failover,soak]
 
 Each benchmark measures zserve side by side with its baseline in the same
 run and writes ``bench/results/<name>.json``; this runner reads those files
@@ -23,7 +23,9 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, cell, machine_info
 
-BENCHES = ("overhead", "http", "engines", "serving", "vllm_server", "scale", "soak")
+BENCHES = (
+    "overhead", "http", "engines", "serving", "vllm_server", "scale", "failover", "soak",
+)  # fmt: skip
 Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
 
@@ -106,6 +108,7 @@ SUMMARIZE: dict[str, Summarizer] = {
         "vllm_server", "direct", lambda w: "vllm serve, same engine settings"
     ),
     "scale": _target_rows("scale", "base", lambda w: "-"),
+    "failover": _target_rows("failover", "base", lambda w: "-"),
     "soak": _soak_rows,
 }  # fmt: skip
 

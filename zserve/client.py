@@ -253,7 +253,7 @@ class Client(_Base):
             self._poller = zmq.Poller()
             for sock in self._socks:
                 self._poller.register(sock, zmq.POLLIN)
-        self._rcvtimeo = -1  # ZMQ_RCVTIMEO as last set (one-broker path)
+        self._rcvtimeos = [-1] * len(self._socks)  # ZMQ_RCVTIMEO as last set, per socket
         # CANCELs that found the pipe full, per broker: sent before anything
         # else, so a cancel is never lost while the request it names can run.
         self._backlogs: list[deque[list[bytes]]] = [deque() for _ in self._socks]
@@ -306,40 +306,56 @@ class Client(_Base):
 
     def _read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for broker messages and route them."""
-        core = self._core
+        links = self._core.links
         if self._poller is None:
-            # One broker: a blocking receive with ZMQ_RCVTIMEO (set only when
-            # it changes) costs less than a poll then a receive; then whatever
-            # else waits is read without blocking, checking ZMQ_EVENTS rather
-            # than provoking zmq.Again.
-            sock = self._sock
-            ms = max(0, int(timeout * 1000))
-            if ms != self._rcvtimeo:
-                _set(sock, _RCVTIMEO, ms)
-                self._rcvtimeo = ms
-            try:
-                frames = recv_frames(sock, 0)  # blocks up to RCVTIMEO
-            except zmq.Again:
-                return
-            now = time.monotonic()
-            while True:
-                try:
-                    core.on_message(frames, now)
-                except (ValueError, TypeError):
-                    pass  # malformed: ignore
-                if not _get(sock, _EVENTS) & _POLLIN:
-                    return
-                frames = recv_frames(sock)
+            self._read_one(0, timeout)
+            return
+        busy = [i for i, lk in enumerate(links) if lk.in_flight]
+        if len(busy) == 1:
+            # The usual case: everything in flight is on one broker (the
+            # primary). Wait on it alone, as with one broker; whatever the
+            # others sent meanwhile (probe answers) is read without waiting.
+            self._read_one(busy[0], timeout)
+            for link in range(len(links)):
+                if link != busy[0]:
+                    self._read_ready(link, time.monotonic())
+            return
         ready = dict(self._poller.poll(max(0, int(timeout * 1000))))
         now = time.monotonic()
         for link, sock in enumerate(self._socks):
-            if sock not in ready:
-                continue
-            while _get(sock, _EVENTS) & _POLLIN:
-                try:
-                    core.on_message(recv_frames(sock), now, link)
-                except (ValueError, TypeError):
-                    pass  # malformed: ignore
+            if sock in ready:
+                self._read_ready(link, now)
+
+    def _read_one(self, link: int, timeout: float) -> None:
+        """One broker's socket: a blocking receive with ZMQ_RCVTIMEO (set only
+        when it changes) costs less than a poll then a receive; then whatever
+        else waits is read without blocking."""
+        sock = self._socks[link]
+        ms = max(0, int(timeout * 1000))
+        if ms != self._rcvtimeos[link]:
+            _set(sock, _RCVTIMEO, ms)
+            self._rcvtimeos[link] = ms
+        try:
+            frames = recv_frames(sock, 0)  # blocks up to RCVTIMEO
+        except zmq.Again:
+            return
+        now = time.monotonic()
+        try:
+            self._core.on_message(frames, now, link)
+        except (ValueError, TypeError):
+            pass  # malformed: ignore
+        self._read_ready(link, now)
+
+    def _read_ready(self, link: int, now: float) -> None:
+        """Route what already waits on one broker's socket (checking
+        ZMQ_EVENTS rather than provoking zmq.Again)."""
+        sock = self._socks[link]
+        core = self._core
+        while _get(sock, _EVENTS) & _POLLIN:
+            try:
+                core.on_message(recv_frames(sock), now, link)
+            except (ValueError, TypeError):
+                pass  # malformed: ignore
 
     def _pump(self, timeout: float) -> None:
         """Wait up to ``timeout`` for broker messages and route them; then
