@@ -84,9 +84,10 @@ def broker_addresses(address: str | Sequence[str]) -> list[str]:
     return out
 
 
-# A QUERY sent to a broker thought dead: any answer shows it lives again.
-_PROBE_ID = b"~probe"
-_PROBE = [p.CLIENT, p.C_QUERY, _PROBE_ID, p.SERVICE_MODELS]
+def _probe(core: ClientCore) -> list[bytes]:
+    """A QUERY for a broker thought dead: any answer shows it lives again
+    (its id, unknown to the core, makes the answer itself ignored)."""
+    return [p.CLIENT, p.C_QUERY, b"~" + core.next_id(), p.SERVICE_MODELS]
 
 
 def _dealer(
@@ -379,7 +380,7 @@ class Client(_Base):
             self._last_probe = now
             for link, lk in enumerate(core.links):
                 if not lk.alive:
-                    self._send(_PROBE, quiet=True, link=link)
+                    self._send(_probe(core), quiet=True, link=link)
 
     def _resend(self) -> None:
         """Send the continuations the core queued (worker or broker lost)."""
@@ -713,7 +714,7 @@ class AsyncClient(_Base):
             beat = now
             for link, lk in enumerate(core.links):
                 if not lk.alive:
-                    self._send_nowait(_PROBE, link)  # any answer: alive again
+                    self._send_nowait(_probe(core), link)  # any answer: alive again
             if not core.streams:
                 continue
             for link, lk in enumerate(core.links):

@@ -273,3 +273,72 @@ def test_a_broker_that_does_not_know_the_model_yet_passes_the_request_on() -> No
         assert b.status(0)["counters"]["model_not_found"] == 2
     finally:
         b.stop()
+
+
+# --------------------------------------------- a broker cut off the network
+
+
+def test_a_broker_whose_link_goes_down_is_treated_as_dead() -> None:
+    """A broker in its own network namespace (a veth pair, as its own host);
+    its link goes down mid-stream: the client treats it as dead and the
+    stream continues through the other broker; link up again, it is used
+    again, and nothing reaches the caller twice."""
+    import pytest
+
+    from tests.system.test_faults_at_load import _ip, _netns_unavailable, isolated_worker_link
+    from zserve.launcher import zserve_cmd
+
+    why = _netns_unavailable()
+    if why:
+        pytest.skip(why)
+    procs: list[Proc] = []
+    with isolated_worker_link() as (ns, host, host_ip):
+        ns_ip = host_ip.rsplit(".", 1)[0] + ".2"
+        fe1, be1 = (f"tcp://{ns_ip}:{port}" for port in (free_port(), free_port()))
+        fe2, be2 = endpoints()
+        try:
+            procs.append(Proc(
+                ["ip", "netns", "exec", ns, *zserve_cmd(
+                    "broker", "--frontend", fe1, "--backend", be1, "--log-level", "warning",
+                    *FAST_HB)],
+                name="broker in a namespace",
+            ))  # fmt: skip
+            procs.append(start_broker(*FAST_HB, frontend=fe2, backend=be2)[0])
+            for _ in range(2):
+                procs.append(start_worker(
+                    be1, "--broker", be2, "--engine", "null", "--model", "m", "--capacity", "8",
+                    "--token-delay", "0.05", *FAST_HB,
+                ))  # fmt: skip
+            for fe in (fe1, fe2):
+                with Client(fe, timeout=10) as s:
+                    wait_for(lambda s=s: len(s.status()["workers"]) == 2, 30, f"workers on {fe}")
+            with Client([fe1, fe2], timeout=30, heartbeat_interval=0.2, primary=0) as c:
+                st = c.stream("m", "x", max_tokens=60)
+                got = [next(st) for _ in range(20)]
+                _ip("link", "set", host, "down")
+                try:
+                    got += list(st)
+                finally:
+                    _ip("link", "set", host, "up")
+                assert "".join(d.text for d in got) == "".join(f"t{i} " for i in range(60))
+                assert [t for d in got for t in d.token_ids] == list(range(60))
+                assert [d.finish_reason for d in got].count("length") == 1 == len(
+                    [d for d in got if d.finish_reason])
+                assert c.resumes == 1
+                # back on the link: used again once it answers the probes
+                with Client(fe1, timeout=10) as s:
+                    wait_for(lambda: len(s.status()["workers"]) == 2, 30, "workers back on it")
+                    before = s.status()["counters"].get("requests", 0)
+
+                    def used_again() -> bool:
+                        c.generate("m", "y", max_tokens=2)
+                        return s.status()["counters"].get("requests", 0) > before
+
+                    wait_for(used_again, 10, "the broker to take requests again")
+                # (on the wire the abandoned request may still get its final,
+                # and answers to heartbeats that named it, from the broker that
+                # came back; the client drops them: the caller got each token
+                # once, and exactly one final, above)
+        finally:
+            for proc in reversed(procs):
+                proc.stop()
