@@ -243,6 +243,15 @@ def test_gateway_with_two_brokers_loses_no_stream_when_one_dies(tiny_model_dir) 
 
         wait_for(used_again, 10, "the restarted broker to take requests again")
         assert time.monotonic() - t0 < 10
+        # and it serves them again once the workers are back (their
+        # reconnect backoff decides when)
+        wait_for(lambda: len(b.status(dead)["workers"]) == 2, 40, "the workers back on it")
+
+        def served_again() -> bool:
+            ask(PROMPTS[1], max_tokens=1)
+            return b.status(dead)["counters"].get("dispatched", 0) > 0
+
+        wait_for(served_again, 10, "the restarted broker to dispatch again")
     finally:
         b.stop()
 
