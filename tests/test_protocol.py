@@ -160,3 +160,48 @@ def test_encode_tokens_takes_tuples_and_subclasses_too():
     ]
     plain = [[b"r", "a", [1], None, None]]
     assert p.decode_tokens(p.encode_tokens(plain)) == plain  # nothing left over from the failure
+
+
+def test_routing_frame_roundtrip_and_malformed():
+    from zserve import protocol as pr
+
+    msgs = [{"role": "system", "content": "x" * 1000}, {"role": "user", "content": "hi"}]
+    chain = pr.prefix_chain(pr.canonical_prompt(None, msgs))
+    assert len(chain) == 1004 // pr.ROUTE_BLOCK and all(len(h) == 8 for h in chain)
+    # the next turn of a conversation starts with the same hashes
+    longer = pr.prefix_chain(pr.canonical_prompt(None, [*msgs, {"role": "assistant",
+                                                                "content": "y" * 600}]))
+    assert longer[: len(chain)] == chain and len(longer) > len(chain)
+    assert pr.encode_routing(None, []) == b""
+    assert pr.decode_routing(b"") == (None, [])
+    assert pr.decode_routing(pr.encode_routing(None, chain)) == (None, chain)
+    assert pr.decode_routing(pr.encode_routing("s1", chain)) == (pr.session_key("s1"), chain)
+    assert pr.decode_routing(pr.encode_routing("s1", [])) == (pr.session_key("s1"), [])
+    too_many = b"\x00" + b"h" * 8 * (pr.MAX_ROUTE_BLOCKS + 1)
+    for bad in (b"\x02", b"\x80" + b"h" * 8, b"\x00h", b"\x01" + b"s" * 7, too_many):
+        with pytest.raises(ValueError):
+            pr.decode_routing(bad)
+    assert len(pr.prefix_chain(b"z" * pr.ROUTE_BLOCK * 1000)) == pr.MAX_ROUTE_BLOCKS
+
+
+def test_client_requests_and_continuations_carry_the_routing_frame():
+    from zserve import protocol as pr
+    from zserve._client_core import ClientCore
+
+    core = ClientCore()
+    args = (4, None, None, None, None, None, None)
+    msgs = [{"role": "system", "content": "x" * 1000}]
+    rid, frames = core.request_frames("m", None, msgs, args, {}, session_id="conv-1")
+    assert len(frames) == 7
+    session, chain = pr.decode_routing(frames[6])
+    assert session == pr.session_key("conv-1")
+    assert chain == pr.prefix_chain(pr.canonical_prompt(None, msgs))
+    _, short = core.request_frames("m", "hi", None, args, {})
+    assert len(short) == 6  # nothing to route by: no frame
+    # a stream whose worker dies after a token continues with the same keys
+    core.mark_sent(rid, 1.0)
+    core.on_message([pr.CLIENT, pr.C_TOKENS, pr.encode_tokens([[rid, "a", [1], None, None]])], 1.1)
+    lost = pr.error_record(rid, "worker_lost", "gone")
+    core.on_message([pr.CLIENT, pr.C_TOKENS, pr.encode_tokens([lost])], 1.2)
+    ((_, again),) = core.take_resends()
+    assert again[6] == frames[6] and again[2] != rid

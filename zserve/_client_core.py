@@ -53,6 +53,7 @@ class Resume:
     messages: list[dict[str, Any]] | None
     params: bytes  # encoded SamplingParams
     left: int  # resumes still allowed
+    routing: bytes = b""  # the routing frame: a continuation goes by the same keys
     ids: list[int] = field(default_factory=list)
     chars: int = 0  # characters of text received
 
@@ -138,16 +139,26 @@ class ClientCore:
         args: tuple[Any, ...],
         extra: dict[str, Any],
         resume: bool | None = None,
+        session_id: str | None = None,
     ) -> tuple[bytes, list[bytes]]:
         """A generate REQUEST; ``args`` and ``extra`` as ``sampling_params`` takes them.
         ``resume``: continue on another worker if this one dies mid-stream
-        (None: the client's default, on when ``max_resumes`` > 0)."""
+        (None: the client's default, on when ``max_resumes`` > 0).
+        ``session_id``: requests with the same one go to the same worker
+        while its load allows (a broker with ``cache_aware`` dispatch)."""
         if prompt is None and messages is None:
             raise BadRequest("give a prompt or messages")
+        if session_id is not None and not isinstance(session_id, str):
+            raise BadRequest("session_id must be a string")
         params = self._params(args, extra)
         rid, frames = self._open(model, p.encode_generate(prompt, messages, params))
+        routing = routing_frame(prompt, messages, session_id)
+        if routing:
+            frames.append(routing)
         if self.max_resumes > 0 and resume is not False:
-            self.streams[rid].resume = Resume(frames[3], prompt, messages, params, self.max_resumes)
+            self.streams[rid].resume = Resume(
+                frames[3], prompt, messages, params, self.max_resumes, routing
+            )
         return rid, frames
 
     def _params(self, args: tuple[Any, ...], extra: dict[str, Any]) -> bytes:
@@ -384,8 +395,11 @@ class ClientCore:
         new.in_flight += 1
         st.link = link
         body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
-        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
-        self.resends.append((link, [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb]))
+        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?]
+        frames = [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb]
+        if r.routing:
+            frames.append(r.routing)
+        self.resends.append((link, frames))
 
     def take_resends(self) -> list[tuple[int, list[bytes]]]:
         out, self.resends = self.resends, []
@@ -422,6 +436,18 @@ class ClientCore:
             st.records.append(p.error_record(rid, code, message))
             st.done = True
         return st
+
+
+def routing_frame(
+    prompt: str | None, messages: list[dict[str, Any]] | None, session_id: str | None
+) -> bytes:
+    """The REQUEST routing frame for this prompt (b"": none): the prefix
+    hashes of its canonical form, and the session key."""
+    try:
+        chain = p.prefix_chain(p.canonical_prompt(prompt, messages))
+    except (TypeError, ValueError, AttributeError):  # odd content: the worker will say
+        chain = []
+    return p.encode_routing(session_id, chain)
 
 
 def to_delta(rec: list[Any]) -> Delta:

@@ -108,8 +108,20 @@ def broker(
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
     dispatch: Annotated[
-        str, typer.Option(help="shortest_queue|lottery|round_robin|power_of_two")
+        str, typer.Option(help="shortest_queue|lottery|round_robin|power_of_two|cache_aware")
     ] = "shortest_queue",
+    cache_map_size: Annotated[
+        int, typer.Option(help="cache_aware: prefix map entries, at most (LRU)")
+    ] = 65_536,
+    cache_threshold_abs: Annotated[
+        float, typer.Option(help="cache_aware: load above the least loaded worker's ...")
+    ] = 4.0,
+    cache_threshold_rel: Annotated[
+        float, typer.Option(help="cache_aware: ... and times it, past which the prefix loses")
+    ] = 1.5,
+    session_balance: Annotated[
+        float, typer.Option(help="cache_aware: a session's worker may carry this x mean load")
+    ] = 1.25,
     max_queue: Annotated[int, typer.Option(help="waiting requests per model")] = p.MAX_QUEUE,
     queue_timeout: Annotated[float, typer.Option(help="seconds a request may wait")] = (
         p.QUEUE_TIMEOUT
@@ -149,6 +161,10 @@ def broker(
         heartbeat_interval=heartbeat_interval,
         heartbeat_liveness=heartbeat_liveness,
         dispatch=dispatch,
+        cache_map_size=cache_map_size,
+        cache_threshold_abs=cache_threshold_abs,
+        cache_threshold_rel=cache_threshold_rel,
+        session_balance=session_balance,
         max_queue=max_queue,
         queue_timeout=queue_timeout,
         max_message_size=max_message_size,
@@ -346,14 +362,17 @@ def status(
                     k: w[k]
                     for k in (
                         "id", "models", "capacity", "in_flight", "queue_length", "speed",
-                        "last_seen_s",
+                        "last_seen_s", "dispatched",
                     )
+                    if k in w
                 }
                 for w in st["workers"]
             ],
             "models": st["models"],
             "counters": st.get("counters", {}),
             "curve": st.get("curve"),
+            "dispatch": st.get("dispatch"),
+            "prefix_map": st.get("prefix_map"),
         }
         typer.echo(json.dumps(out))
         return
@@ -377,6 +396,10 @@ def status(
     con = Console()
     con.print(t)
     con.print(f"models: {', '.join(st['models']) or '(none)'}; queued: {st['queued'] or 0}")
+    if pm := st.get("prefix_map"):
+        from zserve.status import prefix_map_line
+
+        con.print(prefix_map_line(pm))
     if cv := st.get("curve"):
         con.print(
             f"CURVE: {cv['allowed_workers']} worker keys, {cv['allowed_clients']} client keys "
@@ -437,6 +460,11 @@ def _status_of_several(
             f"({', '.join(f'{i} = {a}' for a, i in index.items())}); "
             f"models: {', '.join(st['models']) or '(none)'}"
         )
+        from zserve.status import prefix_map_line
+
+        for b in up:
+            if b.get("prefix_map"):
+                con.print(f"{index[b['broker']]}: {prefix_map_line(b['prefix_map'])}")
     for b in st["brokers"]:
         if not b["reachable"]:
             err = b["error"]

@@ -424,17 +424,30 @@ class Client(_Base):
         seed: int | None = None,
         ignore_eos: bool | None = None,
         resume: bool | None = None,
+        session_id: str | None = None,
         **params: Any,
     ) -> Stream:
         """``resume=False``: a worker lost mid-stream ends it with
-        ``WorkerLost`` instead of continuing it on another worker."""
+        ``WorkerLost`` instead of continuing it on another worker.
+        ``session_id``: a conversation's key; a ``cache_aware`` broker keeps
+        the requests that share it on one worker while its load allows (the
+        prompt's prefix hashes are sent with every request regardless)."""
         args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
-        rid, frames = self._core.request_frames(model, prompt, messages, args, params, resume)
+        rid, frames = self._core.request_frames(
+            model, prompt, messages, args, params, resume, session_id
+        )
         return Stream(self, rid, self._open(rid, frames))
 
-    def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        session_id: str | None = None,
+        **kwargs: Any,
+    ) -> Completion:
         acc = Accumulator()
-        with self.stream(model, prompt, **kwargs) as s:
+        with self.stream(model, prompt, session_id=session_id, **kwargs) as s:
             for d in s:
                 acc.add(d)
         return acc.result()
@@ -762,17 +775,30 @@ class AsyncClient(_Base):
         seed: int | None = None,
         ignore_eos: bool | None = None,
         resume: bool | None = None,
+        session_id: str | None = None,
         **params: Any,
     ) -> AsyncStream:
         """``resume=False``: a worker lost mid-stream ends it with
-        ``WorkerLost`` instead of continuing it on another worker."""
+        ``WorkerLost`` instead of continuing it on another worker.
+        ``session_id``: a conversation's key; a ``cache_aware`` broker keeps
+        the requests that share it on one worker while its load allows (the
+        prompt's prefix hashes are sent with every request regardless)."""
         args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
-        rid, frames = self._core.request_frames(model, prompt, messages, args, params, resume)
+        rid, frames = self._core.request_frames(
+            model, prompt, messages, args, params, resume, session_id
+        )
         return AsyncStream(self, rid, frames)
 
-    async def generate(self, model: str, prompt: str | None = None, **kwargs: Any) -> Completion:
+    async def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        session_id: str | None = None,
+        **kwargs: Any,
+    ) -> Completion:
         acc = Accumulator()
-        async with self.stream(model, prompt, **kwargs) as s:
+        async with self.stream(model, prompt, session_id=session_id, **kwargs) as s:
             async for d in s:
                 acc.add(d)
         return acc.result()

@@ -29,6 +29,7 @@ more partial records and exactly one final record (``finish_reason`` set;
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -44,7 +45,9 @@ WORKER = b"ZSW1"
 # --------------------------------------------------------------------------
 # Command codes (frame 1), one byte each.
 # client -> broker
-C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?]
+C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, routing?]
+# routing (optional; only after heartbeat_ms): the keys cache_aware dispatch
+# reads, binary so that the broker never decodes msgpack (see encode_routing).
 C_CANCEL = b"\x02"  # [ZSC1, CANCEL, request_id]
 C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT, heartbeat_ms?, quiet_request_ids?]
 C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
@@ -495,6 +498,81 @@ def decode_heartbeat_ms(frame: bytes) -> float:
     if not frame.isdigit() or len(frame) > 9:
         raise ValueError("heartbeat interval must be ASCII decimal milliseconds")
     return min(int(frame) / 1000, MAX_CLIENT_HEARTBEAT_INTERVAL)
+
+
+# --------------------------------------------------------------------------
+# Routing keys (the optional last frame of REQUEST), read by the broker's
+# ``cache_aware`` dispatch without decoding the body:
+#
+#     flags: 1 byte (bit 0: a session key follows; other bits must be 0)
+#     session: 8 bytes, if flag bit 0
+#     prefix chain: k x 8 bytes, k <= MAX_ROUTE_BLOCKS
+#
+# The prefix chain hashes successive ROUTE_BLOCK-byte blocks of the prompt's
+# canonical form, each hash covering every block before it, so one hash names
+# a whole prefix. An empty routing frame means "no keys".
+ROUTE_BLOCK = 256  # bytes of canonical prompt per prefix hash
+MAX_ROUTE_BLOCKS = 128  # hashes per request, at most (the first 32 KiB)
+ROUTE_HASH = 8  # bytes per hash
+ROUTE_SESSION = 0x01
+
+
+def _h8(data: bytes, prev: bytes = b"") -> bytes:
+    return hashlib.blake2b(prev + data, digest_size=ROUTE_HASH).digest()
+
+
+def canonical_prompt(prompt: str | None, messages: list[dict[str, Any]] | None) -> bytes:
+    """What the prefix chain hashes: the prompt's UTF-8, or each message as
+    ``role \\x1f content \\x1e`` (non-text content as msgpack), so that a
+    conversation's next turn starts with its previous turn's bytes."""
+    if messages is None:
+        return (prompt or "").encode("utf-8", "surrogatepass")
+    parts = []
+    for m in messages:
+        c = m.get("content")
+        cb = c.encode("utf-8", "surrogatepass") if isinstance(c, str) else pack(c)
+        parts.append(str(m.get("role", "")).encode() + b"\x1f" + cb + b"\x1e")
+    return b"".join(parts)
+
+
+def prefix_chain(data: bytes) -> list[bytes]:
+    """One hash per whole ROUTE_BLOCK of ``data`` (at most MAX_ROUTE_BLOCKS),
+    each over the previous hash and its block."""
+    out: list[bytes] = []
+    h = b""
+    n = min(len(data) // ROUTE_BLOCK, MAX_ROUTE_BLOCKS)
+    for i in range(n):
+        h = _h8(data[i * ROUTE_BLOCK : (i + 1) * ROUTE_BLOCK], h)
+        out.append(h)
+    return out
+
+
+def session_key(session_id: str) -> bytes:
+    return _h8(session_id.encode("utf-8", "surrogatepass"))
+
+
+def encode_routing(session_id: str | None, chain: list[bytes]) -> bytes:
+    """The routing frame; b"" when there is nothing to route by."""
+    if session_id is None and not chain:
+        return b""
+    if session_id is None:
+        return b"\x00" + b"".join(chain[:MAX_ROUTE_BLOCKS])
+    return b"\x01" + session_key(session_id) + b"".join(chain[:MAX_ROUTE_BLOCKS])
+
+
+def decode_routing(frame: bytes) -> tuple[bytes | None, list[bytes]]:
+    """(session key or None, prefix chain); ValueError if malformed."""
+    if not frame:
+        return None, []
+    flags = frame[0]
+    if flags & ~ROUTE_SESSION:
+        raise ValueError("routing frame: unknown flags")
+    start = 1 + ROUTE_HASH if flags else 1
+    n, rest = divmod(len(frame) - start, ROUTE_HASH)
+    if rest or n < 0 or n > MAX_ROUTE_BLOCKS:
+        raise ValueError("routing frame: bad length")
+    session = frame[1:start] if flags else None
+    return session, [frame[i : i + ROUTE_HASH] for i in range(start, len(frame), ROUTE_HASH)]
 
 
 def encode_tokens(records: list[list[Any]]) -> bytes:

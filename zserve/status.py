@@ -114,6 +114,17 @@ def cluster_status(
                 "uptime_s": st.get("uptime_s", 0.0),
                 "counters": st.get("counters", {}),
                 "curve": st.get("curve"),
+                "prefix_map": st.get("prefix_map"),
             }
         )
     return {"brokers": brokers, "workers": union_workers(reports), "models": sorted(models)}
+
+
+def prefix_map_line(pm: dict[str, Any]) -> str:
+    """One line on a cache_aware broker's prefix map (its ``status`` ``prefix_map``)."""
+    rate = pm.get("hit_rate")
+    return (
+        f"prefix map: {pm['entries']} / {pm['max_entries']} entries, "
+        f"hit rate {'-' if rate is None else f'{rate:.1%}'} "
+        f"({pm['hits']} hits, {pm['misses']} misses), {pm['sessions']} session dispatches"
+    )

@@ -25,7 +25,14 @@ import zmq
 
 from zserve import protocol as p
 from zserve._loopsock import recv_frames, send_frames
-from zserve.broker.dispatch import make_policy
+from zserve.broker.dispatch import (
+    CACHE_MAP_SIZE,
+    CACHE_THRESHOLD_ABS,
+    CACHE_THRESHOLD_REL,
+    SESSION_BALANCE,
+    CacheAware,
+    make_policy,
+)
 from zserve.broker.registry import Registry, RequestKey, WorkerState
 from zserve.protocol import WorkerInfo
 from zserve.security import DOMAIN_CLIENTS, DOMAIN_WORKERS, BrokerAuth
@@ -48,6 +55,10 @@ class PendingRequest:
     started: bool = False  # a token has been sent to the client
     attempts: int = 0  # dispatches so far
     cancelled: bool = False  # the client asked to cancel (or vanished)
+    # Routing keys (cache_aware dispatch only): a session key, and the
+    # prompt's prefix hashes.
+    session: bytes | None = None
+    chain: list[bytes] | None = None
 
     @property
     def key(self) -> RequestKey:
@@ -84,6 +95,11 @@ class BrokerConfig:
     frontend_hwm: int = p.FRONTEND_HWM
     max_inflight_per_client: int = 0  # requests one client may have in flight; 0: no limit
     seed: int | None = None
+    # cache_aware dispatch (see broker/dispatch.py CacheAware)
+    cache_map_size: int = CACHE_MAP_SIZE
+    cache_threshold_abs: float = CACHE_THRESHOLD_ABS
+    cache_threshold_rel: float = CACHE_THRESHOLD_REL
+    session_balance: float = SESSION_BALANCE
     # CURVE (all three or none): the broker's .key_secret file, and the
     # directories of public .key files allowed on the backend / frontend.
     curve_secret: str | None = None
@@ -100,14 +116,27 @@ class Broker:
         self.cfg = config
         self.ctx = context or zmq.Context.instance()
         self.registry = Registry(config.expiry)
-        self.policy = make_policy(config.dispatch)
         self.rng = random.Random(config.seed)
+        self.counters: Counter[str] = Counter()
+        options = None
+        if config.dispatch == "cache_aware":
+            options = {
+                "max_entries": config.cache_map_size,
+                "threshold_abs": config.cache_threshold_abs,
+                "threshold_rel": config.cache_threshold_rel,
+                "session_balance": config.session_balance,
+                "counters": self.counters,
+            }
+        self.policy = make_policy(config.dispatch, options)
+        # The policy reads routing keys (None: the REQUEST routing frame is ignored).
+        self.cache: CacheAware | None = (
+            self.policy if isinstance(self.policy, CacheAware) else None
+        )
         self._malformed_logged_at = -1e9  # monotonic time of the last malformed-message log line
         self._malformed_unreported = 0  # malformed messages since that line
         self.requests: dict[RequestKey, PendingRequest] = {}
         self.queues: dict[str, deque[PendingRequest]] = {}  # model -> waiting
         self.clients: dict[bytes, ClientState] = {}
-        self.counters: Counter[str] = Counter()
         self.started_at = time.monotonic()
         self._dirty_models: set[str] = set()  # models whose queue may now dispatch
         self._running = False
@@ -284,9 +313,9 @@ class Broker:
     def _handle_client_request(
         self, client: bytes, frames: list[bytes], c: ClientState | None
     ) -> None:
-        # [client, ZSC1, REQUEST, request_id, model, body, heartbeat_ms?]
-        if len(frames) != 6 and len(frames) != 7:
-            raise ValueError("REQUEST needs 6 or 7 frames")
+        # [client, ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, routing?]
+        if not 6 <= len(frames) <= 8:
+            raise ValueError("REQUEST needs 6 to 8 frames")
         rid, model_b, body = frames[3], frames[4], frames[5]
         if not rid:
             raise ValueError("REQUEST with an empty request id")
@@ -318,6 +347,14 @@ class Broker:
             return
         now = time.monotonic()
         req = PendingRequest(client, rid, model, body, now + self.cfg.queue_timeout)
+        if len(frames) == 8 and self.cache is not None and frames[7]:
+            try:
+                req.session, req.chain = p.decode_routing(frames[7])
+            except ValueError as e:
+                self.counters["malformed"] += 1
+                self._report_malformed(e)
+                self._reply_error(client, rid, "bad_request", str(e))
+                return
         ws = self.registry.available(model)
         if not ws:
             q = self.queues.setdefault(model, deque())
@@ -333,7 +370,7 @@ class Broker:
         c.requests.add(key)
         self.requests[key] = req
         if ws:
-            self._send_to_worker(req, self.policy(model, ws, self.rng))
+            self._send_to_worker(req, self._choose(req, ws))
 
     def _handle_client_cancel(self, client: bytes, frames: list[bytes]) -> None:
         # [client, ZSC1, CANCEL, request_id]
@@ -567,13 +604,21 @@ class Broker:
                 ws = self.registry.available(model)
                 if not ws:
                     break
-                self._send_to_worker(q.popleft(), self.policy(model, ws, self.rng))
+                req = q.popleft()
+                self._send_to_worker(req, self._choose(req, ws))
             if q is not None and not q:
                 del self.queues[model]
+
+    def _choose(self, req: PendingRequest, ws: list[WorkerState]) -> WorkerState:
+        if self.cache is not None:
+            return self.cache(req.model, ws, self.rng, req.session, req.chain)
+        return self.policy(req.model, ws, self.rng)
 
     def _remove_worker(self, w: WorkerState, why: str) -> None:
         """A dead worker: retry what had not started, end the rest with worker_lost."""
         self.registry.remove(w.identity)
+        if self.cache is not None:
+            self.cache.forget_worker(w.identity)
         self.counters["workers_lost"] += 1
         log.warning("worker %s removed: %s (%d in flight)", w.id_hex, why, len(w.in_flight))
         retry: list[PendingRequest] = []
@@ -749,5 +794,7 @@ class Broker:
             "clients": len(self.clients),
             "counters": {**self.counters, **(self.auth.counters() if self.auth else {})},
             "curve": self.auth.status() if self.auth is not None else None,
+            "dispatch": self.cfg.dispatch,
+            "prefix_map": self.cache.stats() if self.cache is not None else None,
             "uptime_s": round(now - self.started_at, 3),
         }

@@ -101,6 +101,17 @@ async def read_body(receive: Receive) -> bytes:
     return body
 
 
+SESSION_HEADER = b"x-session-id"
+
+
+def session_header(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The ``X-Session-ID`` header's value (ASGI headers: lower-case names), if any."""
+    for name, value in headers:
+        if name == SESSION_HEADER and value:
+            return value.decode("latin-1")
+    return None
+
+
 async def send_json(send: Send, body: bytes, status: int = 200) -> None:
     headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -259,6 +270,9 @@ class Gateway:
             self.check_key(scope["headers"])
             body = schema.load_json(await read_body(receive))
             req = schema.parse_chat(body) if chat else schema.parse_completion(body)
+            sid = session_header(scope["headers"])
+            if sid is not None:
+                req.session_id = sid
             streams = open_streams(self.client, req)
         except ClientGone:
             return

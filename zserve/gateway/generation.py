@@ -25,10 +25,17 @@ T = TypeVar("T")
 def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream]:
     """One stream per choice, index = input * n + j (nothing is sent yet);
     bad sampling parameters raise ``BadRequest`` here."""
-    n, params = req.n, req.params
+    n, params, sid = req.n, req.params, req.session_id
     if req.messages is not None:
-        return [client.stream(req.model, messages=req.messages, **params) for _ in range(n)]
-    return [client.stream(req.model, p, **params) for p in req.prompts for _ in range(n)]
+        return [
+            client.stream(req.model, messages=req.messages, session_id=sid, **params)
+            for _ in range(n)
+        ]
+    return [
+        client.stream(req.model, p, session_id=sid, **params)
+        for p in req.prompts
+        for _ in range(n)
+    ]
 
 
 async def close_all(streams: list[AsyncStream]) -> None:

@@ -59,6 +59,9 @@ class GenRequest:
     params: dict[str, Any] = field(default_factory=dict)
     logprobs: int | None = None  # top alternatives per token; None = off
     echo: bool = False
+    # The conversation's key for session-affine dispatch: the ``X-Session-ID``
+    # header, else OpenAI's ``user`` field.
+    session_id: str | None = None
 
     @property
     def inputs(self) -> int:
@@ -119,6 +122,11 @@ def _common(body: dict[str, Any], req: GenRequest) -> None:
             params[k] = v
     if req.logprobs is not None:
         params["logprobs"] = req.logprobs
+    user = body.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise _bad("user must be a string", "user")
+        req.session_id = user or None
     resume = body.get("resume")  # zserve extension: false = no continuation elsewhere
     if resume is not None:
         if not isinstance(resume, bool):
