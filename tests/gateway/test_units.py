@@ -175,3 +175,29 @@ def test_metrics_render_from_plain_counters() -> None:
     assert 'zserve_gateway_request_duration_seconds_bucket{le="0.005",model="mo"} 0.0' in text
     assert 'zserve_gateway_request_duration_seconds_bucket{le="0.01",model="mo"} 1.0' in text
     assert "zserve_broker_up 0.0" in text
+
+
+def test_session_id_from_user_field_and_header() -> None:
+    from zserve.gateway.app import session_header
+    from zserve.gateway.generation import open_streams
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert parse_chat({"model": "m", "messages": msgs, "user": "u-1"}).session_id == "u-1"
+    assert parse_chat({"model": "m", "messages": msgs}).session_id is None
+    assert parse_completion({"model": "m", "prompt": "x", "user": "u-2"}).session_id == "u-2"
+    with pytest.raises(APIError):
+        parse_chat({"model": "m", "messages": msgs, "user": 7})
+    assert session_header([(b"x-session-id", b"conv-9"), (b"host", b"h")]) == "conv-9"
+    assert session_header([(b"host", b"h")]) is None
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        def stream(self, model, prompt=None, **kw):  # noqa: ANN001, ANN201, ANN003
+            self.calls.append(kw)
+
+    rec = Recorder()
+    req = parse_completion({"model": "m", "prompt": ["a", "b"], "n": 2, "user": "u-3"})
+    open_streams(rec, req)  # type: ignore[arg-type]
+    assert [c["session_id"] for c in rec.calls] == ["u-3"] * 4
