@@ -620,11 +620,14 @@ def keys(
 def tiny_model(
     path: Annotated[str, typer.Argument(help="directory to write")],
     seed: int = 0,
+    size: Annotated[str, typer.Option(help="tiny | medium | small")] = "tiny",
 ) -> None:
     """Write a small random-weight Llama model with a trained tokenizer."""
-    from zserve.tiny_model import write_tiny_model
+    from zserve.tiny_model import SIZES, write_tiny_model
 
-    out = write_tiny_model(path, seed=seed)
+    if size not in SIZES:
+        raise typer.BadParameter(f"--size must be one of {', '.join(SIZES)}")
+    out = write_tiny_model(path, seed=seed, size=size)
     typer.echo(str(out))
 
 

@@ -207,6 +207,10 @@ class VLLMEngine(Engine):
                         "prompt_tokens": n_prompt,
                         "completion_tokens": completion,
                     }
+                    # vLLM's prefix cache: prompt tokens it did not prefill.
+                    cached = getattr(out, "num_cached_tokens", None)
+                    if cached:
+                        usage["cached_tokens"] = int(cached)
                 elif first:
                     usage = {"prompt_tokens": n_prompt}
                 else:
