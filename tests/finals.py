@@ -9,6 +9,7 @@ unseen: this wraps the client's own record router and counts them all.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from zserve import protocol as p
@@ -28,11 +29,11 @@ class Finals(Counter[bytes]):
         return bool(self)
 
 
-def count_finals(client: Any) -> Finals:
-    """Start counting on ``client`` (a ``Client`` or an ``AsyncClient``)."""
+def tap_records(client: Any, see: Callable[[list[Any]], None]) -> None:
+    """Show every TOKENS record that reaches ``client`` (a ``Client`` or an
+    ``AsyncClient``) to ``see``, before the client's own router takes it."""
     core = client._core
     route = core.on_message
-    seen = Finals()
 
     def on_message(frames: list[bytes], now: float, *link: int) -> None:
         if len(frames) == 3 and frames[1] == p.C_TOKENS:
@@ -41,9 +42,19 @@ def count_finals(client: Any) -> Finals:
             except ValueError:
                 recs = []
             for r in recs:
-                if r[3] is not None:
-                    seen[r[0]] += 1
+                see(r)
         route(frames, now, *link)
 
     core.on_message = on_message
+
+
+def count_finals(client: Any) -> Finals:
+    """Start counting on ``client`` (a ``Client`` or an ``AsyncClient``)."""
+    seen = Finals()
+
+    def see(r: list[Any]) -> None:
+        if r[3] is not None:
+            seen[r[0]] += 1
+
+    tap_records(client, see)
     return seen

@@ -63,6 +63,17 @@ class Brokers:
         wait_for(find, 20, "one busy broker")
         return found[0]
 
+    def start_with_null_workers(self) -> None:
+        """Every broker, each with a paced null worker ("m") of its own."""
+        for i in range(len(self.eps)):
+            self.start(i)
+            self.others.append(start_worker(
+                self.backends[i], "--engine", "null", "--model", "m", "--capacity", "8",
+                "--token-delay", "0.05", *FAST_HB,
+            ))  # fmt: skip
+        for i in range(len(self.eps)):
+            wait_for(lambda i=i: self.status(i)["workers"], 20, f"a worker on broker {i}")
+
     def stop(self) -> None:
         for proc in [*self.others, *self.procs]:
             if proc is not None:
@@ -75,14 +86,7 @@ def test_a_stream_moves_to_another_broker_when_its_broker_dies() -> None:
     through the other broker; restarted, the broker is used again."""
     b = Brokers(2)
     try:
-        for i in range(2):
-            b.start(i)
-            b.others.append(start_worker(
-                b.backends[i], "--engine", "null", "--model", "m", "--capacity", "8",
-                "--token-delay", "0.05", *FAST_HB,
-            ))  # fmt: skip
-        for i in range(2):
-            wait_for(lambda i=i: b.status(i)["workers"], 20, f"a worker on broker {i}")
+        b.start_with_null_workers()
         with Client(b.frontends, timeout=30, heartbeat_interval=0.2) as c:
             finals = count_finals(c)
             s = c.stream("m", "x", max_tokens=60)
@@ -117,14 +121,7 @@ def test_an_async_client_with_all_brokers_dead_fails_clearly() -> None:
     """With no broker left, streams end with BrokerUnreachable (no hang)."""
     b = Brokers(2)
     try:
-        for i in range(2):
-            b.start(i)
-            b.others.append(start_worker(
-                b.backends[i], "--engine", "null", "--model", "m", "--capacity", "8",
-                "--token-delay", "0.05", *FAST_HB,
-            ))  # fmt: skip
-        for i in range(2):
-            wait_for(lambda i=i: b.status(i)["workers"], 20, f"a worker on broker {i}")
+        b.start_with_null_workers()
 
         async def main() -> None:
             from zserve import BrokerUnreachable

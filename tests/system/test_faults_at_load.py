@@ -37,8 +37,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import FAST_HB
-from tests.finals import count_finals
-from zserve import protocol as p
+from tests.finals import count_finals, tap_records
 from zserve.client import AsyncClient
 from zserve.errors import BrokerUnreachable, ZServeError
 from zserve.launcher import Proc, wait_for, zserve_cmd
@@ -105,25 +104,16 @@ def late_records(client: Any) -> list[bytes]:
     """Record every record that reaches ``client`` for a request id after that
     request's final record (a stale record from a worker that came back):
     there must be none."""
-    core = client._core
-    route = core.on_message
     finished: set[bytes] = set()
     late: list[bytes] = []
 
-    def on_message(frames: list[bytes], now: float, *link: int) -> None:
-        if len(frames) == 3 and frames[1] == p.C_TOKENS:
-            try:
-                recs = p.decode_tokens(frames[2])
-            except ValueError:
-                recs = []
-            for r in recs:
-                if r[0] in finished:
-                    late.append(r[0])
-                elif r[3] is not None:
-                    finished.add(r[0])
-        route(frames, now, *link)
+    def see(r: list[Any]) -> None:
+        if r[0] in finished:
+            late.append(r[0])
+        elif r[3] is not None:
+            finished.add(r[0])
 
-    core.on_message = on_message
+    tap_records(client, see)
     return late
 
 
