@@ -114,6 +114,8 @@ class _Base:
         connect_timeout: float,
         max_resumes: int = MAX_RESUMES,
         primary: int | None = None,
+        curve_secret: KeySource | None = None,
+        curve_server: KeySource | None = None,
     ) -> None:
         self.addresses = broker_addresses(address)
         self.address = ",".join(self.addresses)
@@ -129,8 +131,17 @@ class _Base:
         self._core = ClientCore(heartbeat_interval, max_resumes, n, primary)
         self._last_send = 0.0
         self._closed = False
-        self._watches: list[HandshakeWatch | None] = []  # CURVE handshakes, per broker
         self._last_probe = 0.0
+        # One DEALER per broker. CURVE: our .key_secret file and the broker's
+        # .key file (or z85 keys); the watch tells a refused handshake apart.
+        curve = ClientCurve.load(curve_secret, curve_server)
+        ctx = zmq.Context.instance()
+        self._dealers: list[zmq.Socket] = []
+        self._watches: list[HandshakeWatch | None] = []  # CURVE handshakes, per broker
+        for a in self.addresses:
+            sock, watch = _dealer(ctx, a, curve)
+            self._dealers.append(sock)
+            self._watches.append(watch)
 
     def _links_to_try(self) -> list[int]:
         """The broker for a new request first, then the others."""
@@ -232,22 +243,10 @@ class Client(_Base):
         primary: int | None = None,
     ) -> None:
         super().__init__(
-            address,
-            timeout,
-            heartbeat_interval,
-            heartbeat_liveness,
-            connect_timeout,
-            max_resumes,
-            primary,
-        )
-        # CURVE: our .key_secret file and the broker's .key file (or z85 keys)
-        curve = ClientCurve.load(curve_secret, curve_server)
-        ctx = zmq.Context.instance()
-        self._socks: list[zmq.Socket] = []
-        for a in self.addresses:
-            sock, watch = _dealer(ctx, a, curve)
-            self._socks.append(sock)
-            self._watches.append(watch)
+            address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout,
+            max_resumes, primary, curve_secret, curve_server,
+        )  # fmt: skip
+        self._socks = self._dealers
         self._sock = self._socks[0]  # the one socket of a one-broker client
         self._poller: zmq.Poller | None = None
         if len(self._socks) > 1:
@@ -612,21 +611,10 @@ class AsyncClient(_Base):
         primary: int | None = None,
     ) -> None:
         super().__init__(
-            address,
-            timeout,
-            heartbeat_interval,
-            heartbeat_liveness,
-            connect_timeout,
-            max_resumes,
-            primary,
-        )
-        curve = ClientCurve.load(curve_secret, curve_server)  # as on Client
-        ctx = zmq.Context.instance()
-        self._raws: list[zmq.Socket] = []
-        for a in self.addresses:
-            raw, watch = _dealer(ctx, a, curve)
-            self._raws.append(raw)
-            self._watches.append(watch)
+            address, timeout, heartbeat_interval, heartbeat_liveness, connect_timeout,
+            max_resumes, primary, curve_secret, curve_server,
+        )  # fmt: skip
+        self._raws = self._dealers
         self._socks: list[LoopSocket] | None = None  # bound to the loop on first use
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
