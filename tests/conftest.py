@@ -124,3 +124,26 @@ def ref(tiny_model_dir: Path) -> tuple[Any, Any]:
     from tests.worker.reference import load_reference
 
     return load_reference(tiny_model_dir)
+
+
+# ------------------------------------------------ zserve run's children
+
+
+def wait_children_gone(children: list[Any], timeout: float) -> None:
+    """Until every process in ``children`` (psutil) has exited."""
+    wait_for(
+        lambda: not any(ch.is_running() and ch.status() != "zombie" for ch in children),
+        timeout,
+        "every child of zserve run to exit",
+    )
+
+
+def kill_children(children: list[Any]) -> None:
+    """Leave nothing running, even when a test fails."""
+    import psutil
+
+    for ch in children:
+        try:
+            ch.kill()
+        except psutil.NoSuchProcess:
+            pass

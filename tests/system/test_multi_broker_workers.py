@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAST_HB
+from tests.conftest import FAST_HB, kill_children, wait_children_gone
 from tests.finals import count_finals
 from zserve.client import AsyncClient, Client
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
@@ -244,7 +244,7 @@ def test_status_shows_each_broker_and_every_worker_once(brokers):
 
 
 def test_run_with_two_brokers_serves_on_each_then_stops_everything():
-    psutil = pytest.importorskip("psutil")
+    import psutil
     fe, be, gw = (free_port() for _ in range(3))
     proc = Proc(
         zserve_cmd(
@@ -285,15 +285,7 @@ def test_run_with_two_brokers_serves_on_each_then_stops_everything():
         assert len(ids) == 1
         proc.popen.send_signal(signal.SIGINT)
         assert proc.popen.wait(60) == 0
-        wait_for(
-            lambda: not any(ch.is_running() and ch.status() != "zombie" for ch in children),
-            30,
-            "every child of zserve run to exit",
-        )
+        wait_children_gone(children, 30)
     finally:
         proc.stop()
-        for ch in children:  # even when the test fails, leave nothing running
-            try:
-                ch.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_children(children)

@@ -7,12 +7,12 @@ import subprocess
 import time
 import urllib.request
 
+import psutil
 import pytest
 
+from tests.conftest import kill_children, wait_children_gone
 from zserve import Client
-from zserve.launcher import Proc, free_port, wait_for, zserve_cmd
-
-psutil = pytest.importorskip("psutil")
+from zserve.launcher import Proc, free_port, zserve_cmd
 
 
 def _start_run() -> tuple[Proc, str, int, list[str]]:
@@ -59,15 +59,7 @@ def test_run_serves_then_stops_everything(signals: list[int]) -> None:
             proc.popen.send_signal(sig)
             time.sleep(0.05)
         assert proc.popen.wait(30) == 0
-        wait_for(
-            lambda: not any(ch.is_running() and ch.status() != "zombie" for ch in children),
-            15,
-            "every child of zserve run to exit",
-        )
+        wait_children_gone(children, 15)
     finally:
         proc.stop()
-        for ch in children:  # even when the test fails, leave nothing running
-            try:
-                ch.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_children(children)

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tests.conftest import kill_children, wait_children_gone
 from tests.worker.reference import greedy_ref, load_reference, prompt_ids
 from zserve import Client
 from zserve.launcher import Proc, free_port, wait_for, zserve_cmd
@@ -95,15 +96,7 @@ def test_run_default_hf_stack_serves_then_stops_everything(tmp_path: Path) -> No
 
         proc.popen.send_signal(signal.SIGINT)  # Ctrl-C, to the parent only
         assert proc.popen.wait(60) == 0
-        wait_for(
-            lambda: not any(ch.is_running() and ch.status() != "zombie" for ch in children),
-            30,
-            "every child of zserve run to exit",
-        )
+        wait_children_gone(children, 30)
     finally:
         proc.stop()
-        for ch in children:  # even when the test fails, leave nothing running
-            try:
-                ch.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_children(children)
