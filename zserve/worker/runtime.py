@@ -285,6 +285,7 @@ class Worker:
             plain = not stops.stops
             count = 0  # completion tokens, counted here
             prompt_tokens = 0  # from whichever delta carries usage first
+            cached_tokens = 0  # prompt tokens the engine's prefix cache held, if it says
             # The engine's own completion count where it reports one (it knows
             # better, e.g. text chunks from a remote server): how far it is from
             # ours, carried forward over what arrives after the report.
@@ -312,6 +313,7 @@ class Worker:
                         usage = d.usage
                         if usage is not None:
                             prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+                            cached_tokens = usage.get("cached_tokens", cached_tokens)
                             n = usage.get("completion_tokens")
                             if n is not None:
                                 correction = n - count
@@ -326,6 +328,8 @@ class Worker:
                         if finish is not None:
                             done = count + correction + resumed
                             d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
+                            if cached_tokens:
+                                d.usage["cached_tokens"] = cached_tokens
                             fin(client, rid, d, first, len(active) == 1)
                             finished = True
                             break
