@@ -37,3 +37,15 @@ def test_workers_without_an_instance_id_match_by_pid_engine_and_models():
     assert w["brokers"] == ["b1", "b2"]
     other = entry("", "r3", 0, 0, 0.1, pid=8)
     assert len(union_workers([up("b1", a), up("b2", other)])) == 2
+
+
+def test_prefix_map_line():
+    from zserve.status import prefix_map_line
+
+    pm = {"entries": 431, "max_entries": 65536, "evicted": 0, "hits": 90, "misses": 10,
+          "hit_rate": 0.9, "sessions": 3}  # fmt: skip
+    assert prefix_map_line(pm) == (
+        "prefix map: 431 / 65536 entries, hit rate 90.0% (90 hits, 10 misses), "
+        "3 session dispatches"
+    )
+    assert "hit rate -" in prefix_map_line({**pm, "hit_rate": None})

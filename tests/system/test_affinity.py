@@ -5,14 +5,16 @@ frames are counted and answered, and the broker keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
 
 import zmq
 
 from tests.conftest import FAST_HB
 from zserve import AsyncClient
 from zserve import protocol as p
-from zserve.launcher import wait_for
+from zserve.launcher import wait_for, zserve_cmd
 
 SYSTEM = "You are a careful assistant. " * 40  # ~1,100 characters, shared by all
 
@@ -50,6 +52,17 @@ def test_turns_of_a_conversation_land_on_one_worker(stack):
     pm = st["prefix_map"]
     assert pm["hits"] >= 8 * 3 and pm["entries"] > 0
     assert st["counters"]["cache_hits"] == pm["hits"]
+    # `zserve status` shows the map's size and hit rate
+    out = subprocess.run(
+        zserve_cmd("status", "--broker", stack.frontend), capture_output=True, text=True,
+        timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert f"prefix map: {pm['entries']} / 65536 entries, hit rate" in out
+    js = json.loads(subprocess.run(
+        zserve_cmd("status", "--broker", stack.frontend, "--json"), capture_output=True,
+        text=True, timeout=60, check=True,
+    ).stdout)  # fmt: skip
+    assert js["dispatch"] == "cache_aware" and js["prefix_map"]["hits"] == pm["hits"]
 
 
 def test_concurrent_conversations_stick_within_the_load_threshold(stack):
