@@ -362,9 +362,8 @@ def status(
                     k: w[k]
                     for k in (
                         "id", "models", "capacity", "in_flight", "queue_length", "speed",
-                        "last_seen_s", "dispatched",
+                        "last_seen_s",
                     )
-                    if k in w
                 }
                 for w in st["workers"]
             ],
