@@ -205,3 +205,15 @@ def test_client_requests_and_continuations_carry_the_routing_frame():
     core.on_message([pr.CLIENT, pr.C_TOKENS, pr.encode_tokens([lost])], 1.2)
     ((_, again),) = core.take_resends()
     assert again[6] == frames[6] and again[2] != rid
+
+
+@given(st.binary(max_size=2 + 8 * (p.MAX_ROUTE_BLOCKS + 2)))
+def test_routing_frame_decode_never_raises_anything_but_valueerror(frame):
+    try:
+        session, chain = p.decode_routing(frame)
+    except ValueError:
+        return
+    assert session is None or len(session) == p.ROUTE_HASH
+    assert len(chain) <= p.MAX_ROUTE_BLOCKS and all(len(h) == p.ROUTE_HASH for h in chain)
+    if session is None and chain:  # a valid frame re-encodes to itself
+        assert p.encode_routing(None, chain) == frame
