@@ -27,7 +27,6 @@ def test_session_header_and_user_field_keep_a_conversation_on_one_worker() -> No
         wait_models(fe, ["m"], 30)
         with Client(fe, timeout=10) as c:
             assert len(c.status()["workers"]) == 3
-        homes = set()
         with httpx.Client(base_url=root + "/v1", timeout=30) as http:
             for s in range(6):
                 before = _dispatched(fe)
@@ -43,8 +42,6 @@ def test_session_header_and_user_field_keep_a_conversation_on_one_worker() -> No
                 after = _dispatched(fe)
                 grew = {w: after[w] - before[w] for w in after if after[w] != before[w]}
                 assert list(grew.values()) == [4], grew
-                homes |= set(grew)
-        assert len(homes) >= 2
         with Client(fe, timeout=10) as c:
             assert c.status()["prefix_map"]["sessions"] == 24
     finally:

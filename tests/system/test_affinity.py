@@ -103,7 +103,6 @@ def test_a_session_stays_on_one_worker(stack):
     for _ in range(3):
         stack.worker("--model", "m", "--capacity", "4")
     stack.wait_workers(3)
-    homes = set()
     with stack.client() as c:
         for s in range(6):
             before = _dispatched(stack)
@@ -112,8 +111,7 @@ def test_a_session_stays_on_one_worker(stack):
             after = _dispatched(stack)
             grew = {w: after[w] - before.get(w, 0) for w in after if after[w] != before.get(w, 0)}
             assert list(grew.values()) == [5], grew
-            homes |= set(grew)
-    assert len(homes) >= 2
+    # (how sessions spread over workers: tests/broker/test_cache_aware.py)
     assert stack.status()["prefix_map"]["sessions"] == 30
 
 
