@@ -204,8 +204,9 @@ def test_backoff_doubles_up_to_its_cap_and_resets_after_a_session(stack, caplog)
     port = free_port()
     cfg = WorkerConfig(
         broker=f"tcp://127.0.0.1:{port}",
-        heartbeat_interval=0.02,
-        heartbeat_liveness=2,
+        # (a session long enough to hear the broker on a loaded machine)
+        heartbeat_interval=0.1,
+        heartbeat_liveness=3,
         reconnect_initial=0.01,
         reconnect_max=0.08,
     )
