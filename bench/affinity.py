@@ -39,7 +39,6 @@ policies within one run only. Writes bench/results/affinity.json.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -47,11 +46,11 @@ import random
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, latency_summary_ms, machine_info, median, write_json
+from bench.common import latency_summary_ms, median, run_and_report
 from zserve import AsyncClient, Client
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for
 
@@ -428,32 +427,10 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.affinity", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one run per policy (a few minutes)")
-    a = ap.parse_args(argv)
-    s = QUICK if a.quick else FULL
-    t0 = time.monotonic()
-    measured = run(s)
-    rows = evaluate(measured)
-    result = {
-        "benchmark": "affinity",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
-        "settings": asdict(s),
-        "rows": rows,
-        "pass": all(r["pass"] is not False for r in rows),
-        "measured": measured,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
-    path = write_json("affinity.json", result)
-    print(format_table(
-        ["workload", "baseline", "", "cache_aware", "ratio", "target", "met"],
-        [[r["workload"], r["baseline"], r["base"], r["zserve"], r.get("ratio", "-"), r["target"],
-          "-" if r["pass"] is None else "yes" if r["pass"] else "NO"] for r in rows],
-    ))  # fmt: skip
-    print(f"\n({result['wall_s']} s, {path})")
-    return result
+    return run_and_report(
+        "affinity", __doc__, argv, (FULL, QUICK), run, evaluate,
+        quick_help="one run per policy (a few minutes)", column="cache_aware",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -239,3 +239,49 @@ def write_json(name: str, data: dict[str, Any], directory: Path = RESULTS_DIR) -
     path = directory / name
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def run_and_report(
+    name: str,
+    doc: str | None,
+    argv: list[str] | None,
+    settings: tuple[Any, Any],
+    run: Callable[[Any], dict[str, Any]],
+    evaluate: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    *,
+    quick_help: str,
+    column: str = "zserve",
+) -> dict[str, Any]:
+    """A benchmark's ``main``: ``--quick`` picks ``settings[1]`` over
+    ``settings[0]``; the rows of ``evaluate`` ({workload, baseline (its name),
+    base (its figure), zserve, ratio?, target, pass}) go to
+    ``bench/results/<name>.json`` and to a printed table."""
+    import argparse
+    from dataclasses import asdict
+
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    a = ap.parse_args(argv)
+    s = settings[1] if a.quick else settings[0]
+    t0 = time.monotonic()
+    measured = run(s)
+    rows = evaluate(measured)
+    result = {
+        "benchmark": name,
+        "mode": "quick" if a.quick else "full",
+        "machine": machine_info(),
+        "settings": asdict(s),
+        "rows": rows,
+        "pass": all(r["pass"] is not False for r in rows),
+        "measured": measured,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+    path = write_json(f"{name}.json", result)
+    print(format_table(
+        ["workload", "baseline", "", column, "ratio", "target", "met"],
+        [[r["workload"], r["baseline"], r["base"], r["zserve"], r.get("ratio", "-"), r["target"],
+          "-" if r["pass"] is None else "yes" if r["pass"] else "NO"] for r in rows],
+    ))  # fmt: skip
+    print(f"\n({result['wall_s']} s, {path})")
+    return result

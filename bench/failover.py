@@ -18,13 +18,12 @@ Writes bench/results/failover.json and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from bench.common import format_table, latency_summary_ms, machine_info, median, write_json
+from bench.common import latency_summary_ms, median, run_and_report
 from zserve import AsyncClient, Client, ZServeError
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for
 
@@ -203,32 +202,10 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
-    a = ap.parse_args(argv)
-    s = QUICK if a.quick else FULL
-    t0 = time.monotonic()
-    measured = run(s)
-    rows = evaluate(measured)
-    result = {
-        "benchmark": "failover",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
-        "settings": asdict(s),
-        "rows": rows,
-        "pass": all(r["pass"] is not False for r in rows),
-        "measured": measured,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
-    path = write_json("failover.json", result)
-    print(format_table(
-        ["workload", "baseline", "", "zserve", "ratio", "target", "met"],
-        [[r["workload"], r["baseline"], r["base"], r["zserve"], r.get("ratio", "-"), r["target"],
-          "-" if r["pass"] is None else "yes" if r["pass"] else "NO"] for r in rows],
-    ))  # fmt: skip
-    print(f"\n({result['wall_s']} s, {path})")
-    return result
+    return run_and_report(
+        "failover", __doc__, argv, (FULL, QUICK), run, evaluate,
+        quick_help="fewer samples (about a minute)", column="zserve",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
