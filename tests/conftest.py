@@ -8,6 +8,8 @@ that need it, so ``make test`` cannot pass without them.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 
 from tests.finals import Finals, count_finals
 from zserve.client import Client
-from zserve.launcher import Proc, start_broker, start_worker, wait_for
+from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
 
 # Short heartbeats keep failure tests fast; the defaults are 1 s x 3.
 FAST_HB = ["--heartbeat-interval", "0.2", "--heartbeat-liveness", "3"]
@@ -147,3 +149,30 @@ def kill_children(children: list[Any]) -> None:
             ch.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+# ------------------------------------------------ zserve run
+
+
+def start_run(*args: str, deadline_s: float = 60) -> tuple[Proc, str, int, list[str]]:
+    """``zserve run`` on free ports; returns once it printed that it is up."""
+    fe, be, gw = (free_port() for _ in range(3))
+    proc = Proc(
+        zserve_cmd(
+            "run", "--frontend", f"tcp://127.0.0.1:{fe}", "--backend", f"tcp://127.0.0.1:{be}",
+            "--gateway-port", str(gw), *args,
+        ),
+        name="run", stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + deadline_s
+    assert proc.popen.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.popen.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            return proc, f"tcp://127.0.0.1:{fe}", gw, lines
+    proc.stop()
+    raise AssertionError(f"zserve run never came up: {''.join(lines)}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FAST_HB, kill_children, wait_children_gone
+from tests.conftest import FAST_HB, kill_children, start_run, wait_children_gone
 from tests.finals import count_finals
 from zserve.client import AsyncClient, Client
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
@@ -245,35 +245,17 @@ def test_status_shows_each_broker_and_every_worker_once(brokers):
 
 def test_run_with_two_brokers_serves_on_each_then_stops_everything():
     import psutil
-    fe, be, gw = (free_port() for _ in range(3))
-    proc = Proc(
-        zserve_cmd(
-            "run", "--engine", "null", "--brokers", "2", "--frontend", f"tcp://127.0.0.1:{fe}",
-            "--backend", f"tcp://127.0.0.1:{be}", "--gateway-port", str(gw),
-        ),
-        name="run", stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc, fe, gw, lines = start_run("--engine", "null", "--brokers", "2", deadline_s=120)
     children: list[Any] = []
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 120
-        assert proc.popen.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.popen.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C stops everything"):
-                break
         out = "".join(lines)
-        assert "Ctrl-C stops everything" in out, out
         # "  broker 1        : frontend tcp://..., backend tcp://..."
         frontends = [
             ln.split("frontend ")[1].split(",")[0]
             for ln in lines
             if ln.strip().startswith("broker ")
         ]
-        assert len(frontends) == 2 and frontends[0] == f"tcp://127.0.0.1:{fe}", out
+        assert len(frontends) == 2 and frontends[0] == fe, out
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 4  # two brokers, the worker, the gateway
         ids = set()

@@ -3,39 +3,14 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 import urllib.request
 
 import psutil
 import pytest
 
-from tests.conftest import kill_children, wait_children_gone
+from tests.conftest import kill_children, start_run, wait_children_gone
 from zserve import Client
-from zserve.launcher import Proc, free_port, zserve_cmd
-
-
-def _start_run() -> tuple[Proc, str, int, list[str]]:
-    fe, be, gw = (free_port() for _ in range(3))
-    proc = Proc(
-        zserve_cmd(
-            "run", "--engine", "null", "--frontend", f"tcp://127.0.0.1:{fe}",
-            "--backend", f"tcp://127.0.0.1:{be}", "--gateway-port", str(gw),
-        ),
-        name="run", stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    assert proc.popen.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.popen.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("Ctrl-C stops everything"):
-            return proc, f"tcp://127.0.0.1:{fe}", gw, lines
-    proc.stop()
-    raise AssertionError(f"zserve run never came up: {''.join(lines)}")
 
 
 @pytest.mark.parametrize(
@@ -44,7 +19,7 @@ def _start_run() -> tuple[Proc, str, int, list[str]]:
     ids=["ctrl-c", "ctrl-c-twice-then-term", "sigterm"],
 )
 def test_run_serves_then_stops_everything(signals: list[int]) -> None:
-    proc, frontend, gw, lines = _start_run()
+    proc, frontend, gw, lines = start_run("--engine", "null")
     children: list = []
     try:
         out = "".join(lines)

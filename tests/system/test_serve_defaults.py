@@ -4,41 +4,15 @@ any model in one command, and a worker's capacity comes from its engine."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import Stack
-from zserve.launcher import Proc, free_port, wait_for, zserve_cmd
+from tests.conftest import Stack, start_run
+from zserve.launcher import Proc, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "ignore_eos": True}
-
-
-def start_run(*args: str, deadline_s: float) -> tuple[Proc, str, int, list[str]]:
-    """``zserve run`` on free ports; returns once it printed that it is up."""
-    fe, be, gw = (free_port() for _ in range(3))
-    proc = Proc(
-        zserve_cmd(
-            "run", "--frontend", f"tcp://127.0.0.1:{fe}", "--backend", f"tcp://127.0.0.1:{be}",
-            "--gateway-port", str(gw), *args,
-        ),
-        name="run", stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    lines: list[str] = []
-    deadline = time.monotonic() + deadline_s
-    assert proc.popen.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.popen.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("Ctrl-C stops everything"):
-            return proc, f"tcp://127.0.0.1:{fe}", gw, lines
-    proc.stop()
-    raise AssertionError(f"zserve run never came up: {''.join(lines)}")
 
 
 def workers(frontend: str) -> list[dict]:
