@@ -227,7 +227,9 @@ class _VLLMDirect:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=self.model_dir, dtype=DTYPE, disable_log_stats=True,
+            model=self.model_dir,
+            dtype=DTYPE,
+            disable_log_stats=True,
             **{**VLLM_ENGINE_ARGS, "kv_cache_memory_bytes": self.kv_bytes},
         )
         self.llm = AsyncLLM.from_engine_args(args)
@@ -239,7 +241,10 @@ class _VLLMDirect:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         params = SamplingParams(
-            n=1, temperature=0.0, ignore_eos=True, max_tokens=n,
+            n=1,
+            temperature=0.0,
+            ignore_eos=True,
+            max_tokens=n,
             output_kind=RequestOutputKind.DELTA,
         )
         prompt, rid = prompts[i % len(prompts)], f"d{next(self._ids)}"
@@ -282,8 +287,11 @@ async def _serve_direct(engine: str, model_dir: str, kv_bytes: int, out: TextIO)
             elapsed = time.perf_counter() - t0
             counts, ttft = [g[0] for g in got], [g[1] for g in got]
             after = drv.stats()
-            stats = {k: after[k] - before.get(k, 0)
-                     for k in ("steps", "prefills", "prefill_passes") if k in after}
+            stats = {
+                k: after[k] - before.get(k, 0)
+                for k in ("steps", "prefills", "prefill_passes")
+                if k in after
+            }
             if "max_batch_size" in after:
                 stats["max_batch_size_so_far"] = after["max_batch_size"]
             reply = {"elapsed": elapsed, "counts": counts, "ttft": ttft, "stats": stats}
@@ -345,8 +353,9 @@ def _cpu_total(pids: dict[str, int]) -> float:
     return total
 
 
-def _settle(pids: dict[str, int], window: float = 0.1, quiet: float = 0.05,
-            timeout: float = 5.0) -> float:
+def _settle(
+    pids: dict[str, int], window: float = 0.1, quiet: float = 0.05, timeout: float = 5.0
+) -> float:
     """Wait until ``pids`` together use under ``quiet`` of a core over ``window``.
 
     vLLM's executor worker spins (``sched_yield``) for a second after its last
@@ -372,10 +381,22 @@ class DirectProc:
         self.log_path = log_path
         with open(log_path, "wb") as logf:
             self.proc = Proc(
-                [sys.executable, "-m", "bench.engines", "--direct", engine,
-                 "--model-dir", str(model_dir), "--kv-bytes", str(kv_bytes)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.engines",
+                    "--direct",
+                    engine,
+                    "--model-dir",
+                    str(model_dir),
+                    "--kv-bytes",
+                    str(kv_bytes),
+                ],
                 name=f"direct-{engine}",
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=logf, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=logf,
+                text=True,
             )
 
     def _reply(self, timeout: float, what: str) -> dict[str, Any]:
@@ -419,8 +440,18 @@ class DirectProc:
 
 
 def _worker_args(engine: str, model_dir: Path | str, kv_bytes: int) -> list[str]:
-    args = ["--engine", engine, "--model", str(model_dir), "--model-names", MODEL,
-            "--dtype", DTYPE, "--capacity", str(CAPACITY)]
+    args = [
+        "--engine",
+        engine,
+        "--model",
+        str(model_dir),
+        "--model-names",
+        MODEL,
+        "--dtype",
+        DTYPE,
+        "--capacity",
+        str(CAPACITY),
+    ]
     if engine == "hf":
         args += ["--device", "cpu", f"--engine-arg=threads={HF_THREADS}"]
     else:
@@ -443,8 +474,12 @@ def _wait_served(frontend: str, worker: Proc, log_path: Path) -> None:
 
 
 async def _zserve_run(
-    frontend: str, concurrency: int, n: int, side: Side | None = None,
-    prompts: list[str] = PROMPTS, ttft: list[float] | None = None,
+    frontend: str,
+    concurrency: int,
+    n: int,
+    side: Side | None = None,
+    prompts: list[str] = PROMPTS,
+    ttft: list[float] | None = None,
 ) -> tuple[float, list[int]]:
     """``concurrency`` streams through one AsyncClient; (seconds, tokens per stream).
     ``ttft``, when given, receives each stream's seconds to its first delta."""
@@ -452,8 +487,9 @@ async def _zserve_run(
 
     async def one(ac: AsyncClient, i: int) -> int:
         got = 0
-        stream = ac.stream(MODEL, prompts[i % len(prompts)], max_tokens=n,
-                           temperature=0.0, ignore_eos=True)
+        stream = ac.stream(
+            MODEL, prompts[i % len(prompts)], max_tokens=n, temperature=0.0, ignore_eos=True
+        )
         async for d in stream:
             if not got and ttft is not None:
                 ttft.append(time.perf_counter() - t0)
@@ -522,7 +558,11 @@ class Side:
 
 
 def bench_engine(
-    engine: str, model_dir: Path, s: Settings, logs: Path, size: str = "tiny",
+    engine: str,
+    model_dir: Path,
+    s: Settings,
+    logs: Path,
+    size: str = "tiny",
     ttft_repeats: int = 0,
 ) -> dict[str, Any]:
     kv_bytes = VLLM_KV_BYTES[size]
@@ -535,17 +575,24 @@ def bench_engine(
         stack.callback(broker.stop)
         wlog = logs / f"worker-{engine}-{size}.log"
         with open(wlog, "wb") as f:
-            worker = start_worker(be, *_worker_args(engine, model_dir, kv_bytes),
-                                  log_level="warning",
-                                  stdout=f, stderr=subprocess.STDOUT)
+            worker = start_worker(
+                be,
+                *_worker_args(engine, model_dir, kv_bytes),
+                log_level="warning",
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         stack.callback(worker.stop)
         direct.wait_ready()
         _wait_served(fe, worker, wlog)
         startup_s = time.monotonic() - t0
 
         direct_pids = _tree_pids("direct", direct.proc.pid)
-        zserve_pids = {"client": os.getpid(), "broker": broker.pid,
-                       **_tree_pids("worker", worker.pid)}
+        zserve_pids = {
+            "client": os.getpid(),
+            "broker": broker.pid,
+            **_tree_pids("worker", worker.pid),
+        }
         # Every engine process of both sides (this process, the client, excluded).
         quiet_pids = {**direct_pids, **{k: v for k, v in zserve_pids.items() if k != "client"}}
         settles: list[float] = []
@@ -584,7 +631,8 @@ def bench_engine(
                 run_zserve(c, None)
 
         runners: dict[str, Callable[[int, Side | None], None]] = {
-            "direct": run_direct, "zserve": run_zserve,
+            "direct": run_direct,
+            "zserve": run_zserve,
         }
         for r in range(s.repeats):
             order = ("direct", "zserve") if r % 2 == 0 else ("zserve", "direct")
@@ -596,8 +644,10 @@ def bench_engine(
         for c in s.concurrency:
             d = sides[c]["direct"].summary(c * n)
             z = sides[c]["zserve"].summary(c * n)
-            paired = [zr / dr for zr, dr in
-                      zip(sides[c]["zserve"].rates, sides[c]["direct"].rates, strict=True)]
+            paired = [
+                zr / dr
+                for zr, dr in zip(sides[c]["zserve"].rates, sides[c]["direct"].rates, strict=True)
+            ]
             z_msgs = [e.get("token_messages", 0) for e in sides[c]["zserve"].extra]
             z["tokens_per_message"] = round(c * n / median(z_msgs), 2) if median(z_msgs) else None
             levels[str(c)] = {
@@ -615,8 +665,10 @@ def bench_engine(
             f"{' '.join(_worker_args(engine, '-', kv_bytes))} "
             "(model path elided), one AsyncClient in the bench process",
             "startup_s": round(startup_s, 1),
-            "settle_s_before_run": {"median": round(median(settles), 2),
-                                    "max": round(max(settles), 2)},
+            "settle_s_before_run": {
+                "median": round(median(settles), 2),
+                "max": round(max(settles), 2),
+            },
             "levels": levels,
             **({"ttft": ttft} if ttft else {}),
         }
@@ -644,17 +696,22 @@ def _ttft_rounds(
                 _settle(quiet_pids)
                 if mode == "zserve":
                     got: list[float] = []
-                    _, counts = _run_async(_zserve_run(
-                        frontend, c, TTFT_TOKENS, prompts=TTFT_PROMPTS, ttft=got))
+                    _, counts = _run_async(
+                        _zserve_run(frontend, c, TTFT_TOKENS, prompts=TTFT_PROMPTS, ttft=got)
+                    )
                 else:
-                    rep = direct.run(c, TTFT_TOKENS, ttft_prompts=True,
-                                     batch_prefill=mode == "after")
+                    rep = direct.run(
+                        c, TTFT_TOKENS, ttft_prompts=True, batch_prefill=mode == "after"
+                    )
                     counts, got = rep["counts"], rep["ttft"]
                 _check(counts, TTFT_TOKENS, f"{engine} ttft {mode} {c}")
                 if r:
                     runs[mode][c].append(summary(got))
-    out: dict[str, Any] = {"prompts": "about 64 tokens each", "tokens": TTFT_TOKENS,
-                           "rounds": repeats}
+    out: dict[str, Any] = {
+        "prompts": "about 64 tokens each",
+        "tokens": TTFT_TOKENS,
+        "rounds": repeats,
+    }
     for mode, by_c in runs.items():
         out[mode] = {
             str(c): {k: round(median([x[k] for x in xs]), 2) for k in ("p50_ms", "max_ms")}
@@ -674,50 +731,64 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
         for key, lv in e["levels"].items():
             c = int(key)
             target = c in at
-            rows.append({
-                "workload": f"{engine}: {c} concurrent x {lv['tokens_per_request']} (tok/s)",
-                "direct": lv["direct"]["tok_s"],
-                "zserve": lv["zserve"]["tok_s"],
-                "ratio": lv["ratio"],
-                "target": f">= {least}x direct" if target else "-",
-                "pass": lv["ratio"] >= least if target else None,
-            })
+            rows.append(
+                {
+                    "workload": f"{engine}: {c} concurrent x {lv['tokens_per_request']} (tok/s)",
+                    "direct": lv["direct"]["tok_s"],
+                    "zserve": lv["zserve"]["tok_s"],
+                    "ratio": lv["ratio"],
+                    "target": f">= {least}x direct" if target else "-",
+                    "pass": lv["ratio"] >= least if target else None,
+                }
+            )
         t = e.get("ttft")
         if t and "before" in t:
             for key in t["after"]:
                 b, a = t["before"][key]["p50_ms"], t["after"][key]["p50_ms"]
-                rows.append({
-                    "workload": f"{engine}: time to first token, {key} at once, p50 (ms)",
-                    "direct": b, "zserve": a, "ratio": round(a / b, 3) if b else None,
-                    "target": "-", "pass": None,
-                    "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
-                    "after_is": "batched prefill, same process",
-                    "through_zserve_ms": t["zserve"][key]["p50_ms"],
-                })
+                rows.append(
+                    {
+                        "workload": f"{engine}: time to first token, {key} at once, p50 (ms)",
+                        "direct": b,
+                        "zserve": a,
+                        "ratio": round(a / b, 3) if b else None,
+                        "target": "-",
+                        "pass": None,
+                        "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
+                        "after_is": "batched prefill, same process",
+                        "through_zserve_ms": t["zserve"][key]["p50_ms"],
+                    }
+                )
             hi, lo = (str(x) for x in TTFT_AT)
             if hi in t["after"] and lo in t["after"]:
                 x = round(t["after"][hi]["p50_ms"] / t["after"][lo]["p50_ms"], 2)
                 xb = round(t["before"][hi]["p50_ms"] / t["before"][lo]["p50_ms"], 2)
-                rows.append({
-                    "workload": f"{engine}: time to first token at {hi} / at {lo} (x)",
-                    "direct": xb, "zserve": x, "ratio": None,
-                    "target": f"<= {TTFT_MAX_RATIO:g}x (batched)",
-                    "pass": x <= TTFT_MAX_RATIO,
-                    "baseline": "one-at-a-time prefill", "after_is": "batched prefill",
-                })
+                rows.append(
+                    {
+                        "workload": f"{engine}: time to first token at {hi} / at {lo} (x)",
+                        "direct": xb,
+                        "zserve": x,
+                        "ratio": None,
+                        "target": f"<= {TTFT_MAX_RATIO:g}x (batched)",
+                        "pass": x <= TTFT_MAX_RATIO,
+                        "baseline": "one-at-a-time prefill",
+                        "after_is": "batched prefill",
+                    }
+                )
         hi, lo = (str(x) for x in HF_SCALING)
         if engine.startswith("hf") and hi in e["levels"] and lo in e["levels"]:
             lv = e["levels"]
             xd = round(lv[hi]["direct"]["tok_s"] / lv[lo]["direct"]["tok_s"], 2)
             xz = round(lv[hi]["zserve"]["tok_s"] / lv[lo]["zserve"]["tok_s"], 2)
-            rows.append({
-                "workload": f"{engine}: tok/s at {hi} concurrent / at {lo} (x)",
-                "direct": xd,
-                "zserve": xz,
-                "ratio": None,
-                "target": f">= {HF_SCALING_MIN:g}x (both)",
-                "pass": xd >= HF_SCALING_MIN and xz >= HF_SCALING_MIN,
-            })
+            rows.append(
+                {
+                    "workload": f"{engine}: tok/s at {hi} concurrent / at {lo} (x)",
+                    "direct": xd,
+                    "zserve": xz,
+                    "ratio": None,
+                    "target": f">= {HF_SCALING_MIN:g}x (both)",
+                    "pass": xd >= HF_SCALING_MIN and xz >= HF_SCALING_MIN,
+                }
+            )
     return rows
 
 
@@ -727,15 +798,29 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
     for engine, e in m.items():
         for lv in e["levels"].values():
             d, z = lv["direct"]["cpu_us_per_token"], lv["zserve"]["cpu_us_per_token"]
-            cpu_rows.append([
-                f"{engine} x{lv['concurrency']}", d.get("direct"), z.get("client"),
-                z.get("broker"), z.get("worker"), lv["zserve"]["tokens_per_message"],
-                sum(lv["direct"]["idle_side_cpu_ms_per_run"].values()),
-                sum(lv["zserve"]["idle_side_cpu_ms_per_run"].values()),
-            ])
+            cpu_rows.append(
+                [
+                    f"{engine} x{lv['concurrency']}",
+                    d.get("direct"),
+                    z.get("client"),
+                    z.get("broker"),
+                    z.get("worker"),
+                    lv["zserve"]["tokens_per_message"],
+                    sum(lv["direct"]["idle_side_cpu_ms_per_run"].values()),
+                    sum(lv["zserve"]["idle_side_cpu_ms_per_run"].values()),
+                ]
+            )
     cpu = format_table(
-        ["CPU us/token", "direct", "zs client", "zs broker", "zs worker", "tok/msg",
-         "idle zs ms/run", "idle direct ms/run"],
+        [
+            "CPU us/token",
+            "direct",
+            "zs client",
+            "zs broker",
+            "zs worker",
+            "tok/msg",
+            "idle zs ms/run",
+            "idle direct ms/run",
+        ],
         cpu_rows,
     )
     ttft_rows: list[list[Any]] = []
@@ -752,16 +837,28 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
     if ttft_rows:
         lines += [
             "time to first token (ms), requests of ~64 prompt tokens sent at once:",
-            format_table(["TTFT", "p50 one-by-one", "p50 batched", "p50 zserve",
-                          "max one-by-one", "max batched", "max zserve"], ttft_rows),
+            format_table(
+                [
+                    "TTFT",
+                    "p50 one-by-one",
+                    "p50 batched",
+                    "p50 zserve",
+                    "max one-by-one",
+                    "max batched",
+                    "max zserve",
+                ],
+                ttft_rows,
+            ),
             "(one-by-one / batched: the direct engine with batch_prefill off / on, same "
             "process, alternating; zserve: through broker + worker, batched)",
             "",
         ]
     lines += ["direct baselines:"]
     for engine, e in m.items():
-        lines.append(f"  {engine}: {e['direct_baseline']} (loaded in {e['startup_s']} s "
-                     "together with the zserve side)")
+        lines.append(
+            f"  {engine}: {e['direct_baseline']} (loaded in {e['startup_s']} s "
+            "together with the zserve side)"
+        )
     lines += [
         "zserve: broker + worker processes on loopback, one AsyncClient in the bench process.",
         "ratio = median zserve tok/s / median direct tok/s; runs alternate and never overlap,",
@@ -790,14 +887,23 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.engines", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.engines",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (a few minutes)")
-    ap.add_argument("--engines", default=",".join(ENGINES),
-                    help="comma-separated, from: hf, vllm (default: both; vllm is skipped "
-                    "with a note when it is not installed)")
-    ap.add_argument("--models", default=",".join(MODELS),
-                    help="comma-separated, from: tiny, small (default: both)")
+    ap.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="comma-separated, from: hf, vllm (default: both; vllm is skipped "
+        "with a note when it is not installed)",
+    )
+    ap.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help="comma-separated, from: tiny, small (default: both)",
+    )
     ap.add_argument("--out", default="engines.json", help="file name under bench/results/")
     ap.add_argument("--direct", choices=ENGINES, help=argparse.SUPPRESS)  # the child side
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -830,13 +936,20 @@ def main(argv: list[str] | None = None) -> int:
 
         for size in sizes:
             model_dir = write_tiny_model(Path(tmp) / size, size=size)
-            s = {"tiny": QUICK, "small": QUICK_SMALL}[size] if a.quick else \
-                {"tiny": FULL, "small": FULL_SMALL}[size]
+            s = (
+                {"tiny": QUICK, "small": QUICK_SMALL}[size]
+                if a.quick
+                else {"tiny": FULL, "small": FULL_SMALL}[size]
+            )
             for engine in engines:
                 key = engine if size == "tiny" else f"{engine}-{size}"
                 print(f"{key}: loading both sides ...", flush=True)
                 measured[key] = bench_engine(
-                    engine, model_dir, s, Path(tmp), size,
+                    engine,
+                    model_dir,
+                    s,
+                    Path(tmp),
+                    size,
                     ttft_repeats=TTFT_REPEATS[mode] if engine == "hf" else 0,
                 )
     rows = evaluate(measured)
@@ -844,11 +957,14 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "engines",
         "mode": mode,
         "machine": machine_info(),
-        "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
-                                "after": [round(x, 2) for x in os.getloadavg()]},
+        "load_average_1_5_15": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()],
+        },
         "hf_threads": HF_THREADS,
-        "torch_threads_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-                              if k in os.environ},
+        "torch_threads_env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+        },
         "models": {
             "tiny": "zserve tiny-model (random Llama: hidden 128, 2 layers, float32)",
             "small": "write_tiny_model(size='small') (random Llama: hidden 768, 8 layers, "
@@ -857,8 +973,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "tiny": asdict(QUICK if a.quick else FULL),
             "small": asdict(QUICK_SMALL if a.quick else FULL_SMALL),
-            "ttft": {"concurrency": TTFT_CONCURRENCY, "tokens": TTFT_TOKENS,
-                     "rounds": TTFT_REPEATS[mode]},
+            "ttft": {
+                "concurrency": TTFT_CONCURRENCY,
+                "tokens": TTFT_TOKENS,
+                "rounds": TTFT_REPEATS[mode],
+            },
         },
         "skipped": skipped,
         "rows": rows,
@@ -868,8 +987,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(a.out, result)
     print(render(rows, measured))
-    print(f"\nall targets met: {'yes' if result['pass'] else 'NO'}   "
-          f"({result['wall_s']} s, {path})")
+    print(
+        f"\nall targets met: {'yes' if result['pass'] else 'NO'}   ({result['wall_s']} s, {path})"
+    )
     return 0
 
 
