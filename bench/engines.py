@@ -36,19 +36,32 @@ spinning never eats into the other's run; the CPU the idle side used during
 each run is measured and shown. Rates are medians over the rounds; the best
 run of each side is kept in the JSON too.
 
-**Time to first token, hf** (both models): N requests of about 64 prompt
-tokens sent at once (N = 1, 8, 16, 32), 4 tokens each. In the direct process,
-with the prompts that join at one step prefilled together (``after``, the
-default) and one at a time (``before``: the same engine with
-``batch_prefill`` off, toggled between runs in the same process), alternating;
-and through zserve (batched prefill), from the client's send to its first
-delta.
+**Time to first token, hf** (both models), from a request's send to its
+first delta, measured three ways: in the direct process with the prompts
+that join at one step prefilled together (``after``, the default) and one at
+a time (``before``: the same engine with ``batch_prefill`` off, toggled
+between runs in the same process), alternating; and through zserve (batched
+prefill). Two workloads, prompts of about 64 tokens:
+
+* **closed loop** (what "at N concurrent" means in the issue: the workload of
+  ``vllm bench serve --max-concurrency N``, whose 64 requests at 16
+  concurrent gave the issue's reference figures): N users (N = 1, 8, 16, 32),
+  each sending its next request as soon as its last one ends, a fixed number
+  of requests per run (4 per user, at least 16; fewer and shorter on the
+  small model), each of 16-48 tokens (32 on average, spread so that requests
+  end and new ones join the running batch at different steps). Median and
+  p90 time to first token over the run's requests, and the median
+  inter-token latency of the same run;
+* **burst**: N requests sent at exactly the same moment (N = 1, 8, 16, 32),
+  4 tokens each: the worst case, N prefills in one step. Reported beside the
+  closed loop, no target.
 
 Targets (from the issues): zserve >= 0.95x direct for hf and vllm at 1 and
 32 concurrent requests on the tiny model, >= 0.97x at 1, 8 and 32 on the
 small one; hf: 8 concurrent requests >= 3x the tokens/s of 1; hf time to
-first token at 16 concurrent <= 3x the time at 1 (direct, batched prefill).
-Prints a table and writes bench/results/engines.json.
+first token at 16 concurrent <= 3x the time at 1 (closed loop, median, both
+direct with batched prefill and through zserve). Prints a table and writes
+bench/results/engines.json.
 """
 
 from __future__ import annotations
@@ -67,7 +80,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +92,7 @@ from bench.common import (
     format_table,
     machine_info,
     median,
+    percentile,
     targets_table,
     write_json,
 )
@@ -153,6 +167,32 @@ QUICK_SMALL = Settings(max_tokens=32, repeats=3, warmup=1)
 TTFT_REPEATS = {"full": 7, "quick": 3}
 
 
+@dataclass(frozen=True)
+class ClosedLoop:
+    """The closed-loop time-to-first-token runs (``vllm bench serve`` style)."""
+
+    concurrency: tuple[int, ...]  # users, each with one request in flight
+    per_user: int  # requests per run = max(per_user x users, min_requests)
+    min_requests: int
+    tokens: int  # mean decode length (request i: _closed_tokens(i, tokens))
+    rounds: int  # measured rounds of every mode and level (no warm-up round:
+    # the burst runs before have warmed every side up)
+
+    def requests(self, users: int) -> int:
+        return max(self.per_user * users, self.min_requests)
+
+
+# The reference workload is 64 requests at 16 concurrent: 4 per user. The
+# small model prefills 64 tokens in ~100 ms and steps in ~16 ms: shorter and
+# fewer requests, and no 32 users in --quick.
+CLOSED = {
+    ("full", "tiny"): ClosedLoop((1, 8, 16, 32), 4, 16, 32, 3),
+    ("quick", "tiny"): ClosedLoop((1, 8, 16, 32), 4, 16, 32, 1),
+    ("full", "small"): ClosedLoop((1, 8, 16, 32), 4, 8, 32, 1),
+    ("quick", "small"): ClosedLoop((1, 8, 16), 3, 6, 16, 1),
+}
+
+
 def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
     """asyncio.run on uvloop where installed, as zserve's own processes do."""
     try:
@@ -166,6 +206,81 @@ def _check(counts: list[int], want: int, what: str) -> None:
     bad = [c for c in counts if c != want]
     if bad:
         raise RuntimeError(f"{what}: {len(bad)} request(s) got {bad[:5]} tokens, asked {want}")
+
+
+async def _first_and_count(deltas: AsyncIterator[int], t0: float) -> tuple[int, float]:
+    """(tokens, seconds from ``t0`` to the first delta) of one request."""
+    got, first = 0, 0.0
+    async for k in deltas:
+        if not got:
+            first = time.perf_counter() - t0
+        got += k
+    return got, first
+
+
+def _closed_tokens(i: int, mean: int) -> int:
+    """Request ``i``'s decode length in a closed loop: spread over
+    [mean/2, 3 mean/2] (averaging ``mean``), so that the users' requests end,
+    and their next ones join the batch, at different steps."""
+    return mean // 2 + (i * 7) % (mean + 1)
+
+
+@dataclass
+class Timed:
+    """One closed-loop request as its user saw it."""
+
+    tokens: int
+    want: int
+    ttft: float  # seconds from the send to the first delta
+    gaps: list[float]  # seconds between deltas, per token (a k-token delta counts k times)
+
+
+async def _closed_loop(
+    users: int, total: int, mean: int, stream: Callable[[int, int], AsyncIterator[int]]
+) -> tuple[float, list[Timed]]:
+    """``vllm bench serve`` with ``--max-concurrency users``: each user sends
+    requests one after another (the next as soon as the last one's final delta
+    is in) until ``total`` have been sent. ``stream(i, n)`` runs request ``i``
+    for ``n`` tokens and yields the tokens of each delta. (seconds, requests)."""
+    ids = itertools.count()
+    done: list[Timed] = []
+
+    async def user() -> None:
+        while (i := next(ids)) < total:
+            want = _closed_tokens(i, mean)
+            t0 = last = time.perf_counter()
+            got, ttft, gaps = 0, 0.0, []
+            async for k in stream(i, want):
+                now = time.perf_counter()
+                if got:
+                    gaps += [(now - last) / k] * k
+                else:
+                    ttft = now - t0
+                got += k
+                last = now
+            done.append(Timed(got, want, ttft, gaps))
+
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(user() for _ in range(users))), RUN_TIMEOUT)
+    return time.perf_counter() - t0, done
+
+
+def _closed_summary(elapsed: float, done: list[Timed], what: str) -> dict[str, Any]:
+    """One closed-loop run: TTFT p50/p90 and inter-token latency p50 over its requests."""
+    bad = [(t.tokens, t.want) for t in done if t.tokens != t.want]
+    if bad:
+        raise RuntimeError(
+            f"{what}: {len(bad)} request(s) got the wrong count (got, asked) {bad[:5]}"
+        )
+    ttft = [t.ttft for t in done]
+    gaps = [g for t in done for g in t.gaps]
+    return {
+        "requests": len(done),
+        "elapsed_s": round(elapsed, 3),
+        "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+        "ttft_p90_ms": percentile(ttft, 90) * 1e3,
+        "itl_p50_ms": percentile(gaps, 50) * 1e3 if gaps else 0.0,
+    }
 
 
 # ------------------------------------------------------------------ direct side (child)
@@ -192,19 +307,15 @@ class _HFDirect:
             if sm.runner is not None:
                 sm.runner.batch_prefill = on
 
-    async def one(self, i: int, n: int, prompts: list[str], t0: float) -> tuple[int, float]:
-        """(tokens, seconds from ``t0`` to the first delta)."""
+    async def deltas(self, i: int, n: int, prompts: list[str]) -> AsyncIterator[int]:
+        """Request ``i``: the number of tokens in each of its deltas."""
         from zserve.protocol import SamplingParams
         from zserve.worker.engine import GenerateRequest
 
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         req = GenerateRequest(f"d{next(self._ids)}", MODEL, prompts[i % len(prompts)], None, params)
-        got, first = 0, 0.0
         async for d in self.engine.generate(req):
-            if not got:
-                first = time.perf_counter() - t0
-            got += len(d.token_ids or ())
-        return got, first
+            yield len(d.token_ids or ())
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
@@ -237,7 +348,7 @@ class _VLLMDirect:
     def set_batch_prefill(self, on: bool) -> None:
         pass  # vLLM schedules its own prefills
 
-    async def one(self, i: int, n: int, prompts: list[str], t0: float) -> tuple[int, float]:
+    async def deltas(self, i: int, n: int, prompts: list[str]) -> AsyncIterator[int]:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         params = SamplingParams(
@@ -248,12 +359,8 @@ class _VLLMDirect:
             output_kind=RequestOutputKind.DELTA,
         )
         prompt, rid = prompts[i % len(prompts)], f"d{next(self._ids)}"
-        got, first = 0, 0.0
         async for out in self.llm.generate(prompt, params, rid):
-            if not got:
-                first = time.perf_counter() - t0
-            got += len(out.outputs[0].token_ids)
-        return got, first
+            yield len(out.outputs[0].token_ids)
 
     def stats(self) -> dict[str, int]:
         return {}
@@ -265,7 +372,8 @@ class _VLLMDirect:
 
 async def _serve_direct(engine: str, model_dir: str, kv_bytes: int, out: TextIO) -> None:
     """Answer one JSON line per command on stdin: {"concurrency": N, "max_tokens": M,
-    and optionally "ttft_prompts": true, "batch_prefill": bool}."""
+    and optionally "ttft_prompts": true, "batch_prefill": bool, "closed_requests": R
+    (a closed loop of N users, R requests in all, M tokens on average)}."""
     drv: _HFDirect | _VLLMDirect = (
         _HFDirect(model_dir) if engine == "hf" else _VLLMDirect(model_dir, kv_bytes)
     )
@@ -282,10 +390,26 @@ async def _serve_direct(engine: str, model_dir: str, kv_bytes: int, out: TextIO)
             prompts = TTFT_PROMPTS if cmd.get("ttft_prompts") else PROMPTS
             drv.set_batch_prefill(bool(cmd.get("batch_prefill", True)))
             before = drv.stats()
-            t0 = time.perf_counter()
-            got = await asyncio.gather(*(drv.one(i, n, prompts, t0) for i in range(c)))
-            elapsed = time.perf_counter() - t0
-            counts, ttft = [g[0] for g in got], [g[1] for g in got]
+            reply: dict[str, Any]
+            if cmd.get("closed_requests"):  # closed loop: c users, n tokens on average
+                elapsed, done = await _closed_loop(
+                    c,
+                    int(cmd["closed_requests"]),
+                    n,
+                    lambda i, k, p=prompts: drv.deltas(i, k, p),
+                )
+                reply = {"closed": _closed_summary(elapsed, done, f"{engine} closed loop {c}")}
+            else:
+                t0 = time.perf_counter()
+                got = await asyncio.gather(
+                    *(_first_and_count(drv.deltas(i, n, prompts), t0) for i in range(c))
+                )
+                elapsed = time.perf_counter() - t0
+                reply = {
+                    "elapsed": elapsed,
+                    "counts": [g[0] for g in got],
+                    "ttft": [g[1] for g in got],
+                }
             after = drv.stats()
             stats = {
                 k: after[k] - before.get(k, 0)
@@ -294,7 +418,7 @@ async def _serve_direct(engine: str, model_dir: str, kv_bytes: int, out: TextIO)
             }
             if "max_batch_size" in after:
                 stats["max_batch_size_so_far"] = after["max_batch_size"]
-            reply = {"elapsed": elapsed, "counts": counts, "ttft": ttft, "stats": stats}
+            reply["stats"] = stats
             out.write(json.dumps(reply) + "\n")
             out.flush()
     finally:
@@ -510,6 +634,27 @@ async def _zserve_run(
     return elapsed, list(counts)
 
 
+async def _zserve_closed(frontend: str, users: int, total: int, mean: int) -> dict[str, Any]:
+    """The closed loop of ``_closed_loop`` through zserve, one AsyncClient."""
+    from zserve import AsyncClient
+
+    async with AsyncClient(frontend, timeout=60) as ac:
+        await ac.models()  # connected and the broker answering before the clock starts
+
+        async def stream(i: int, n: int) -> AsyncIterator[int]:
+            async for d in ac.stream(
+                MODEL,
+                TTFT_PROMPTS[i % len(TTFT_PROMPTS)],
+                max_tokens=n,
+                temperature=0.0,
+                ignore_eos=True,
+            ):
+                yield len(d.token_ids or ())
+
+        elapsed, done = await _closed_loop(users, total, mean, stream)
+    return _closed_summary(elapsed, done, f"zserve closed loop {users}")
+
+
 def _token_messages(frontend: str) -> int:
     from zserve.client import Client
 
@@ -564,6 +709,7 @@ def bench_engine(
     logs: Path,
     size: str = "tiny",
     ttft_repeats: int = 0,
+    closed: ClosedLoop | None = None,
 ) -> dict[str, Any]:
     kv_bytes = VLLM_KV_BYTES[size]
     with ExitStack() as stack:
@@ -640,6 +786,7 @@ def bench_engine(
                 for name in order:
                     runners[name](c, sides[c][name])
         ttft = _ttft_rounds(engine, direct, fe, quiet_pids, ttft_repeats) if ttft_repeats else None
+        closed_ttft = _closed_rounds(engine, direct, fe, quiet_pids, closed) if closed else None
         levels: dict[str, Any] = {}
         for c in s.concurrency:
             d = sides[c]["direct"].summary(c * n)
@@ -671,6 +818,7 @@ def bench_engine(
             },
             "levels": levels,
             **({"ttft": ttft} if ttft else {}),
+            **({"ttft_closed_loop": closed_ttft} if closed_ttft else {}),
         }
 
 
@@ -720,6 +868,59 @@ def _ttft_rounds(
     return out
 
 
+def _closed_rounds(
+    engine: str, direct: DirectProc, frontend: str, quiet_pids: dict[str, int], cl: ClosedLoop
+) -> dict[str, Any]:
+    """Closed-loop time to first token at each of ``cl.concurrency`` users: direct
+    with batched prefill (``after``) and one at a time (``before``), alternating,
+    and through zserve (batched). Medians over rounds of each run's figures."""
+    modes = ("before", "after") if engine == "hf" else ("after",)
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {
+        m: {c: [] for c in cl.concurrency} for m in (*modes, "zserve")
+    }
+    for r in range(cl.rounds):
+        for c in cl.concurrency:
+            order = modes if r % 2 == 0 else modes[::-1]
+            for mode in (*order, "zserve"):
+                _settle(quiet_pids)
+                if mode == "zserve":
+                    got = _run_async(_zserve_closed(frontend, c, cl.requests(c), cl.tokens))
+                else:
+                    rep = direct.run(
+                        c,
+                        cl.tokens,
+                        ttft_prompts=True,
+                        batch_prefill=mode == "after",
+                        closed_requests=cl.requests(c),
+                    )
+                    got = {**rep["closed"], **rep["stats"]}
+                runs[mode][c].append(got)
+    out: dict[str, Any] = {
+        "prompts": "about 64 tokens each",
+        "tokens": f"{cl.tokens // 2}..{cl.tokens // 2 + cl.tokens} per request (mean {cl.tokens})",
+        "requests_per_run": {str(c): cl.requests(c) for c in cl.concurrency},
+        "rounds": cl.rounds,
+    }
+    keys = ("ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms")
+    for mode, by_c in runs.items():
+        out[mode] = {
+            str(c): {
+                **{k: round(median([x[k] for x in xs]), 2) for k in keys},
+                **(
+                    {
+                        "prefill_passes": xs[-1]["prefill_passes"],
+                        "prefills": xs[-1]["prefills"],
+                        "steps": xs[-1]["steps"],
+                    }
+                    if "prefills" in xs[-1]
+                    else {}
+                ),
+            }
+            for c, xs in by_c.items()
+        }
+    return out
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -758,22 +959,26 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
                         "through_zserve_ms": t["zserve"][key]["p50_ms"],
                     }
                 )
-            hi, lo = (str(x) for x in TTFT_AT)
-            if hi in t["after"] and lo in t["after"]:
-                x = round(t["after"][hi]["p50_ms"] / t["after"][lo]["p50_ms"], 2)
-                xb = round(t["before"][hi]["p50_ms"] / t["before"][lo]["p50_ms"], 2)
+        cl = e.get("ttft_closed_loop")
+        if cl and "before" in cl:
+            for key in cl["after"]:
+                b, a = cl["before"][key]["ttft_p50_ms"], cl["after"][key]["ttft_p50_ms"]
                 rows.append(
                     {
-                        "workload": f"{engine}: time to first token at {hi} / at {lo} (x)",
-                        "direct": xb,
-                        "zserve": x,
-                        "ratio": None,
-                        "target": f"<= {TTFT_MAX_RATIO:g}x (batched)",
-                        "pass": x <= TTFT_MAX_RATIO,
-                        "baseline": "one-at-a-time prefill",
-                        "after_is": "batched prefill",
+                        "workload": f"{engine}: time to first token, {key} users closed loop, "
+                        "p50 (ms)",
+                        "direct": b,
+                        "zserve": a,
+                        "ratio": round(a / b, 3) if b else None,
+                        "target": "-",
+                        "pass": None,
+                        "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
+                        "after_is": "batched prefill, same process",
+                        "through_zserve_ms": cl["zserve"][key]["ttft_p50_ms"],
                     }
                 )
+        rows += _ttft_ratio_rows(engine, cl, "ttft_p50_ms", "closed loop, users", target=True)
+        rows += _ttft_ratio_rows(engine, t, "p50_ms", "burst, sent at once", target=False)
         hi, lo = (str(x) for x in HF_SCALING)
         if engine.startswith("hf") and hi in e["levels"] and lo in e["levels"]:
             lv = e["levels"]
@@ -790,6 +995,33 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _ttft_ratio_rows(
+    engine: str, t: dict[str, Any] | None, key: str, kind: str, target: bool
+) -> list[dict[str, Any]]:
+    """The row "time to first token at 16 / at 1": the direct engine with
+    batched prefill and zserve; the one-at-a-time figure beside them."""
+    hi, lo = (str(x) for x in TTFT_AT)
+    if not t or "before" not in t or not all(c in t["after"] for c in (hi, lo)):
+        return []
+
+    def x(mode: str) -> float:
+        return round(t[mode][hi][key] / t[mode][lo][key], 2)
+
+    a, z = x("after"), x("zserve")
+    return [
+        {
+            "workload": f"{engine}: time to first token at {hi} / at {lo}, {kind} (x)",
+            "direct": a,
+            "zserve": z,
+            "ratio": None,
+            "target": f"<= {TTFT_MAX_RATIO:g}x (both)" if target else "-",
+            "pass": (a <= TTFT_MAX_RATIO and z <= TTFT_MAX_RATIO) if target else None,
+            "baseline": "the direct engine, batched prefill, same process",
+            "one_at_a_time_x": x("before"),
+        }
+    ]
 
 
 def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
@@ -833,7 +1065,47 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
                 (t.get("before") or {}).get(key, {}).get("max_ms"), t["after"][key]["max_ms"],
                 t["zserve"][key]["max_ms"],
             ])  # fmt: skip
+    closed_rows: list[list[Any]] = []
+    for engine, e in m.items():
+        cl = e.get("ttft_closed_loop") or {}
+        for key in cl.get("after", {}):
+            b, a, z = ((cl.get(mode) or {}).get(key, {}) for mode in ("before", "after", "zserve"))
+            closed_rows.append(
+                [
+                    f"{engine} x{key}",
+                    b.get("ttft_p50_ms"),
+                    a["ttft_p50_ms"],
+                    z["ttft_p50_ms"],
+                    b.get("ttft_p90_ms"),
+                    a["ttft_p90_ms"],
+                    z["ttft_p90_ms"],
+                    a["itl_p50_ms"],
+                    z["itl_p50_ms"],
+                    f"{a.get('prefills')}/{a.get('prefill_passes')}",
+                ]
+            )
     lines = [table, "", cpu, ""]
+    if closed_rows:
+        lines += [
+            "time to first token (ms), closed loop: N users, each sending its next request "
+            "(~64 prompt tokens, 16-48 tokens) when its last one ends:",
+            format_table(
+                [
+                    "TTFT",
+                    "p50 one-by-one",
+                    "p50 batched",
+                    "p50 zserve",
+                    "p90 one-by-one",
+                    "p90 batched",
+                    "p90 zserve",
+                    "ITL p50 batched",
+                    "ITL p50 zserve",
+                    "prefills/passes",
+                ],
+                closed_rows,
+            ),
+            "",
+        ]
     if ttft_rows:
         lines += [
             "time to first token (ms), requests of ~64 prompt tokens sent at once:",
@@ -951,6 +1223,7 @@ def main(argv: list[str] | None = None) -> int:
                     Path(tmp),
                     size,
                     ttft_repeats=TTFT_REPEATS[mode] if engine == "hf" else 0,
+                    closed=CLOSED[mode, size] if engine == "hf" else None,
                 )
     rows = evaluate(measured)
     result: dict[str, Any] = {
@@ -978,6 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens": TTFT_TOKENS,
                 "rounds": TTFT_REPEATS[mode],
             },
+            "ttft_closed_loop": {size: asdict(CLOSED[mode, size]) for size in sizes},
         },
         "skipped": skipped,
         "rows": rows,
