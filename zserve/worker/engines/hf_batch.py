@@ -14,8 +14,11 @@ Each loop iteration of the thread is one *engine step*:
    benchmarks);
 3. run one forward pass over every row of the batch (one new token each),
    sample every row with its own parameters, and retire finished rows;
-4. hand all the new tokens to the asyncio side in one
-   ``loop.call_soon_threadsafe`` per phase.
+4. hand the new tokens to the asyncio side in one
+   ``loop.call_soon_threadsafe`` per forward pass, as soon as they are
+   sampled: a prefill pass's first tokens go out before the next pass and
+   before its KV cache is merged into the batch's (a copy of the whole
+   batch cache), a decode step's before finished rows are cut out of it.
 
 The batch KV cache is left-padded: row ``i`` keeps its real tokens at the
 right end, the attention mask zeroes the padding and each row gets its own
@@ -198,7 +201,7 @@ class BatchRunner:
                     self._drop_cancelled(events)
                     if incoming:
                         self._admit(incoming, events)
-                        self._post(events)
+                    self._post(events)  # requests dropped or admitted in this step
                     if self.rows:
                         self._decode(events)
                 except Exception as e:  # fail what was running, keep serving
@@ -361,6 +364,7 @@ class BatchRunner:
                 else:
                     keep.append(i)
                 events.append((seq, Step(token, lp, top, finish), seq.gone))
+            self._post(events)  # first tokens out now, not after every pass and the merge
             if keep:
                 if len(keep) != len(group):
                     mask = _take_rows(cache, mask, keep, self.device)
@@ -426,6 +430,7 @@ class BatchRunner:
             else:
                 keep.append(i)
             events.append((seq, Step(token, lp, top, finish), seq.gone))
+        self._post(events)  # before the cache copy that drops the finished rows
         if len(keep) != n:
             self._select(keep)
 
