@@ -72,11 +72,26 @@ def _http_rows(r: dict[str, Any]) -> list[list[str]]:
             f"{r['tok_s_ratio']}x", f">= {r['tok_s_target']:g}x",
             _met(r["tok_s_ratio"] >= r["tok_s_target"]),
         ])  # fmt: skip
+    floor = r.get("floor")
     if z and fl:
         zl, fll = z["latency_1_token"]["p50_ms"], fl["latency_1_token"]["p50_ms"]
+        target = f"<= {floor['target']:g}x" if floor else "-"
         rows.append([
             "http", "1-token request p50 (ms)", "bare Starlette SSE floor",
-            cell(fll), cell(zl), f"{zl / fll:.2f}x", "-", "-",
+            cell(fll), cell(zl), f"{zl / fll:.2f}x", target, _met(floor and floor["pass"]),
+        ])  # fmt: skip
+    if z and fl and "latency_1_token_raw_client" in z:
+        zr, fr = (x["latency_1_token_raw_client"]["p50_ms"] for x in (z, fl))
+        rows.append([
+            "http", "1-token request p50, bare-socket client (ms)", "bare Starlette SSE floor",
+            cell(fr), cell(zr), f"{zr / fr:.2f}x", "-", "-",
+        ])  # fmt: skip
+    fb = m.get("starlette_broker")
+    if z and fb:
+        zl, fbl = z["latency_1_token"]["p50_ms"], fb["latency_1_token"]["p50_ms"]
+        rows.append([
+            "http", "1-token request p50 (ms)", "bare Starlette + one AsyncClient round trip",
+            cell(fbl), cell(zl), f"{zl / fbl:.2f}x", "-", "-",
         ])  # fmt: skip
     return rows
 

@@ -12,12 +12,19 @@ ephemeral ports, each in its own process groups:
   streaming fails out of the box: the set-up rewrites those calls to
   ``.model_dump_json(...)`` in the benchmark venv's copy (and says so);
 * the floor (``bench/starlette_floor.py``): bare Starlette + uvicorn answering
-  like a null engine, no broker.
+  like a null engine, no broker;
+* the floor with a broker (``starlette_floor(broker=...)``): the same bare
+  handler taking its tokens from zserve's broker and null worker (the very
+  processes the gateway uses) through one ``AsyncClient``: the HTTP floor
+  plus the native round trip, none of the gateway's own code. The gateway's
+  latency above this is what the gateway itself adds.
 
 One load generator (``bench/loadgen.py``, httpx) drives all three through
 ``POST /v1/chat/completions`` and checks every answer:
 
 * 1-token request: non-streaming, ``max_tokens=1``, sequential, p50 / p99;
+  and the same from a bare socket (``loadgen.raw_latency``), which shows how
+  much of the floor is httpx's own;
 * 32 concurrent streams x 128 tokens: tokens/s.
 
 Systems alternate round by round so drift on a shared machine hits each
@@ -39,12 +46,13 @@ from typing import Any
 import httpx
 
 from bench.common import format_table, latency_summary_ms, machine_info, write_json
-from bench.loadgen import latency, stream_throughput
+from bench.loadgen import latency, raw_latency, stream_throughput
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
 
 MODEL = "null"
 TARGET_P50_RATIO = 20.0  # FastChat p50 / zserve p50
 TARGET_TOKS_RATIO = 10.0  # zserve tok/s / FastChat tok/s
+TARGET_FLOOR_RATIO = 1.6  # zserve p50 / bare Starlette p50 (issue 11)
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ QUICK = Settings(rounds=1, latency_n=100, concurrency=32, max_tokens=128, stream
 
 
 @contextlib.contextmanager
-def zserve_stack(capacity: int = 64) -> Iterator[str]:
-    """Broker + null worker + gateway; yield the gateway's ``http://HOST:PORT/v1``."""
+def null_backend(capacity: int = 64) -> Iterator[str]:
+    """Broker + null worker; yield the broker's frontend."""
     procs: list[Proc] = []
     try:
         broker, fe, be = start_broker()
@@ -70,17 +78,27 @@ def zserve_stack(capacity: int = 64) -> Iterator[str]:
         procs.append(
             start_worker(be, "--engine", "null", "--model", MODEL, "--capacity", str(capacity))
         )
-        port = free_port()
-        gateway = Proc(
-            zserve_cmd("gateway", "--broker", fe, "--port", str(port), "--log-level", "warning"),
-            name="gateway",
-        )
-        procs.append(gateway)
+        yield fe
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+@contextlib.contextmanager
+def zserve_gateway(fe: str) -> Iterator[str]:
+    """``zserve gateway`` on the broker at ``fe``; yield its ``http://HOST:PORT/v1``
+    once the null model serves."""
+    port = free_port()
+    gateway = Proc(
+        zserve_cmd("gateway", "--broker", fe, "--port", str(port), "--log-level", "warning"),
+        name="gateway",
+    )
+    try:
         root = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
-            if not all(p.alive() for p in procs):
-                raise RuntimeError("a zserve process exited during start-up")
+            if not gateway.alive():
+                raise RuntimeError("the zserve gateway exited during start-up")
             try:
                 r = httpx.get(root + "/health", timeout=5)
             except httpx.HTTPError:
@@ -90,11 +108,10 @@ def zserve_stack(capacity: int = 64) -> Iterator[str]:
         wait_for(ready, 60, "the zserve gateway and worker")
         yield root + "/v1"
     finally:
-        for p in reversed(procs):
-            p.stop()
+        gateway.stop()
 
 
-def _measure(base: str, s: Settings) -> tuple[list[float], dict[str, float]]:
+def _measure(base: str, s: Settings) -> tuple[list[float], list[float], dict[str, float]]:
     async def go() -> tuple[list[float], dict[str, float]]:
         lat = await latency(base, MODEL, s.latency_n)
         tput = await stream_throughput(
@@ -102,20 +119,23 @@ def _measure(base: str, s: Settings) -> tuple[list[float], dict[str, float]]:
         )
         return lat, tput
 
-    return asyncio.run(go())
+    lat, tput = asyncio.run(go())
+    return lat, raw_latency(base, MODEL, s.latency_n), tput
 
 
 def run(s: Settings, systems: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     """Start every system, then alternate them round by round."""
     samples: dict[str, list[float]] = {k: [] for k in systems}
+    raw: dict[str, list[float]] = {k: [] for k in systems}
     tput: dict[str, dict[str, float]] = {k: {"tokens": 0, "seconds": 0.0} for k in systems}
     with contextlib.ExitStack() as stack:
         bases = {name: stack.enter_context(cm()) for name, cm in systems.items()}
         for r in range(s.rounds):
             for name, base in bases.items():
                 t0 = time.monotonic()
-                lat, tp = _measure(base, s)
+                lat, lat_raw, tp = _measure(base, s)
                 samples[name] += lat
+                raw[name] += lat_raw
                 tput[name]["tokens"] += tp["tokens"]
                 tput[name]["seconds"] += tp["seconds"]
                 print(f"  round {r + 1}/{s.rounds} {name}: {time.monotonic() - t0:.1f} s",
@@ -125,25 +145,56 @@ def run(s: Settings, systems: dict[str, Callable[[], Any]]) -> dict[str, Any]:
         t = tput[name]
         out[name] = {
             "latency_1_token": latency_summary_ms(samples[name]),
+            "latency_1_token_raw_client": latency_summary_ms(raw[name]),
             "stream": {**t, "tok_s": round(t["tokens"] / t["seconds"], 1)},
         }
     return out
+
+
+def _p50(measured: dict[str, Any], name: str) -> float | None:
+    m = measured.get(name)
+    return m["latency_1_token"]["p50_ms"] if m else None
 
 
 def evaluate(measured: dict[str, Any]) -> dict[str, Any]:
     z = measured["zserve"]
     f = measured.get("fastchat")
     res: dict[str, Any] = {"p50_ratio": None, "tok_s_ratio": None, "pass": None}
+    zl, fl, bl = (
+        _p50(measured, "zserve"),
+        _p50(measured, "starlette_floor"),
+        _p50(measured, "starlette_broker"),
+    )
+    if zl and fl:
+        # the gateway's p50 over the floor's, and where the difference goes:
+        # the broker round trip (floor with a broker - floor) and the gateway's own
+        res["floor"] = {
+            "ratio": round(zl / fl, 2), "target": TARGET_FLOOR_RATIO,
+            "pass": zl / fl <= TARGET_FLOOR_RATIO,
+            **({"round_trip_ms": round(bl - fl, 3), "gateway_own_ms": round(zl - bl, 3),
+                "broker_floor_ratio": round(bl / fl, 2)} if bl else {}),
+        }  # fmt: skip
+    raw = {k: m["latency_1_token_raw_client"]["p50_ms"] for k, m in measured.items()
+           if "latency_1_token_raw_client" in m}  # fmt: skip
+    if "zserve" in raw and "starlette_floor" in raw:
+        res["floor_raw_client"] = {
+            "ratio": round(raw["zserve"] / raw["starlette_floor"], 2),
+            **({"round_trip_ms": round(raw["starlette_broker"] - raw["starlette_floor"], 3),
+                "gateway_own_ms": round(raw["zserve"] - raw["starlette_broker"], 3)}
+               if "starlette_broker" in raw else {}),
+        }  # fmt: skip
     if f is not None:
         p50 = f["latency_1_token"]["p50_ms"] / z["latency_1_token"]["p50_ms"]
         toks = z["stream"]["tok_s"] / f["stream"]["tok_s"]
-        res = {
-            "p50_ratio": round(p50, 1),
-            "p50_target": TARGET_P50_RATIO,
-            "tok_s_ratio": round(toks, 1),
-            "tok_s_target": TARGET_TOKS_RATIO,
-            "pass": p50 >= TARGET_P50_RATIO and toks >= TARGET_TOKS_RATIO,
-        }
+        res.update(
+            {
+                "p50_ratio": round(p50, 1),
+                "p50_target": TARGET_P50_RATIO,
+                "tok_s_ratio": round(toks, 1),
+                "tok_s_target": TARGET_TOKS_RATIO,
+                "pass": p50 >= TARGET_P50_RATIO and toks >= TARGET_TOKS_RATIO,
+            }
+        )
     return res
 
 
@@ -151,11 +202,23 @@ def render(measured: dict[str, Any], verdict: dict[str, Any], s: Settings) -> st
     rows = []
     for name, m in measured.items():
         lat = m["latency_1_token"]
-        rows.append([name, lat["p50_ms"], lat["p99_ms"], m["stream"]["tok_s"]])
+        raw = m.get("latency_1_token_raw_client") or {}
+        rows.append([name, lat["p50_ms"], lat["p99_ms"], raw.get("p50_ms", "-"),
+                     m["stream"]["tok_s"]])  # fmt: skip
     table = format_table(
-        ["system", "1-token p50 ms", "1-token p99 ms", f"{s.concurrency}x{s.max_tokens} tok/s"],
+        ["system", "1-token p50 ms", "1-token p99 ms", "bare-socket client p50 ms",
+         f"{s.concurrency}x{s.max_tokens} tok/s"],
         rows,
-    )
+    )  # fmt: skip
+    fl = verdict.get("floor")
+    if fl:
+        table += (f"\n\nvs the bare Starlette floor: 1-token p50 {fl['ratio']}x "
+                  f"(target <= {TARGET_FLOOR_RATIO:g}x)")  # fmt: skip
+        if "round_trip_ms" in fl:
+            table += (
+                f"; of the difference, the broker round trip (floor with a broker) "
+                f"{fl['round_trip_ms']} ms, the gateway's own {fl['gateway_own_ms']} ms"
+            )
     if verdict["pass"] is None:
         return table + "\n(FastChat not run: no ratios)"
     return (
@@ -175,14 +238,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = QUICK if a.quick else FULL
     from bench.starlette_floor import starlette_floor
 
-    systems: dict[str, Callable[[], Any]] = {"zserve": zserve_stack}
-    if not a.no_fastchat:
-        from bench.fastchat_baseline import fastchat_stack
-
-        systems["fastchat"] = lambda: fastchat_stack(model=MODEL)
-    systems["starlette_floor"] = starlette_floor
     t0 = time.monotonic()
-    measured = run(s, systems)
+    with null_backend() as fe:  # the gateway and the floor with a broker share it
+        systems: dict[str, Callable[[], Any]] = {"zserve": lambda: zserve_gateway(fe)}
+        if not a.no_fastchat:
+            from bench.fastchat_baseline import fastchat_stack
+
+            systems["fastchat"] = lambda: fastchat_stack(model=MODEL)
+        systems["starlette_floor"] = starlette_floor
+        systems["starlette_broker"] = lambda: starlette_floor(broker=fe)
+        measured = run(s, systems)
     verdict = evaluate(measured)
     result: dict[str, Any] = {
         "benchmark": "http",

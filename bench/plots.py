@@ -34,6 +34,7 @@ from bench.common import RESULTS_DIR
 COLORS = {
     "zserve": "#2f6fde",
     "floor": "#7a7a7a",
+    "floor_broker": "#2b2b2b",
     "fastchat": "#d9822b",
     "vllm": "#2a9d5c",
     "hf": "#8e44ad",
@@ -78,6 +79,7 @@ def latency_cdf(directory: Path) -> Path | None:
         for key, label, color in (
             ("zserve", "zserve over HTTP (gateway)", "zserve"),
             ("starlette_floor", "bare Starlette SSE (HTTP floor)", "floor"),
+            ("starlette_broker", "bare Starlette + AsyncClient round trip", "floor_broker"),
             ("fastchat", "FastChat 0.2.36", "fastchat"),
         ):
             if m.get(key):
