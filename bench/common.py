@@ -132,6 +132,18 @@ class RssSampler:
         return out
 
 
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores, from
+    /proc/stat; busy is everything but idle and iowait. Two readings give
+    the share of the machine's cores in use between them."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = sum(fields[:8])  # guest time is already counted in user
+    idle = fields[3] + fields[4]
+    return (total - idle) / tick, total / tick
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time ``pid`` has used so far, all its threads (ZeroMQ's I/O thread too).
 
