@@ -38,9 +38,12 @@ _EXIT = {
 LogLevel = Annotated[str, typer.Option("--log-level", help="debug|info|warning|error")]
 # CURVE on a connecting peer (worker, client, gateway): both or neither.
 CurveSecret = Annotated[
-    str | None, typer.Option(help="CURVE: this peer's .key_secret file (see zserve keys)")
+    str | None,
+    typer.Option("--curve-secret", help="CURVE: this peer's .key_secret file (see zserve keys)"),
 ]
-CurveServer = Annotated[str | None, typer.Option(help="CURVE: the broker's public .key file")]
+CurveServer = Annotated[
+    str | None, typer.Option("--curve-server", help="CURVE: the broker's public .key file")
+]
 
 
 # Broker address options: repeatable, each a comma-separated list.
@@ -58,6 +61,8 @@ Frontends = Annotated[
         help=f"broker frontend; repeatable, or a comma list (default {p.DEFAULT_FRONTEND})",
     ),
 ]
+# One broker frontend (generate, chat, gateway).
+Frontend = Annotated[str, typer.Option("--broker", help="broker frontend")]
 
 
 def _addresses(values: list[str] | None, default: str) -> list[str]:
@@ -476,7 +481,7 @@ def _status_of_several(
 def generate(
     prompt: Annotated[str, typer.Argument(help="the prompt")],
     model: Annotated[str, typer.Option(help="served model name")],
-    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    broker: Frontend = p.DEFAULT_FRONTEND,
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -532,7 +537,7 @@ def generate(
 @app.command()
 def chat(
     model: Annotated[str, typer.Option(help="served model name")],
-    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    broker: Frontend = p.DEFAULT_FRONTEND,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
     temperature: float | None = None,
     max_tokens: int | None = None,
@@ -555,7 +560,7 @@ def chat(
 
 @app.command()
 def gateway(
-    broker: Annotated[str, typer.Option(help="broker frontend")] = p.DEFAULT_FRONTEND,
+    broker: Frontend = p.DEFAULT_FRONTEND,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     api_keys: Annotated[
