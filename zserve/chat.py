@@ -200,9 +200,14 @@ def run_chat(
     timeout: float = 60.0,
     stdout: TextIO | None = None,
     read: Callable[[str], str] | None = None,
+    *,
+    curve_secret: str | None = None,
+    curve_server: str | None = None,
 ) -> int:
     """Chat until /exit or Ctrl-D. Returns 0, or the ``ZServeError`` whose code
-    the CLI maps to an exit status when the broker or the model is missing."""
+    the CLI maps to an exit status when the broker or the model is missing
+    (or refuses the CURVE handshake: ``curve_secret``/``curve_server`` are
+    this client's secret key file and the broker's public one)."""
     out_stream = stdout or sys.stdout
     tty = out_stream.isatty()
     out = Output(out_stream, rich=tty)
@@ -210,7 +215,10 @@ def run_chat(
         if tty and sys.stdin.isatty():
             import readline  # noqa: F401 - line editing and history for input()
         read = input
-    with Client(broker, timeout=timeout, connect_timeout=min(timeout, 5.0)) as client:
+    with Client(
+        broker, timeout=timeout, connect_timeout=min(timeout, 5.0),
+        curve_secret=curve_secret, curve_server=curve_server,
+    ) as client:  # fmt: skip
         served = client.models()  # BrokerUnreachable here says so at once
         if model not in served:
             from zserve.errors import ModelNotFound

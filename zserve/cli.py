@@ -544,14 +544,25 @@ def chat(
     timeout: Annotated[float, typer.Option(help="seconds an answer may go without a token")] = (
         60.0
     ),
+    curve_secret: CurveSecret = None,
+    curve_server: CurveServer = None,
 ) -> None:
     """Chat with a model in the terminal: /clear starts over, /exit or Ctrl-D
     leaves, Ctrl-C stops an answer."""
     from zserve.chat import run_chat
     from zserve.errors import ZServeError
+    from zserve.security import ClientCurve
 
     try:
-        code = run_chat(broker, model, system, temperature, max_tokens, timeout)
+        ClientCurve.load(curve_secret, curve_server)  # bad key files fail before the chat starts
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        code = run_chat(
+            broker, model, system, temperature, max_tokens, timeout,
+            curve_secret=curve_secret, curve_server=curve_server,
+        )  # fmt: skip
     except ZServeError as e:
         typer.echo(f"error [{e.code}]: {e.message}", err=True)
         raise typer.Exit(_EXIT.get(e.code, 1)) from None

@@ -269,6 +269,34 @@ def test_sighup_reloads_the_allow_lists_without_a_restart(stack, keys):
     assert st["models"] == ["m"]  # the worker never had to come back
 
 
+def test_chat_takes_keys_and_without_a_listed_one_is_refused(stack, keys):
+    """``zserve chat`` with --curve-secret/--curve-server chats; without keys,
+    or with an unlisted one, it exits with broker_unreachable's code at once."""
+    stack.start_broker(*keys.broker_args())
+    stack.worker("--model", "m", *keys.peer_args("w1"))
+    wait_for(lambda: _status(stack, keys)["models"] == ["m"], 30, "the worker")
+    chat = ["chat", "--broker", stack.frontend, "--model", "m", "--max-tokens", "3"]
+
+    def run_chat(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(zserve_cmd(*chat, *args), input="hi there\n/exit\n",
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    ok = run_chat(*keys.peer_args("c1"))
+    assert ok.returncode == 0, ok.stderr
+    assert "you> t0 t1 t2 \n[2 prompt tokens · 3 tokens" in ok.stdout
+
+    for args, why in (([], ""), (keys.peer_args("c2"), "refused the CURVE handshake")):
+        t0 = time.monotonic()
+        r = run_chat("--timeout", str(CONNECT_TIMEOUT), *args)
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 8, (args, r.stdout, r.stderr)  # broker_unreachable
+        assert "error [broker_unreachable]" in r.stderr and why in r.stderr, r.stderr
+        assert elapsed < CONNECT_TIMEOUT + 15, f"took {elapsed:.1f} s"  # + interpreter start-up
+
+    half = run_chat("--curve-secret", keys.secret("c1"))  # no --curve-server
+    assert half.returncode == 2 and "CURVE needs both" in half.stderr, half.stderr
+
+
 # ------------------------------------------------------------------ encryption
 
 
