@@ -145,8 +145,9 @@ class BatchRunner:
 
     @property
     def active(self) -> int:
-        """Requests waiting or in the batch."""
-        return len(self.rows) + len(self._incoming)
+        """Requests waiting or in the batch (a finished row is handed its last
+        token before the batch cache drops it: it no longer counts)."""
+        return sum(not s.gone for s in self.rows) + len(self._incoming)
 
     def start(self) -> None:
         self._thread.start()
