@@ -377,19 +377,19 @@ class BatchRunner:
         """Left-pad the batch and the new blocks of rows to one length and stack them."""
         old = self._mask.shape[1] if self._mask is not None else 0
         target = max([old] + [m.shape[1] for _, _, m in blocks])
-        masks = [] if self._mask is None else [F.pad(self._mask, (target - old, 0))]
-        masks += [F.pad(m, (target - m.shape[1], 0)) for _, _, m in blocks]
+        masks = [] if self._mask is None else [_left_pad(self._mask, target, 1)]
+        masks += [_left_pad(m, target, 1) for _, _, m in blocks]
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         for li in range(len(blocks[0][1].layers)):
             ks: list[torch.Tensor] = []
             vs: list[torch.Tensor] = []
             if self._cache is not None:
                 layer = self._cache.layers[li]
-                ks.append(F.pad(layer.keys, (0, 0, target - old, 0)))
-                vs.append(F.pad(layer.values, (0, 0, target - old, 0)))
-            for _, c, m in blocks:
-                ks.append(F.pad(c.layers[li].keys, (0, 0, target - m.shape[1], 0)))
-                vs.append(F.pad(c.layers[li].values, (0, 0, target - m.shape[1], 0)))
+                ks.append(_left_pad(layer.keys, target, 2))
+                vs.append(_left_pad(layer.values, target, 2))
+            for _, c, _ in blocks:
+                ks.append(_left_pad(c.layers[li].keys, target, 2))
+                vs.append(_left_pad(c.layers[li].values, target, 2))
             layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
         if self._cache is None:
             self._cache = DynamicCache()
@@ -434,6 +434,17 @@ class BatchRunner:
         self._post(events)  # before the cache copy that drops the finished rows
         if len(keep) != n:
             self._select(keep)
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``x`` left-padded with zeros to ``width`` along ``dim`` (the mask's
+    columns, the cache's positions); ``x`` itself, not a copy, when it is
+    that wide already (the batch's cache, usually: a copy of it is as long
+    as a decode step)."""
+    pad = width - x.shape[dim]
+    if pad == 0:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (pad, 0))
 
 
 def _take_rows(
