@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,6 +151,71 @@ def vllm_side(
         yield root, server.pid
 
 
+@dataclass(frozen=True)
+class Sides:
+    """Both servers up: per side (``zserve``, ``vllm_serve``) its HTTP root
+    and the pid of the process tree that serves it."""
+
+    roots: dict[str, str]
+    pids: dict[str, int]
+    startup_s: float  # from starting the first to both ready
+
+
+@contextlib.contextmanager
+def both_sides(logs: Path, settings: dict[str, Any] | None = None) -> Iterator[Sides]:
+    """The tiny model written under ``logs``, served by `zserve_side` and
+    `vllm_side` at once with the same vLLM ``settings``."""
+    from zserve.tiny_model import write_tiny_model
+
+    model = write_tiny_model(logs / "tiny")
+    t0 = time.monotonic()
+    with (
+        zserve_side(model, logs, settings) as (zroot, zpid),
+        vllm_side(model, logs, settings) as (vroot, vpid),
+    ):
+        yield Sides(
+            roots={"zserve": zroot, "vllm_serve": vroot},
+            pids={"zserve": zpid, "vllm_serve": vpid},
+            startup_s=round(time.monotonic() - t0, 1),
+        )
+
+
+def write_result(
+    benchmark: str,
+    quick: bool,
+    measure: Callable[[Path], dict[str, Any]],
+    rows: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    about: dict[str, Any],
+) -> dict[str, Any]:
+    """Run ``measure`` (with a temporary folder for logs and the model), then
+    write ``bench/results/{benchmark}.json``: ``about`` (settings, sides) after
+    the benchmark, mode and machine; then what was measured, its rows, the
+    verdict, the load average before and after, and the wall time."""
+    t0 = time.monotonic()
+    load_before = _load_average()
+    prefix = f"zserve-bench-{benchmark.replace('_', '-')}-"
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        measured = measure(Path(tmp))
+    table = rows(measured)
+    result = {
+        "benchmark": benchmark,
+        "mode": "quick" if quick else "full",
+        "machine": machine_info(),
+        **about,
+        "measured": measured,
+        "rows": table,
+        "pass": all(r["pass"] is not False for r in table),
+        "load_average_before_after": [load_before, _load_average()],
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+    write_json(f"{benchmark}.json", result)
+    return result
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def capacity_of(root: str) -> int | None:
     """The capacity zserve's worker advertises (through the gateway's metrics)."""
     for line in httpx.get(root + "/metrics", timeout=10).text.splitlines():
@@ -192,15 +257,11 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
     """Both servers up at once, measured in alternating turns (zserve first in
     even rounds, vllm serve first in odd ones), so that the load other
     programs put on a shared machine falls on both alike."""
-    from zserve.tiny_model import write_tiny_model
-
-    model = write_tiny_model(logs / "tiny")
     runs: dict[str, dict[str, list[float]]] = {"zserve": {}, "vllm_serve": {}}
     settles: list[float] = []
-    t0 = time.monotonic()
-    with zserve_side(model, logs) as (zroot, zpid), vllm_side(model, logs) as (vroot, vpid):
-        startup = round(time.monotonic() - t0, 1)
-        roots = {"zserve": zroot, "vllm_serve": vroot}
+    with both_sides(logs) as sides:
+        startup, roots = sides.startup_s, sides.roots
+        zpid, vpid = sides.pids["zserve"], sides.pids["vllm_serve"]
         # What each idle side costs the other while it is measured (100 = a core).
         idle = {"zserve_worker": _cpu_percent(zpid), "vllm_serve": _cpu_percent(vpid)}
         print(f"  idle CPU %: {idle}", flush=True)
@@ -213,7 +274,7 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
                     runs[name].setdefault(str(n), []).append(round(tok_s, 1))
             print("  " + ", ".join(f"{k} {n} concurrent: {v[str(n)]}" for k, v in runs.items()),
                   flush=True)  # fmt: skip
-        capacity = capacity_of(zroot)
+        capacity = capacity_of(roots["zserve"])
     measured: dict[str, Any] = {
         "startup_s_both": startup,
         "idle_cpu_percent": idle,
@@ -247,28 +308,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
-    t0 = time.monotonic()
-    load_before = list(os.getloadavg())
-    with tempfile.TemporaryDirectory(prefix="zserve-bench-serving-") as tmp:
-        measured = run(s, Path(tmp))
-    table = rows(measured, s)
-    result = {
-        "benchmark": "serving",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
+    about = {
         "settings": {**asdict(s), "kv_cache_memory_bytes": KV_CACHE_BYTES},
         "sides": {
             "zserve": "zserve broker + zserve worker --engine vllm (default capacity) + gateway",
             "vllm_serve": "python -m vllm.entrypoints.openai.api_server --model MODEL "
             "--kv-cache-memory-bytes N (what vllm serve runs)",
         },
-        "measured": measured,
-        "rows": table,
-        "pass": all(r["pass"] is not False for r in table),
-        "load_average_before_after": [load_before, list(os.getloadavg())],
-        "wall_s": round(time.monotonic() - t0, 1),
     }
-    write_json("serving.json", result)
+    result = write_result(
+        "serving", a.quick, lambda logs: run(s, logs), lambda m: rows(m, s), about
+    )
+    table = result["rows"]
     print(format_table(
         ["workload", "vllm serve", "zserve", "ratio", "target"],
         [[r["workload"], f"{r['direct']:,.0f}", f"{r['zserve']:,.0f}", f"{r['ratio']:g}x",

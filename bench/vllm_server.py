@@ -5,7 +5,9 @@ tiny-model``) with the same vLLM engine settings two ways:
 
 * gateway -> broker -> ``zserve worker --engine vllm`` (``bench/serving.py``'s
   ``zserve_side``);
-* ``vllm serve`` (vLLM's OpenAI server, ``serving.vllm_side``).
+* ``vllm serve`` (vLLM's OpenAI server, ``serving.vllm_side``),
+
+both started by ``serving.both_sides``.
 
 Settings on both sides (``ENGINE``): ``kv_cache_memory_bytes`` 256 MiB,
 ``dtype`` float32, ``max_model_len`` 2048, ``enforce_eager`` (no
@@ -33,8 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,8 +42,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import format_table, latency_summary_ms, machine_info, median, write_json
-from bench.serving import MODEL, PROMPT, _settle, vllm_side, zserve_side
+from bench.common import format_table, latency_summary_ms, median
+from bench.serving import MODEL, PROMPT, _settle, both_sides, write_result
 
 ENGINE: dict[str, Any] = {
     "kv_cache_memory_bytes": 256 << 20,
@@ -153,20 +153,13 @@ async def _latency_turn(root: str, n: int) -> list[float]:
 
 
 def run(s: Settings, logs: Path) -> dict[str, Any]:
-    from zserve.tiny_model import write_tiny_model
-
-    model = write_tiny_model(logs / "tiny")
     lat: dict[str, list[float]] = {k: [] for k in SIDES}
     streams: dict[str, dict[int, list[dict[str, Any]]]] = {
         k: {n: [] for n in s.levels} for k in SIDES
     }
-    t0 = time.monotonic()
-    with (
-        zserve_side(model, logs, ENGINE) as (zroot, zpid),
-        vllm_side(model, logs, ENGINE) as (vroot, vpid),
-    ):
-        startup = round(time.monotonic() - t0, 1)
-        roots = {"zserve": zroot, "vllm_serve": vroot}
+    with both_sides(logs, ENGINE) as sides:
+        startup, roots = sides.startup_s, sides.roots
+        zpid, vpid = sides.pids["zserve"], sides.pids["vllm_serve"]
         print(f"  both up in {startup} s", flush=True)
         for r in range(s.rounds):
             order = SIDES if r % 2 == 0 else SIDES[::-1]
@@ -237,27 +230,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
-    t0 = time.monotonic()
-    load_before = [round(x, 2) for x in os.getloadavg()]
-    with tempfile.TemporaryDirectory(prefix="zserve-bench-vllm-server-") as tmp:
-        measured = run(s, Path(tmp))
-    table = rows(measured, s)
-    result = {
-        "benchmark": "vllm_server",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
+    about = {
         "settings": {**asdict(s), "engine": ENGINE},
         "sides": {
             "zserve": "zserve gateway -> zserve broker -> zserve worker --engine vllm",
             "vllm_serve": "python -m vllm.entrypoints.openai.api_server (what vllm serve runs)",
         },
-        "measured": measured,
-        "rows": table,
-        "pass": all(r["pass"] is not False for r in table),
-        "load_average_before_after": [load_before, [round(x, 2) for x in os.getloadavg()]],
-        "wall_s": round(time.monotonic() - t0, 1),
     }
-    write_json("vllm_server.json", result)
+    result = write_result(
+        "vllm_server", a.quick, lambda logs: run(s, logs), lambda m: rows(m, s), about
+    )
+    table = result["rows"]
     print(format_table(
         ["workload", "vllm serve", "zserve", "ratio", "target", "pass?"],
         [[r["workload"], r["direct"], r["zserve"], r["ratio"], r["target"], r["pass"]]
