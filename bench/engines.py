@@ -187,7 +187,7 @@ class ClosedLoop:
 # fewer requests, and no 32 users in --quick.
 CLOSED = {
     ("full", "tiny"): ClosedLoop((1, 8, 16, 32), 4, 16, 32, 3),
-    ("quick", "tiny"): ClosedLoop((1, 8, 16, 32), 4, 16, 32, 1),
+    ("quick", "tiny"): ClosedLoop((1, 8, 16, 32), 4, 16, 32, 3),
     ("full", "small"): ClosedLoop((1, 8, 16, 32), 4, 8, 32, 1),
     ("quick", "small"): ClosedLoop((1, 8, 16), 3, 6, 16, 1),
 }
