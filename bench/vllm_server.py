@@ -19,8 +19,10 @@ have gone idle), with one httpx load generator through ``POST
 * **1-token requests**: sequential non-streaming requests with
   ``max_tokens=1``, p50 / p99 (seconds from send to the parsed body);
 * **streams** at 1, 8, 32 and 128 concurrent (greedy, ``ignore_eos``):
-  time to first token (send to the first content chunk) p50 / p99,
-  inter-token latency p50 / p99 (the gap between content chunks divided by
+  time to first token (send to the first content chunk) p50 / p99, time
+  per output token p50 / p99 (each stream's last chunk minus its first, over
+  its tokens less one: ``vllm bench serve``'s TPOT, which bursts do not
+  blur), inter-token latency p50 / p99 (the gap between content chunks divided by
   the tokens in the later chunk: a chunk carrying k tokens counts k gaps of
   gap/k), and tokens/s (every stream's tokens, counted from its usage, over
   the time from the first request to the last token).
@@ -94,8 +96,10 @@ async def _one_token(client: httpx.AsyncClient, url: str, n: int) -> list[float]
 
 async def _stream(
     client: httpx.AsyncClient, url: str, max_tokens: int, itl: list[float]
-) -> tuple[float, int]:
-    """One stream; (seconds to its first content chunk, tokens)."""
+) -> tuple[float, int, float]:
+    """One stream; (seconds to its first content chunk, tokens, time per
+    output token after the first: (last chunk - first chunk) / (tokens - 1),
+    what ``vllm bench serve`` calls TPOT)."""
     t0 = time.perf_counter()
     first = last = 0.0
     chunks = 0
@@ -129,7 +133,8 @@ async def _stream(
         del itl[-k:]
         for g in gaps:
             itl.extend([g / per] * round(per))
-    return first, tokens
+    tpot = (last - t0 - first) / (tokens - 1) if tokens > 1 else 0.0
+    return first, tokens, tpot
 
 
 async def _turn(root: str, n: int, s: Settings, warm: bool) -> dict[str, Any]:
@@ -142,7 +147,8 @@ async def _turn(root: str, n: int, s: Settings, warm: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         got = await asyncio.gather(*(_stream(client, url, s.max_tokens, itl) for _ in range(n)))
         wall = time.perf_counter() - t0
-    return {"tok_s": sum(t for _, t in got) / wall, "ttft": [f for f, _ in got], "itl": itl}
+    return {"tok_s": sum(g[1] for g in got) / wall, "ttft": [g[0] for g in got],
+            "tpot": [g[2] for g in got], "itl": itl}  # fmt: skip
 
 
 async def _latency_turn(root: str, n: int) -> list[float]:
@@ -178,12 +184,14 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
         levels: dict[str, Any] = {}
         for n, turns in streams[name].items():
             ttft = latency_summary_ms([x for t in turns for x in t["ttft"]])
+            tpot = latency_summary_ms([x for t in turns for x in t["tpot"]])
             itl = latency_summary_ms([x for t in turns for x in t["itl"]]) if any(
                 t["itl"] for t in turns) else None
             levels[str(n)] = {
                 "tok_s": round(median([t["tok_s"] for t in turns]), 1),
                 "runs_tok_s": [round(t["tok_s"], 1) for t in turns],
                 "ttft_ms": {k: ttft[k] for k in ("p50_ms", "p99_ms", "max_ms")},
+                "tpot_ms": {k: tpot[k] for k in ("p50_ms", "p99_ms", "max_ms")},
                 "itl_ms": {k: itl[k] for k in ("p50_ms", "p99_ms", "max_ms")} if itl else None,
             }
         measured[name] = {"latency_1_token": one, "levels": levels}
@@ -212,8 +220,10 @@ def rows(m: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
             "target": f">= {TOK_S_MIN:g}x vllm serve" if target else "-",
             "pass": zn["tok_s"] / vn["tok_s"] >= TOK_S_MIN if target else None,
         })  # fmt: skip
-        for what, key in (("time to first token", "ttft_ms"), ("inter-token latency", "itl_ms")):
-            if zn[key] and vn[key]:
+        for what, key in (("time to first token", "ttft_ms"),
+                          ("time per output token", "tpot_ms"),
+                          ("inter-token latency", "itl_ms")):  # fmt: skip
+            if zn.get(key) and vn.get(key):
                 for q in ("p50_ms", "p99_ms"):
                     out.append({
                         "workload": f"vllm: {n} concurrent, {what} {q[:3]} (ms)",
