@@ -418,8 +418,8 @@ def evaluate(cells: list[dict[str, Any]], rate: dict[str, Any]) -> list[dict[str
     rows.append({
         "workload": "1-token requests/s one broker carries on a core of its own "
                     "(1 / its CPU per request)",
-        "base": round(1e6 / fc), "baseline": "bare ROUTER/ROUTER forwarder",
-        "zserve": round(1e6 / zc), "ratio": round(fc / zc, 3),
+        "base": round(1e6 / fc, 1), "baseline": "bare ROUTER/ROUTER forwarder",
+        "zserve": round(1e6 / zc, 1), "ratio": round(fc / zc, 3),
         "target": "-", "pass": None,
     })  # fmt: skip
     rows.append({
