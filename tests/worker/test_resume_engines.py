@@ -20,16 +20,15 @@ import pytest_asyncio
 import torch
 import vllm  # noqa: F401 - a missing or broken vLLM fails here, it is not skipped
 
+from tests.worker.conftest import VLLM_CONTEXT
 from zserve.errors import ContextOverflow
 from zserve.protocol import Delta, SamplingParams
 from zserve.worker.engine import Engine, GenerateRequest
-from zserve.worker.engines import load_engine
 from zserve.worker.engines.hf import HFEngine
 from zserve.worker.engines.hf_api import HFApiEngine
 from zserve.worker.engines.hf_sampling import SamplerState
 from zserve.worker.engines.null import NullEngine
 from zserve.worker.engines.vllm import VLLMEngine
-from zserve.worker.options import EngineOptions
 
 # Every async test shares the module's event loop, where the engines live.
 on_engine_loop = pytest.mark.asyncio(loop_scope="module")
@@ -44,8 +43,6 @@ MULTIBYTE_PROMPTS = [
     "join. €, months once down",
     "a hurried, travel once only in hand",
 ]
-VLLM_CONTEXT = 256
-VLLM_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 _ids = itertools.count()
 
 
@@ -184,24 +181,6 @@ async def hf(tiny_model_dir: Path) -> AsyncIterator[HFEngine]:
         await eng.close()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vl(tiny_model_dir: Path) -> AsyncIterator[VLLMEngine]:
-    opts = EngineOptions(
-        models=[str(tiny_model_dir)],
-        model_names=[["tiny"]],
-        dtype="float32",
-        context_length=VLLM_CONTEXT,
-        engine_args=dict(VLLM_ARGS),
-    )
-    eng = load_engine("vllm", opts)
-    assert isinstance(eng, VLLMEngine)
-    await eng.start()
-    try:
-        yield eng
-    finally:
-        await eng.close()
-
-
 def test_which_engines_resume() -> None:
     assert NullEngine.resumable and HFEngine.resumable and VLLMEngine.resumable
     assert not HFApiEngine.resumable  # text only: it has no ids to continue from
@@ -301,36 +280,40 @@ async def test_hf_continuation_limits(hf: HFEngine) -> None:
 
 @pytest.mark.vllm
 @on_engine_loop
-async def test_vllm_greedy_resume_is_exact(vl: VLLMEngine) -> None:
-    await check_resume(vl, PROMPT, temperature=0, ignore_eos=True)
+async def test_vllm_greedy_resume_is_exact(vllm_engine: VLLMEngine) -> None:
+    await check_resume(vllm_engine, PROMPT, temperature=0, ignore_eos=True)
 
 
 @pytest.mark.vllm
 @on_engine_loop
-async def test_vllm_resume_is_exact_with_repetition_penalty(vl: VLLMEngine) -> None:
-    plain = await run(vl, request(PROMPT, max_tokens=N, temperature=0, ignore_eos=True))
-    full = await check_resume(vl, PROMPT, temperature=0, ignore_eos=True, repetition_penalty=1.5)
+async def test_vllm_resume_is_exact_with_repetition_penalty(vllm_engine: VLLMEngine) -> None:
+    plain = await run(vllm_engine, request(PROMPT, max_tokens=N, temperature=0, ignore_eos=True))
+    full = await check_resume(
+        vllm_engine, PROMPT, temperature=0, ignore_eos=True, repetition_penalty=1.5
+    )
     assert full.ids != plain.ids  # the penalty is at work
 
 
 @pytest.mark.vllm
 @on_engine_loop
-async def test_vllm_resume_inside_a_multibyte_character(vl: VLLMEngine) -> None:
-    await check_split_characters(vl, vl._tokenizer)
+async def test_vllm_resume_inside_a_multibyte_character(vllm_engine: VLLMEngine) -> None:
+    await check_split_characters(vllm_engine, vllm_engine._tokenizer)
 
 
 @pytest.mark.vllm
 @on_engine_loop
-async def test_vllm_continuation_limits(vl: VLLMEngine) -> None:
-    full = await run(vl, request(PROMPT, max_tokens=8, temperature=0, ignore_eos=True))
+async def test_vllm_continuation_limits(vllm_engine: VLLMEngine) -> None:
+    full = await run(vllm_engine, request(PROMPT, max_tokens=8, temperature=0, ignore_eos=True))
     n_prompt = full.usage["prompt_tokens"]
-    ended = await run(vl, request(PROMPT, full.ids, temperature=0, stop_token_ids=[full.ids[-1]]))
+    ended = await run(
+        vllm_engine, request(PROMPT, full.ids, temperature=0, stop_token_ids=[full.ids[-1]])
+    )
     assert (ended.ids, ended.text, ended.deltas[-1].finish_reason) == ([], "", "stop")
     assert ended.usage == {"prompt_tokens": n_prompt, "completion_tokens": 0}
-    filled = await run(vl, request(PROMPT, [5] * (VLLM_CONTEXT - n_prompt), temperature=0))
+    filled = await run(vllm_engine, request(PROMPT, [5] * (VLLM_CONTEXT - n_prompt), temperature=0))
     assert (filled.ids, filled.deltas[-1].finish_reason) == ([], "length")
     with pytest.raises(ContextOverflow):
-        await run(vl, request(PROMPT, [5] * (VLLM_CONTEXT - n_prompt + 1), temperature=0))
+        await run(vllm_engine, request(PROMPT, [5] * (VLLM_CONTEXT - n_prompt + 1), temperature=0))
     # max_tokens None: up to the context, the continued ids included.
-    rest = await run(vl, request(PROMPT, full.ids, temperature=0, ignore_eos=True))
+    rest = await run(vllm_engine, request(PROMPT, full.ids, temperature=0, ignore_eos=True))
     assert rest.usage["completion_tokens"] == VLLM_CONTEXT - n_prompt - len(full.ids)

@@ -1,4 +1,5 @@
-"""The vllm engine in-process on the tiny model: one engine for the module (~25 s to start)."""
+"""The vllm engine in-process on the tiny model: one engine for the module (~25 s to start,
+the ``vllm_engine`` fixture of ``tests/worker/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,19 @@ import asyncio
 import itertools
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import pytest_asyncio
 import vllm  # noqa: F401 - a missing or broken vLLM fails here, it is not skipped
 
+from tests.worker.conftest import VLLM_CONTEXT, VLLM_ENGINE_ARGS
 from tests.worker.reference import greedy_ref
 from zserve.errors import BadRequest, ContextOverflow, EngineError
 from zserve.launcher import wait_for
 from zserve.protocol import Delta, SamplingParams
 from zserve.worker.engine import GenerateRequest
-from zserve.worker.engines import load_engine
 from zserve.worker.engines.vllm import VLLMEngine
 from zserve.worker.options import EngineOptions
 
@@ -28,9 +27,6 @@ pytestmark = pytest.mark.vllm
 # Every async test shares the module's event loop, where the engine lives.
 on_engine_loop = pytest.mark.asyncio(loop_scope="module")
 
-CONTEXT = 256
-# Small and quick on CPU: no torch.compile warm-up, a 64 MiB KV cache.
-ENGINE_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 PROMPTS = [
     "The morning train left the station at seven",
     "Once upon a time there was a small dragon who lived in a cave",
@@ -68,23 +64,6 @@ async def wait_until(cond: Any, timeout: float, what: str) -> None:
     assert cond(), what
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(tiny_model_dir: Path) -> AsyncIterator[VLLMEngine]:
-    opts = EngineOptions(
-        models=[str(tiny_model_dir)],
-        model_names=[["tiny", "tiny-alias"]],
-        dtype="float32",
-        context_length=CONTEXT,
-        engine_args=dict(ENGINE_ARGS),
-    )
-    eng = load_engine("vllm", opts)
-    assert isinstance(eng, VLLMEngine)
-    await eng.start()
-    try:
-        yield eng
-    finally:
-        await eng.close()
-
 # ---------------------------------------------------------------- options
 
 
@@ -113,18 +92,18 @@ def test_options_reject_unknown_engine_args_and_several_models(tiny_model_dir: P
 
 
 @on_engine_loop
-async def test_engine_serves_its_names_and_context(engine: VLLMEngine) -> None:
-    assert engine.models == ["tiny", "tiny-alias"]
-    assert engine.context_length == CONTEXT
-    assert not engine.dead
+async def test_engine_serves_its_names_and_context(vllm_engine: VLLMEngine) -> None:
+    assert vllm_engine.models == ["tiny", "tiny-alias"]
+    assert vllm_engine.context_length == VLLM_CONTEXT
+    assert not vllm_engine.dead
 
 
 @on_engine_loop
-async def test_greedy_equals_transformers_generate(engine: VLLMEngine, ref: Any) -> None:
+async def test_greedy_equals_transformers_generate(vllm_engine: VLLMEngine, ref: Any) -> None:
     n = 24
     _, tok = ref
     results = await asyncio.gather(
-        *(run(engine, request(p, max_tokens=n, temperature=0)) for p in PROMPTS)
+        *(run(vllm_engine, request(p, max_tokens=n, temperature=0)) for p in PROMPTS)
     )
     for prompt, deltas in zip(PROMPTS, results, strict=True):
         pids = tok(prompt)["input_ids"]
@@ -140,25 +119,25 @@ async def test_greedy_equals_transformers_generate(engine: VLLMEngine, ref: Any)
 
 
 @on_engine_loop
-async def test_usage_reports_prefix_cache_hits(engine: VLLMEngine) -> None:
+async def test_usage_reports_prefix_cache_hits(vllm_engine: VLLMEngine) -> None:
     # A prompt of several KV blocks, twice: the second run's prefix is cached
     # (cache_aware dispatch is measured by this figure, bench/affinity.py).
     prompt = "a prefix worth caching, " * 12
-    first = (await run(engine, request(prompt, max_tokens=2, temperature=0)))[-1].usage
-    again = (await run(engine, request(prompt, max_tokens=2, temperature=0)))[-1].usage
+    first = (await run(vllm_engine, request(prompt, max_tokens=2, temperature=0)))[-1].usage
+    again = (await run(vllm_engine, request(prompt, max_tokens=2, temperature=0)))[-1].usage
     assert first is not None and again is not None
     assert first.get("cached_tokens", 0) == 0
     assert 0 < again["cached_tokens"] < again["prompt_tokens"]
 
 
 @on_engine_loop
-async def test_chat_goes_through_the_template(engine: VLLMEngine, ref: Any) -> None:
+async def test_chat_goes_through_the_template(vllm_engine: VLLMEngine, ref: Any) -> None:
     _, tok = ref
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]},
     ]
-    deltas = await run(engine, request(messages=messages, max_tokens=10, temperature=0))
+    deltas = await run(vllm_engine, request(messages=messages, max_tokens=10, temperature=0))
     text = "<s><|system|>\nBe brief.</s>\n<|user|>\nTell me a story</s>\n<|assistant|>\n"
     pids = tok(text, add_special_tokens=False)["input_ids"]
     assert deltas[-1].usage is not None
@@ -167,64 +146,68 @@ async def test_chat_goes_through_the_template(engine: VLLMEngine, ref: Any) -> N
 
 
 @on_engine_loop
-async def test_seeded_sampling_is_reproducible(engine: VLLMEngine) -> None:
+async def test_seeded_sampling_is_reproducible(vllm_engine: VLLMEngine) -> None:
     def req(seed: int) -> GenerateRequest:
         return request(PROMPTS[0], max_tokens=16, temperature=1.0, top_k=50, seed=seed)
 
-    a, b, c = await asyncio.gather(run(engine, req(7)), run(engine, req(7)), run(engine, req(8)))
+    a, b, c = await asyncio.gather(
+        run(vllm_engine, req(7)), run(vllm_engine, req(7)), run(vllm_engine, req(8))
+    )
     assert ids_of(a) == ids_of(b)
     assert text_of(a) == text_of(b)
     assert ids_of(a) != ids_of(c)
 
 
 @on_engine_loop
-async def test_stop_strings_and_stop_token_ids(engine: VLLMEngine) -> None:
-    full = await run(engine, request(PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True))
+async def test_stop_strings_and_stop_token_ids(vllm_engine: VLLMEngine) -> None:
+    full = await run(
+        vllm_engine, request(PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True)
+    )
     ids, text = ids_of(full), text_of(full)
     # A stop string taken from the middle of the greedy text.
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), text
     cut = text.find(stop)
-    deltas = await run(engine, request(PROMPTS[1], max_tokens=24, temperature=0, stop=[stop]))
+    deltas = await run(vllm_engine, request(PROMPTS[1], max_tokens=24, temperature=0, stop=[stop]))
     assert text_of(deltas) == text[:cut]
     assert deltas[-1].finish_reason == "stop"
     # A stop token id: the output ends with its first occurrence.
     tid = ids[8]
     k = ids.index(tid)
     deltas = await run(
-        engine, request(PROMPTS[1], max_tokens=24, temperature=0, stop_token_ids=[tid])
+        vllm_engine, request(PROMPTS[1], max_tokens=24, temperature=0, stop_token_ids=[tid])
     )
     assert ids_of(deltas) == ids[: k + 1]
     assert deltas[-1].finish_reason == "stop"
 
 
 @on_engine_loop
-async def test_max_tokens_and_repetition_penalty(engine: VLLMEngine) -> None:
-    deltas = await run(engine, request(PROMPTS[0], max_tokens=5, temperature=0))
+async def test_max_tokens_and_repetition_penalty(vllm_engine: VLLMEngine) -> None:
+    deltas = await run(vllm_engine, request(PROMPTS[0], max_tokens=5, temperature=0))
     assert len(ids_of(deltas)) == 5
     assert deltas[-1].finish_reason == "length"
     assert deltas[-1].usage is not None and deltas[-1].usage["completion_tokens"] == 5
     # repetition_penalty reaches the sampler: a strong one changes the greedy path.
-    plain = await run(engine, request(PROMPTS[0], max_tokens=32, temperature=0))
+    plain = await run(vllm_engine, request(PROMPTS[0], max_tokens=32, temperature=0))
     penal = await run(
-        engine, request(PROMPTS[0], max_tokens=32, temperature=0, repetition_penalty=5.0)
+        vllm_engine, request(PROMPTS[0], max_tokens=32, temperature=0, repetition_penalty=5.0)
     )
     assert ids_of(plain) != ids_of(penal)
 
 
 @on_engine_loop
-async def test_without_max_tokens_generation_ends_at_the_context(engine: VLLMEngine) -> None:
+async def test_without_max_tokens_generation_ends_at_the_context(vllm_engine: VLLMEngine) -> None:
     prompt = "word " * 200
-    deltas = await run(engine, request(prompt, temperature=0, ignore_eos=True))
+    deltas = await run(vllm_engine, request(prompt, temperature=0, ignore_eos=True))
     usage = deltas[-1].usage
     assert usage is not None
-    assert usage["prompt_tokens"] + usage["completion_tokens"] == CONTEXT
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == VLLM_CONTEXT
     assert deltas[-1].finish_reason == "length"
 
 
 @on_engine_loop
-async def test_logprobs_are_openai_shaped(engine: VLLMEngine) -> None:
-    deltas = await run(engine, request(PROMPTS[0], max_tokens=6, temperature=0, logprobs=3))
+async def test_logprobs_are_openai_shaped(vllm_engine: VLLMEngine) -> None:
+    deltas = await run(vllm_engine, request(PROMPTS[0], max_tokens=6, temperature=0, logprobs=3))
     n = 0
     for d in deltas:
         assert d.logprobs is not None and len(d.logprobs) == len(d.token_ids or [])
@@ -239,57 +222,66 @@ async def test_logprobs_are_openai_shaped(engine: VLLMEngine) -> None:
             assert entry["logprob"] == pytest.approx(top[0]["logprob"])
             assert entry["token"] == top[0]["token"]
     assert n == 6
-    plain = await run(engine, request(PROMPTS[0], max_tokens=3, temperature=0))
+    plain = await run(vllm_engine, request(PROMPTS[0], max_tokens=3, temperature=0))
     assert all(d.logprobs is None for d in plain)
-    zero = await run(engine, request(PROMPTS[0], max_tokens=2, temperature=0, logprobs=0))
+    zero = await run(vllm_engine, request(PROMPTS[0], max_tokens=2, temperature=0, logprobs=0))
     assert all(e["top_logprobs"] == [] for d in zero for e in d.logprobs or [])
 
 
 @on_engine_loop
-async def test_abort_frees_the_request(engine: VLLMEngine) -> None:
-    assert engine.llm is not None
+async def test_abort_frees_the_request(vllm_engine: VLLMEngine) -> None:
+    assert vllm_engine.llm is not None
     req = request(PROMPTS[0], max_tokens=200, temperature=0, ignore_eos=True)
-    gen = engine.generate(req)
+    gen = vllm_engine.generate(req)
     got = [await anext(gen), await anext(gen)]
-    assert engine.llm.get_num_unfinished_requests() == 1
+    assert vllm_engine.llm.get_num_unfinished_requests() == 1
     # What the worker runtime does on cancel: stop reading, then abort.
     await gen.aclose()
-    await engine.abort(req.request_id)
+    await vllm_engine.abort(req.request_id)
     await wait_until(
-        lambda: engine.llm is not None and engine.llm.get_num_unfinished_requests() == 0,
+        lambda: vllm_engine.llm is not None and vllm_engine.llm.get_num_unfinished_requests() == 0,
         10,
         "vLLM still holds the aborted request",
     )
     assert got[0].finish_reason is None
     # The engine still serves after an abort.
-    deltas = await run(engine, request(PROMPTS[0], max_tokens=3, temperature=0))
+    deltas = await run(vllm_engine, request(PROMPTS[0], max_tokens=3, temperature=0))
     assert len(ids_of(deltas)) == 3
 
 
 @on_engine_loop
-async def test_context_overflow_and_bad_params(engine: VLLMEngine) -> None:
+async def test_context_overflow_and_bad_params(vllm_engine: VLLMEngine) -> None:
     with pytest.raises(ContextOverflow, match="context"):
-        await run(engine, request("word " * (CONTEXT + 10), max_tokens=4))
+        await run(vllm_engine, request("word " * (VLLM_CONTEXT + 10), max_tokens=4))
     # The protocol allows temperature up to 100; vLLM refuses above 2.
     with pytest.raises(BadRequest, match="temperature"):
-        await run(engine, request(PROMPTS[0], max_tokens=4, temperature=5.0))
+        await run(vllm_engine, request(PROMPTS[0], max_tokens=4, temperature=5.0))
     with pytest.raises(BadRequest, match="vocab"):
-        await run(engine, request(PROMPTS[0], max_tokens=4, stop_token_ids=[10**6]))
-    assert engine.llm is not None and engine.llm.get_num_unfinished_requests() == 0
-    assert await engine.count_tokens("tiny", "The morning train") > 1
+        await run(vllm_engine, request(PROMPTS[0], max_tokens=4, stop_token_ids=[10**6]))
+    assert vllm_engine.llm is not None and vllm_engine.llm.get_num_unfinished_requests() == 0
+    assert await vllm_engine.count_tokens("tiny", "The morning train") > 1
+
+
+def _command_line(proc: psutil.Process) -> str:
+    """``proc``'s command line and name; empty for one that has exited (the
+    core of an engine another test module closed may linger as a zombie)."""
+    try:
+        return " ".join([*proc.cmdline(), proc.name()])
+    except psutil.Error:
+        return ""
 
 
 @on_engine_loop
-async def test_engine_death_fails_requests_and_sets_dead(engine: VLLMEngine) -> None:
+async def test_engine_death_fails_requests_and_sets_dead(vllm_engine: VLLMEngine) -> None:
     """Last in the module: kills the engine core under the shared engine."""
     children = psutil.Process().children()  # ours only, not a stack worker's
-    cores = [c for c in children if "EngineCore" in " ".join(c.cmdline() + [c.name()])]
+    cores = [c for c in children if "EngineCore" in _command_line(c)]
     assert cores, f"cannot find vLLM's engine core among {[c.name() for c in children]}"
     for c in cores:
         os.kill(c.pid, signal.SIGKILL)
-    await wait_until(lambda: engine.dead, 30, "the engine never noticed its core died")
+    await wait_until(lambda: vllm_engine.dead, 30, "the engine never noticed its core died")
     with pytest.raises(EngineError):
-        await run(engine, request(PROMPTS[0], max_tokens=3))
+        await run(vllm_engine, request(PROMPTS[0], max_tokens=3))
 
 
 def test_worker_process_serves_and_leaves_when_the_engine_dies(
@@ -299,8 +291,9 @@ def test_worker_process_serves_and_leaves_when_the_engine_dies(
     stack.start_broker("--heartbeat-interval", "0.2")
     worker = stack.worker(
         "--model", str(tiny_model_dir), "--model-names", "tiny", "--dtype", "float32",
-        "--max-model-len", str(CONTEXT), "--engine-arg", "enforce_eager=true",
-        "--engine-arg", f"kv_cache_memory_bytes={64 << 20}", "--heartbeat-interval", "0.2",
+        "--max-model-len", str(VLLM_CONTEXT), "--engine-arg", "enforce_eager=true",
+        "--engine-arg", f"kv_cache_memory_bytes={VLLM_ENGINE_ARGS['kv_cache_memory_bytes']}",
+        "--heartbeat-interval", "0.2",
         engine="vllm",
     )  # fmt: skip
     (info,) = stack.wait_workers(1, timeout=180)
@@ -312,7 +305,7 @@ def test_worker_process_serves_and_leaves_when_the_engine_dies(
         assert got.token_ids == greedy_ref(ref, pids, 12)
         assert counts(got.usage) == {"prompt_tokens": len(pids), "completion_tokens": 12}
         with pytest.raises(ContextOverflow):
-            c.generate("tiny", "word " * (CONTEXT + 10), max_tokens=2)
+            c.generate("tiny", "word " * (VLLM_CONTEXT + 10), max_tokens=2)
     cores = [
         c for c in psutil.Process(worker.pid).children(recursive=True)
         if "EngineCore" in " ".join([c.name(), *c.cmdline()])
