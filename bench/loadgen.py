@@ -11,6 +11,8 @@ exact text ``t0 t1 ... t{n-1}`` (whitespace aside), ``finish_reason ==
   one sample per request (seconds, from sending the request to the parsed body).
 * `stream_throughput`: `concurrency` streaming requests at once, each reading
   its SSE stream to the end; tokens are counted from the content deltas.
+* `stream_one`: one such stream, read and checked; bench/soak.py counts the
+  `LoadGenError` codes it raises.
 * `raw_latency`: like `latency`, from a bare blocking socket that writes each
   request (headers and body) in one ``send`` and reads the response by its
   ``content-length``: next to nothing on the client side, so what it
@@ -33,7 +35,26 @@ TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
 class LoadGenError(RuntimeError):
-    """A response that was not the complete, correct null-engine output."""
+    """A response that was not the complete, correct null-engine output.
+
+    ``code`` says what went wrong, for callers that count failures: the error
+    code the server gave (in the HTTP body or a stream's error event),
+    ``http_<status>`` where it gave none, ``wrong_text``, ``wrong_finish``,
+    ``no_done`` (a stream without its closing ``[DONE]``) or ``malformed``.
+    """
+
+    def __init__(self, message: str, code: str = "malformed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _http_error(status: int, raw: bytes) -> LoadGenError:
+    """A non-200 response: its OpenAI error code where the body has one."""
+    try:
+        code = str(json.loads(raw)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        code = f"http_{status}"
+    return LoadGenError(f"HTTP {status}: {raw[:500]!r}", code)
 
 
 def expected_words(max_tokens: int) -> list[str]:
@@ -45,12 +66,15 @@ def _check_text(text: str, max_tokens: int, finish_reason: Any, where: str) -> N
     if words != expected_words(max_tokens):
         shown = text if len(text) < 200 else text[:100] + " ... " + text[-100:]
         raise LoadGenError(f"{where}: expected {max_tokens} tokens t0..t{max_tokens - 1}, "
-                           f"got {len(words)}: {shown!r}")  # fmt: skip
+                           f"got {len(words)}: {shown!r}", "wrong_text")  # fmt: skip
     if finish_reason != "length":
-        raise LoadGenError(f"{where}: finish_reason {finish_reason!r}, expected 'length'")
+        raise LoadGenError(
+            f"{where}: finish_reason {finish_reason!r}, expected 'length'", "wrong_finish"
+        )
 
 
-def _body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    """A greedy chat completion request of `max_tokens` on `PROMPT`."""
     return {
         "model": model,
         "messages": PROMPT,
@@ -63,7 +87,7 @@ def _body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
 async def _complete(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
     resp = await client.post(url, json=body)
     if resp.status_code != 200:
-        raise LoadGenError(f"HTTP {resp.status_code}: {resp.text[:500]}")
+        raise _http_error(resp.status_code, resp.content)
     data = resp.json()
     try:
         choice = data["choices"][0]
@@ -86,7 +110,7 @@ async def latency(
     `warmup` untimed requests go first (connection set-up, caches, lazy imports).
     """
     url = base_url.rstrip("/") + "/chat/completions"
-    body = _body(model, max_tokens, stream=False)
+    body = chat_body(model, max_tokens, stream=False)
     samples: list[float] = []
     async with httpx.AsyncClient(timeout=TIMEOUT) as client:
         for _ in range(warmup):
@@ -104,7 +128,7 @@ def raw_latency(
     """Time `n` sequential non-streaming chat completions over one bare
     keep-alive socket (see the module docstring); return each one's seconds."""
     url = httpx.URL(base_url.rstrip("/") + "/chat/completions")
-    payload = json.dumps(_body(model, max_tokens, stream=False)).encode()
+    payload = json.dumps(chat_body(model, max_tokens, stream=False)).encode()
     head = (
         f"POST {url.raw_path.decode()} HTTP/1.1\r\nhost: {url.host}:{url.port}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
@@ -142,14 +166,18 @@ def raw_latency(
     return samples
 
 
-async def _stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, int]:
-    """Read one SSE stream to its end; return (tokens, content chunks)."""
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> tuple[int, int]:
+    """Read one SSE stream to its end and check it; return (tokens, content chunks).
+
+    Raises `LoadGenError` (with its ``code``) for anything but the whole,
+    correct null-engine text; httpx's own errors pass through.
+    """
     parts: list[str] = []
     finish_reason = None
     done = False
     async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
-            raise LoadGenError(f"HTTP {resp.status_code}: {(await resp.aread())[:500]!r}")
+            raise _http_error(resp.status_code, await resp.aread())
         async for line in resp.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, comments, event: lines
@@ -158,11 +186,14 @@ async def _stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any])
                 done = True
                 break
             chunk = json.loads(payload)
+            if "error" in chunk:  # the error event of a stream that failed mid-way
+                code = (chunk["error"] or {}).get("code") or "error"
+                raise LoadGenError(f"stream error chunk: {payload[:500]}", str(code))
             choices = chunk.get("choices")
             if not choices:
                 if "usage" in chunk:
                     continue  # a usage-only chunk (stream_options.include_usage)
-                raise LoadGenError(f"stream error chunk: {payload[:500]}")
+                raise LoadGenError(f"stream chunk without choices: {payload[:500]}")
             choice = choices[0]
             content = (choice.get("delta") or {}).get("content")
             if content:
@@ -170,7 +201,7 @@ async def _stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any])
             if choice.get("finish_reason") is not None:
                 finish_reason = choice["finish_reason"]
     if not done:
-        raise LoadGenError("stream ended without data: [DONE]")
+        raise LoadGenError("stream ended without data: [DONE]", "no_done")
     max_tokens = body["max_tokens"]
     _check_text("".join(parts), max_tokens, finish_reason, "stream")
     return max_tokens, len(parts)
@@ -194,17 +225,17 @@ async def stream_throughput(
     connections first.
     """
     url = base_url.rstrip("/") + "/chat/completions"
-    body = _body(model, max_tokens, stream=True)
+    body = chat_body(model, max_tokens, stream=True)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as client:
         if warmup:
-            short = _body(model, 2, stream=True)
-            await asyncio.gather(*(_stream_one(client, url, short) for _ in range(concurrency)))
+            short = chat_body(model, 2, stream=True)
+            await asyncio.gather(*(stream_one(client, url, short) for _ in range(concurrency)))
 
         async def slot() -> tuple[int, int]:
             tokens = chunks = 0
             for _ in range(rounds):
-                t, c = await _stream_one(client, url, body)
+                t, c = await stream_one(client, url, body)
                 tokens += t
                 chunks += c
             return tokens, chunks

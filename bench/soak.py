@@ -7,9 +7,12 @@ completions going through the gateway (httpx, SSE) for ``duration``
 seconds. Every ``kill_every`` seconds one worker (each in turn) is
 SIGKILLed and started again at once.
 
-Every response is checked: HTTP 200 and the exact null text
-``t0 t1 ... t{n-1}``, or an error with a code (the HTTP body's, or the error
-event mid-stream). A wrong text is an error of its own (``wrong_text``).
+Every response is read and checked by ``bench/loadgen.py``'s stream reader
+(``stream_one``): HTTP 200, the null text ``t0 t1 ... t{n-1}``,
+``finish_reason`` length and the closing ``[DONE]``, or an error with a code
+(the HTTP body's, or the error event mid-stream). A wrong text, finish reason
+or a missing ``[DONE]`` is an error of its own (``wrong_text``,
+``wrong_finish``, ``no_done``).
 
 Reported: requests done, errors by code, resumes (the gateway's
 ``/metrics`` where it counts them; the broker's ``retried`` and
@@ -39,7 +42,7 @@ import httpx
 
 from bench._procs import LoggedProc, log_tail
 from bench.common import RssSampler, format_table, machine_info, mib, write_json
-from bench.loadgen import PROMPT
+from bench.loadgen import LoadGenError, chat_body, stream_one
 from zserve.launcher import Proc, free_port, start_broker, zserve_cmd
 
 MODEL = "null"
@@ -59,10 +62,6 @@ class Settings:
 
 FULL = Settings(duration=600, kill_every=60, concurrency=32, max_tokens=64, token_delay=0.015)
 QUICK = Settings(duration=60, kill_every=20, concurrency=32, max_tokens=64, token_delay=0.015)
-
-
-def expected(n: int) -> str:
-    return "".join(f"t{i} " for i in range(n))
 
 
 class Stack:
@@ -137,41 +136,18 @@ class Stack:
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str | None:
     """One streaming chat completion; None if it was whole and right, else a code."""
-    parts: list[str] = []
-    done = False
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                raw = await resp.aread()
-                try:
-                    return str(json.loads(raw)["error"]["code"])
-                except (ValueError, KeyError, TypeError):
-                    return f"http_{resp.status_code}"
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    return str(chunk["error"].get("code") or "error")
-                for ch in chunk.get("choices") or []:
-                    parts.append((ch.get("delta") or {}).get("content") or "")
+        await stream_one(client, url, body)
+    except LoadGenError as e:
+        return e.code
     except httpx.HTTPError as e:
         return f"http_{type(e).__name__}"
-    if not done:
-        return "no_done"
-    return None if "".join(parts) == expected(body["max_tokens"]) else "wrong_text"
+    return None
 
 
 async def _load(stack: Stack, s: Settings, rss: RssSampler) -> dict[str, Any]:
     url = stack.root + "/v1/chat/completions"
-    body = {
-        "model": MODEL, "messages": PROMPT, "max_tokens": s.max_tokens, "temperature": 0.0,
-        "stream": True,
-    }  # fmt: skip
+    body = chat_body(MODEL, s.max_tokens, stream=True)
     done = 0
     errors: Counter[str] = Counter()
     kills: list[float] = []
