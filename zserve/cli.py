@@ -6,10 +6,12 @@ Error codes map to exit statuses in one place (``_EXIT``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -76,6 +78,17 @@ def _addresses(values: list[str] | None, default: str) -> list[str]:
     if not out:
         raise typer.BadParameter("--broker is empty")
     return out
+
+
+@contextlib.contextmanager
+def _exit_on_bad_input(status: int = 2) -> Iterator[None]:
+    """A bad key file, allow directory, engine setting or model (``ValueError``,
+    ``OSError``): its message on stderr, then exit ``status``."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(status) from None
 
 
 def _logging(level: str) -> None:
@@ -179,11 +192,8 @@ def broker(
         curve_allow_workers=curve_allow_workers,
         curve_allow_clients=curve_allow_clients,
     )
-    try:
+    with _exit_on_bad_input():  # a key file or an allow directory
         b = Broker(cfg)
-    except (ValueError, OSError) as e:  # a key file or an allow directory
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     if b.auth is not None:  # without CURVE, SIGHUP keeps its default meaning
         signal.signal(signal.SIGHUP, lambda signum, frame: b.reload_keys())
     if ready_file:
@@ -285,11 +295,8 @@ def worker(
         model_info_file=model_info_file,
         engine_args=extra,
     )
-    try:
+    with _exit_on_bad_input():
         eng = load_engine(engine, opts)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     if capacity is None:
         capacity, why = eng.default_capacity()
     else:
@@ -304,11 +311,8 @@ def worker(
         curve_secret=curve_secret,
         curve_server=curve_server,
     )
-    try:
+    with _exit_on_bad_input():  # a key file
         w = Worker(eng, wcfg)
-    except (ValueError, OSError) as e:  # a key file
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -316,11 +320,8 @@ def worker(
             loop.add_signal_handler(sig, w.stop)
         await w.run()
 
-    try:
+    with _exit_on_bad_input():
         _run_async(main())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     if getattr(eng, "dead", False):
         raise typer.Exit(1)
 
@@ -341,11 +342,8 @@ def status(
 
     addresses = _addresses(broker, p.DEFAULT_FRONTEND)
     if len(addresses) > 1:
-        try:
+        with _exit_on_bad_input():  # a key file
             _status_of_several(addresses, json_out, timeout, curve_secret, curve_server)
-        except (ValueError, OSError) as e:  # a key file
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
         return
     (address,) = addresses
     try:
@@ -506,13 +504,10 @@ def generate(
         "stop": stop or None,
     }
     signal.signal(signal.SIGTERM, _raise_terminate)
-    try:
+    with _exit_on_bad_input():  # a key file
         client = Client(
             broker, timeout=timeout, curve_secret=curve_secret, curve_server=curve_server
         )
-    except (ValueError, OSError) as e:  # a key file
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     try:
         with client as c:
             if chat:
@@ -553,11 +548,8 @@ def chat(
     from zserve.errors import ZServeError
     from zserve.security import ClientCurve
 
-    try:
+    with _exit_on_bad_input():
         ClientCurve.load(curve_secret, curve_server)  # bad key files fail before the chat starts
-    except (ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     try:
         code = run_chat(
             broker, model, system, temperature, max_tokens, timeout,
@@ -603,11 +595,8 @@ def gateway(
 
     _logging(log_level)
     keys = [k.strip() for k in (api_keys or "").split(",") if k.strip()]
-    try:
+    with _exit_on_bad_input():
         ClientCurve.load(curve_secret, curve_server)  # bad key files fail before uvicorn starts
-    except (ValueError, OSError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     serve(
         broker, host, port, keys, timeout, connect_timeout,
         heartbeat_interval, heartbeat_liveness, log_level.lower(),
@@ -623,11 +612,8 @@ def keys(
     """Write a CURVE key pair: DIR/NAME.key and DIR/NAME.key_secret; never overwrites."""
     from zserve.security import write_keypair
 
-    try:
+    with _exit_on_bad_input(1):  # KeyExists included
         public, secret = write_keypair(directory, name)
-    except (ValueError, OSError) as e:  # KeyExists included
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"public key: {public}\nsecret key: {secret}")
 
 
