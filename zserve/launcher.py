@@ -287,11 +287,10 @@ def run_stack(
             )
             print(f"\nChat page: http://127.0.0.1:{gateway_port}/", flush=True)
         keys_note = keys_args = ""
-        chat_line = f"  .venv/bin/zserve chat --broker {fe} --model {model}\n"
         if curve_dir is not None:
-            chat_line = ""  # zserve chat has no CURVE options yet
             keys_note = f"  CURVE keys      : {curve_dir} (SIGHUP the broker to reload)\n"
             keys_args = " " + " ".join(client_curve)
+        chat_line = f"  .venv/bin/zserve chat --broker {fe} --model {model}{keys_args}\n"
         if len(fes) == 1:
             where = f"  broker frontend : {fe}\n  broker backend  : {be}\n"
         else:

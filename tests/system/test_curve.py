@@ -451,6 +451,8 @@ def test_run_with_a_curve_dir_serves_with_keys(tmp_path):
         out = "".join(lines)
         assert "zserve is up" in out, out
         assert f"--curve-secret {d}/client.key_secret" in out
+        chat = [x for x in lines if "zserve chat" in x]  # the banner's chat line holds the keys
+        assert chat and f"--curve-server {d}/broker.key" in chat[0], out
         assert stat.S_IMODE((d / "broker.key_secret").stat().st_mode) == 0o600
         kw = {"curve_secret": str(d / "client.key_secret"), "curve_server": str(d / "broker.key")}
         with Client(fe, timeout=30, **kw) as c:
