@@ -924,6 +924,31 @@ def _closed_rounds(
 # ------------------------------------------------------------------ report
 
 
+def _ttft_p50_rows(
+    engine: str, t: dict[str, Any] | None, key: str, what: str
+) -> list[dict[str, Any]]:
+    """One row per level of a time-to-first-token run: one-by-one prefill
+    ("before", the direct column) against batched ("after")."""
+    if not t or "before" not in t:
+        return []
+    return [
+        {
+            "workload": f"{engine}: time to first token, {n} {what}, p50 (ms)",
+            "direct": t["before"][n][key],
+            "zserve": t["after"][n][key],
+            "ratio": round(t["after"][n][key] / t["before"][n][key], 3)
+            if t["before"][n][key]
+            else None,
+            "target": "-",
+            "pass": None,
+            "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
+            "after_is": "batched prefill, same process",
+            "through_zserve_ms": t["zserve"][n][key],
+        }
+        for n in t["after"]
+    ]
+
+
 def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for engine, e in m.items():
@@ -943,40 +968,9 @@ def evaluate(m: dict[str, Any]) -> list[dict[str, Any]]:
                 }
             )
         t = e.get("ttft")
-        if t and "before" in t:
-            for key in t["after"]:
-                b, a = t["before"][key]["p50_ms"], t["after"][key]["p50_ms"]
-                rows.append(
-                    {
-                        "workload": f"{engine}: time to first token, {key} at once, p50 (ms)",
-                        "direct": b,
-                        "zserve": a,
-                        "ratio": round(a / b, 3) if b else None,
-                        "target": "-",
-                        "pass": None,
-                        "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
-                        "after_is": "batched prefill, same process",
-                        "through_zserve_ms": t["zserve"][key]["p50_ms"],
-                    }
-                )
+        rows += _ttft_p50_rows(engine, t, "p50_ms", "at once")
         cl = e.get("ttft_closed_loop")
-        if cl and "before" in cl:
-            for key in cl["after"]:
-                b, a = cl["before"][key]["ttft_p50_ms"], cl["after"][key]["ttft_p50_ms"]
-                rows.append(
-                    {
-                        "workload": f"{engine}: time to first token, {key} users closed loop, "
-                        "p50 (ms)",
-                        "direct": b,
-                        "zserve": a,
-                        "ratio": round(a / b, 3) if b else None,
-                        "target": "-",
-                        "pass": None,
-                        "baseline": "one-at-a-time prefill (batch_prefill=false), same process",
-                        "after_is": "batched prefill, same process",
-                        "through_zserve_ms": cl["zserve"][key]["ttft_p50_ms"],
-                    }
-                )
+        rows += _ttft_p50_rows(engine, cl, "ttft_p50_ms", "users closed loop")
         rows += _ttft_ratio_rows(engine, cl, "ttft_p50_ms", "closed loop, users", target=True)
         rows += _ttft_ratio_rows(engine, t, "p50_ms", "burst, sent at once", target=False)
         hi, lo = (str(x) for x in HF_SCALING)
