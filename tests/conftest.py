@@ -8,6 +8,7 @@ that need it, so ``make test`` cannot pass without them.
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,14 @@ import pytest
 from tests.finals import Finals, count_finals
 from zserve.client import Client
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
+
+# A shell starts a background job (``make test &``, ``nohup ... &``) with
+# SIGINT ignored, and an ignored signal stays ignored in every process the
+# suite starts: the tests that press Ctrl-C on zserve generate and zserve chat
+# would wait out their timeouts. A handler of our own is reset to the default
+# in each child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Short heartbeats keep failure tests fast; the defaults are 1 s x 3.
 FAST_HB = ["--heartbeat-interval", "0.2", "--heartbeat-liveness", "3"]
