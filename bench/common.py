@@ -134,14 +134,37 @@ class RssSampler:
 
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far, all cores, from
-    /proc/stat; busy is everything but idle and iowait. Two readings give
-    the share of the machine's cores in use between them."""
+    /proc/stat; busy is everything but idle and iowait. `busy_share` of two
+    readings is the share of the machine's cores in use between them."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     tick = os.sysconf("SC_CLK_TCK")
     total = sum(fields[:8])  # guest time is already counted in user
     idle = fields[3] + fields[4]
     return (total - idle) / tick, total / tick
+
+
+def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The share of the machine's cores in use between two `machine_busy` readings."""
+    return (after[0] - before[0]) / max(1e-9, after[1] - before[1])
+
+
+def all_met(rows: list[dict[str, Any]]) -> bool:
+    """A run's verdict: no row missed its target (rows without one count as met)."""
+    return all(r["pass"] is not False for r in rows)
+
+
+def result_record(name: str, quick: bool, t0: float, fields: dict[str, Any]) -> dict[str, Any]:
+    """What every ``bench/results/<name>.json`` holds: the benchmark, its mode
+    and the machine first, then ``fields`` in order, then the seconds since
+    ``t0`` (``time.monotonic()``)."""
+    return {
+        "benchmark": name,
+        "mode": "quick" if quick else "full",
+        "machine": machine_info(),
+        **fields,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -279,16 +302,9 @@ def run_and_report(
     t0 = time.monotonic()
     measured = run(s)
     rows = evaluate(measured)
-    result = {
-        "benchmark": name,
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
-        "settings": asdict(s),
-        "rows": rows,
-        "pass": all(r["pass"] is not False for r in rows),
-        "measured": measured,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
+    result = result_record(name, a.quick, t0, {
+        "settings": asdict(s), "rows": rows, "pass": all_met(rows), "measured": measured,
+    })  # fmt: skip
     path = write_json(f"{name}.json", result)
     print(format_table(
         ["workload", "baseline", "", column, "ratio", "target", "met"],

@@ -88,11 +88,12 @@ from typing import Any, TextIO
 
 from bench.common import (
     CpuMeter,
+    all_met,
     cpu_seconds,
     format_table,
-    machine_info,
     median,
     percentile,
+    result_record,
     targets_table,
     write_json,
 )
@@ -1220,10 +1221,7 @@ def main(argv: list[str] | None = None) -> int:
                     closed=CLOSED[mode, size] if engine == "hf" else None,
                 )
     rows = evaluate(measured)
-    result: dict[str, Any] = {
-        "benchmark": "engines",
-        "mode": mode,
-        "machine": machine_info(),
+    result = result_record("engines", a.quick, t0, {
         "load_average_1_5_15": {
             "before": [round(x, 2) for x in load_before],
             "after": [round(x, 2) for x in os.getloadavg()],
@@ -1249,10 +1247,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "skipped": skipped,
         "rows": rows,
-        "pass": all(r["pass"] is not False for r in rows),
+        "pass": all_met(rows),
         "measured": measured,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
+    })
     path = write_json(a.out, result)
     print(render(rows, measured))
     print(

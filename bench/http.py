@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import format_table, latency_summary_ms, machine_info, write_json
+from bench.common import format_table, latency_summary_ms, result_record, write_json
 from bench.loadgen import latency, raw_latency, stream_throughput
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
 
@@ -249,15 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         systems["starlette_broker"] = lambda: starlette_floor(broker=fe)
         measured = run(s, systems)
     verdict = evaluate(measured)
-    result: dict[str, Any] = {
-        "benchmark": "http",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
-        "settings": asdict(s),
-        "measured": measured,
-        **verdict,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
+    result = result_record("http", a.quick, t0, {"settings": asdict(s), "measured": measured,
+                                                  **verdict})  # fmt: skip
     path = write_json(a.out, result)
     print(render(measured, verdict, s))
     print(f"\ntargets met: {'-' if verdict['pass'] is None else 'yes' if verdict['pass'] else 'NO'}"

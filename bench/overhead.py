@@ -47,10 +47,11 @@ from typing import Any
 from bench.common import (
     CpuMeter,
     RssSampler,
+    all_met,
     format_table,
     latency_summary_ms,
-    machine_info,
     median,
+    result_record,
     targets_table,
     write_json,
 )
@@ -518,17 +519,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     measured = _with_sigterm_as_exit(lambda: run(s))
     rows = evaluate(measured)
-    result: dict[str, Any] = {
-        "benchmark": "overhead",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
-        "loop": _loop_name(),
-        "settings": asdict(s),
-        "rows": rows,
-        "pass": all(r["pass"] is not False for r in rows),
+    result = result_record("overhead", a.quick, t0, {
+        "loop": _loop_name(), "settings": asdict(s), "rows": rows, "pass": all_met(rows),
         "measured": measured,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
+    })  # fmt: skip
     path = write_json(a.out, result)
     print(render(rows, measured))
     print(f"\nall targets met: {'yes' if result['pass'] else 'NO'}   "

@@ -52,13 +52,15 @@ from typing import Any
 
 from bench.common import (
     RssSampler,
+    all_met,
+    busy_share,
     cpu_seconds,
     format_table,
     latency_summary_ms,
     machine_busy,
-    machine_info,
     median,
     mib,
+    result_record,
     rss_kib,
     write_json,
 )
@@ -281,8 +283,7 @@ def stream_cells(s: Settings) -> list[dict[str, Any]]:
                 cpu0, w0, busy0 = cpu_seconds(broker.pid), time.monotonic(), machine_busy()
                 got = clients.run()
                 cpu, cpu_wall = cpu_seconds(broker.pid) - cpu0, time.monotonic() - w0
-                busy1 = machine_busy()
-                machine = (busy1[0] - busy0[0]) / max(1e-9, busy1[1] - busy0[1])
+                machine = busy_share(busy0, machine_busy())
                 rss.stop()
                 clients.stop()
                 messages = _token_messages(fe) - m0
@@ -343,14 +344,13 @@ def rate_turns(s: Settings) -> dict[str, Any]:
                 stack.callback(clients.stop)
                 cpu0, busy0 = cpu_seconds(pid), machine_busy()
                 got = clients.run()
-                cpu, busy1 = cpu_seconds(pid) - cpu0, machine_busy()
+                cpu, busy = cpu_seconds(pid) - cpu0, busy_share(busy0, machine_busy())
                 clients.stop()
                 n = sum(g["requests"] for g in got)
                 wall = max(g["t1"] for g in got) - min(g["t0"] for g in got)
                 out[kind].append({"req_s": round(n / wall, 1), "requests": n,
                                   "broker_cpu_us_per_request": round(cpu * 1e6 / n, 2),
-                                  "machine_cpu_busy": round((busy1[0] - busy0[0])
-                                                            / (busy1[1] - busy0[1]), 3)})
+                                  "machine_cpu_busy": round(busy, 3)})
                 print(f"  rate {kind:6s}: {n / wall:>9,.0f} req/s "
                       f"({cpu * 1e6 / n:.1f} us broker CPU each)", flush=True)
     return {
@@ -455,20 +455,16 @@ def main(argv: list[str] | None = None) -> int:
     print("1-token rate, zserve and the bare forwarder taking turns:", flush=True)
     rate = rate_turns(s)
     rows = evaluate(cells, rate)
-    result = {
-        "benchmark": "scale",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
+    result = result_record("scale", a.quick, t0, {
         "load_average_1_5_15": {"before": [round(x, 2) for x in load_before],
                                 "after": [round(x, 2) for x in os.getloadavg()]},
         "settings": {**asdict(s), "step_s": STEP, "capacity": CAPACITY,
                      "rate_window": RATE_WINDOW},
         "rows": rows,
-        "pass": all(r["pass"] is not False for r in rows),
+        "pass": all_met(rows),
         "cells": cells,
         "rate": rate,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }  # fmt: skip
+    })  # fmt: skip
     path = write_json(a.out, result)
     try:
         from bench.plots import scale as plot

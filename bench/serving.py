@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from bench._procs import start_logged, wait_ready
-from bench.common import format_table, machine_info, write_json
+from bench.common import all_met, format_table, result_record, write_json
 from zserve.launcher import free_port, start_broker, zserve_cmd
 
 MODEL = "tiny"
@@ -197,17 +197,10 @@ def write_result(
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         measured = measure(Path(tmp))
     table = rows(measured)
-    result = {
-        "benchmark": benchmark,
-        "mode": "quick" if quick else "full",
-        "machine": machine_info(),
-        **about,
-        "measured": measured,
-        "rows": table,
-        "pass": all(r["pass"] is not False for r in table),
+    result = result_record(benchmark, quick, t0, {
+        **about, "measured": measured, "rows": table, "pass": all_met(table),
         "load_average_before_after": [load_before, _load_average()],
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
+    })  # fmt: skip
     write_json(f"{benchmark}.json", result)
     return result
 

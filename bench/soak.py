@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from bench._procs import LoggedProc, log_tail
-from bench.common import RssSampler, format_table, machine_info, mib, write_json
+from bench.common import RssSampler, format_table, mib, result_record, write_json
 from bench.loadgen import LoadGenError, chat_body, stream_one
 from zserve.launcher import Proc, free_port, start_broker, zserve_cmd
 
@@ -313,15 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.monotonic()
     measured = run(s)
     verdict = evaluate(measured)
-    result: dict[str, Any] = {
-        "benchmark": "soak",
-        "mode": "quick" if a.quick else "full",
-        "machine": machine_info(),
-        "settings": asdict(s),
-        "measured": measured,
-        **verdict,
-        "wall_s": round(time.monotonic() - t0, 1),
-    }
+    result = result_record("soak", a.quick, t0, {"settings": asdict(s), "measured": measured,
+                                                  **verdict})  # fmt: skip
     path = write_json(a.out, result)
     print(render(measured, verdict))
     print(
