@@ -84,17 +84,22 @@ def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, Any]:
     }
 
 
-async def _complete(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
-    resp = await client.post(url, json=body)
-    if resp.status_code != 200:
-        raise _http_error(resp.status_code, resp.content)
-    data = resp.json()
+def _check_completion(status: int, raw: bytes, max_tokens: int) -> None:
+    """A non-streaming answer: HTTP 200 and the whole null-engine text."""
+    if status != 200:
+        raise _http_error(status, raw)
+    data = json.loads(raw)
     try:
         choice = data["choices"][0]
         text = choice["message"]["content"]
     except (KeyError, IndexError, TypeError) as exc:
         raise LoadGenError(f"malformed completion: {str(data)[:500]}") from exc
-    _check_text(text or "", body["max_tokens"], choice.get("finish_reason"), "completion")
+    _check_text(text or "", max_tokens, choice.get("finish_reason"), "completion")
+
+
+async def _complete(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> None:
+    resp = await client.post(url, json=body)
+    _check_completion(resp.status_code, resp.content, body["max_tokens"])
 
 
 async def latency(
@@ -156,11 +161,8 @@ def raw_latency(
                     if len(body) >= length:
                         break
             t1 = time.perf_counter()
-            if not lines[0].startswith(b"HTTP/1.1 200"):
-                raise LoadGenError(f"{lines[0]!r}: {body[:500]!r}")
-            choice = json.loads(body)["choices"][0]
-            _check_text(choice["message"]["content"] or "", max_tokens,
-                        choice.get("finish_reason"), "raw completion")  # fmt: skip
+            status = int(lines[0].split()[1])  # HTTP/1.1 200 OK
+            _check_completion(status, body[:length], max_tokens)
             if i >= warmup:
                 samples.append(t1 - t0)
     return samples
