@@ -823,6 +823,21 @@ def bench_engine(
         }
 
 
+def _modes(engine: str) -> tuple[str, ...]:
+    """The direct engine's prefill modes: one-by-one ("before", hf only) and batched ("after")."""
+    return ("before", "after") if engine == "hf" else ("after",)
+
+
+def _turns(engine: str, rounds: int, levels: tuple[int, ...]) -> Iterator[tuple[int, int, str]]:
+    """(round, level, mode) of time-to-first-token runs in the order they take
+    turns: the direct engine's modes, swapping order each round, then zserve."""
+    modes = _modes(engine)
+    for r in range(rounds):
+        for c in levels:
+            for mode in (*(modes if r % 2 == 0 else modes[::-1]), "zserve"):
+                yield r, c, mode
+
+
 def _ttft_rounds(
     engine: str, direct: DirectProc, frontend: str, quiet_pids: dict[str, int], repeats: int
 ) -> dict[str, Any]:
@@ -830,7 +845,7 @@ def _ttft_rounds(
     direct with batched prefill (``after``) and one at a time (``before``),
     alternating, and through zserve (batched). Medians over rounds of each
     run's median and max."""
-    modes = ("before", "after") if engine == "hf" else ("after",)
+    modes = _modes(engine)
     runs: dict[str, dict[int, list[dict[str, float]]]] = {
         m: {c: [] for c in TTFT_CONCURRENCY} for m in (*modes, "zserve")
     }
@@ -838,24 +853,19 @@ def _ttft_rounds(
     def summary(xs: list[float]) -> dict[str, float]:
         return {"p50_ms": median(xs) * 1e3, "max_ms": max(xs) * 1e3}
 
-    for r in range(repeats + 1):  # round 0 warms up
-        for c in TTFT_CONCURRENCY:
-            order = modes if r % 2 == 0 else modes[::-1]
-            for mode in (*order, "zserve"):
-                _settle(quiet_pids)
-                if mode == "zserve":
-                    got: list[float] = []
-                    _, counts = _run_async(
-                        _zserve_run(frontend, c, TTFT_TOKENS, prompts=TTFT_PROMPTS, ttft=got)
-                    )
-                else:
-                    rep = direct.run(
-                        c, TTFT_TOKENS, ttft_prompts=True, batch_prefill=mode == "after"
-                    )
-                    counts, got = rep["counts"], rep["ttft"]
-                _check(counts, TTFT_TOKENS, f"{engine} ttft {mode} {c}")
-                if r:
-                    runs[mode][c].append(summary(got))
+    for r, c, mode in _turns(engine, repeats + 1, TTFT_CONCURRENCY):  # round 0 warms up
+        _settle(quiet_pids)
+        if mode == "zserve":
+            got: list[float] = []
+            _, counts = _run_async(
+                _zserve_run(frontend, c, TTFT_TOKENS, prompts=TTFT_PROMPTS, ttft=got)
+            )
+        else:
+            rep = direct.run(c, TTFT_TOKENS, ttft_prompts=True, batch_prefill=mode == "after")
+            counts, got = rep["counts"], rep["ttft"]
+        _check(counts, TTFT_TOKENS, f"{engine} ttft {mode} {c}")
+        if r:
+            runs[mode][c].append(summary(got))
     out: dict[str, Any] = {
         "prompts": "about 64 tokens each",
         "tokens": TTFT_TOKENS,
@@ -875,27 +885,24 @@ def _closed_rounds(
     """Closed-loop time to first token at each of ``cl.concurrency`` users: direct
     with batched prefill (``after``) and one at a time (``before``), alternating,
     and through zserve (batched). Medians over rounds of each run's figures."""
-    modes = ("before", "after") if engine == "hf" else ("after",)
+    modes = _modes(engine)
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
         m: {c: [] for c in cl.concurrency} for m in (*modes, "zserve")
     }
-    for r in range(cl.rounds):
-        for c in cl.concurrency:
-            order = modes if r % 2 == 0 else modes[::-1]
-            for mode in (*order, "zserve"):
-                _settle(quiet_pids)
-                if mode == "zserve":
-                    got = _run_async(_zserve_closed(frontend, c, cl.requests(c), cl.tokens))
-                else:
-                    rep = direct.run(
-                        c,
-                        cl.tokens,
-                        ttft_prompts=True,
-                        batch_prefill=mode == "after",
-                        closed_requests=cl.requests(c),
-                    )
-                    got = {**rep["closed"], **rep["stats"]}
-                runs[mode][c].append(got)
+    for _, c, mode in _turns(engine, cl.rounds, cl.concurrency):
+        _settle(quiet_pids)
+        if mode == "zserve":
+            got = _run_async(_zserve_closed(frontend, c, cl.requests(c), cl.tokens))
+        else:
+            rep = direct.run(
+                c,
+                cl.tokens,
+                ttft_prompts=True,
+                batch_prefill=mode == "after",
+                closed_requests=cl.requests(c),
+            )
+            got = {**rep["closed"], **rep["stats"]}
+        runs[mode][c].append(got)
     out: dict[str, Any] = {
         "prompts": "about 64 tokens each",
         "tokens": f"{cl.tokens // 2}..{cl.tokens // 2 + cl.tokens} per request (mean {cl.tokens})",
@@ -1221,35 +1228,40 @@ def main(argv: list[str] | None = None) -> int:
                     closed=CLOSED[mode, size] if engine == "hf" else None,
                 )
     rows = evaluate(measured)
-    result = result_record("engines", a.quick, t0, {
-        "load_average_1_5_15": {
-            "before": [round(x, 2) for x in load_before],
-            "after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "hf_threads": HF_THREADS,
-        "torch_threads_env": {
-            k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
-        },
-        "models": {
-            "tiny": "zserve tiny-model (random Llama: hidden 128, 2 layers, float32)",
-            "small": "write_tiny_model(size='small') (random Llama: hidden 768, 8 layers, "
-            "12 heads, float32, 58 M parameters)",
-        },
-        "settings": {
-            "tiny": asdict(QUICK if a.quick else FULL),
-            "small": asdict(QUICK_SMALL if a.quick else FULL_SMALL),
-            "ttft": {
-                "concurrency": TTFT_CONCURRENCY,
-                "tokens": TTFT_TOKENS,
-                "rounds": TTFT_REPEATS[mode],
+    result = result_record(
+        "engines",
+        a.quick,
+        t0,
+        {
+            "load_average_1_5_15": {
+                "before": [round(x, 2) for x in load_before],
+                "after": [round(x, 2) for x in os.getloadavg()],
             },
-            "ttft_closed_loop": {size: asdict(CLOSED[mode, size]) for size in sizes},
+            "hf_threads": HF_THREADS,
+            "torch_threads_env": {
+                k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
+            },
+            "models": {
+                "tiny": "zserve tiny-model (random Llama: hidden 128, 2 layers, float32)",
+                "small": "write_tiny_model(size='small') (random Llama: hidden 768, 8 layers, "
+                "12 heads, float32, 58 M parameters)",
+            },
+            "settings": {
+                "tiny": asdict(QUICK if a.quick else FULL),
+                "small": asdict(QUICK_SMALL if a.quick else FULL_SMALL),
+                "ttft": {
+                    "concurrency": TTFT_CONCURRENCY,
+                    "tokens": TTFT_TOKENS,
+                    "rounds": TTFT_REPEATS[mode],
+                },
+                "ttft_closed_loop": {size: asdict(CLOSED[mode, size]) for size in sizes},
+            },
+            "skipped": skipped,
+            "rows": rows,
+            "pass": all_met(rows),
+            "measured": measured,
         },
-        "skipped": skipped,
-        "rows": rows,
-        "pass": all_met(rows),
-        "measured": measured,
-    })
+    )
     path = write_json(a.out, result)
     print(render(rows, measured))
     print(
