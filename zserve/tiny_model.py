@@ -17,10 +17,9 @@
 parameters, 230 MB): a decode step of 10-20 ms on one CPU core, closer to
 a real model on a GPU, for benchmarks. ``size="medium"`` (hidden size 384,
 4 layers, 6 heads of 64, intermediate size 1024: about 7.5 M parameters,
-4096 positions)
-sits between: prefilling 1,000 tokens takes about 0.1 s on the 2-core
-development machine (``small``: about 0.7 s), which is what prefix-cache
-benchmarks need. The default, ``"tiny"``, is what the tests use.
+4096 positions) sits between: prefilling 1,000 tokens takes about 0.1 s on
+the 2-core development machine (``small``: about 0.7 s), which is what
+prefix-cache benchmarks need. The default, ``"tiny"``, is what the tests use.
 
 The same seed and size give byte-identical files. The weights are random, so the
 model's text is gibberish and greedy decoding rarely reaches ``</s>``.
