@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import FAST_HB
-from tests.worker.reference import greedy_ref, prompt_ids
 from zserve.launcher import wait_for
 
 PROMPT = "Once upon a time there was a small dragon"
@@ -99,18 +98,12 @@ def _greedy_stack(stack: Any, engine: str, model_dir: Path, *extra: str) -> None
     stack.wait_workers(2, timeout=300)
 
 
-def _resumed_equals_uninterrupted(stack: Any, ref: Any, n: int = 64) -> None:
+def _resumed_equals_uninterrupted(stack: Any, n: int = 64) -> None:
     kw = {"max_tokens": n, "temperature": 0, "ignore_eos": True}
     with stack.client(timeout=120) as c:
         whole = c.generate("tiny", PROMPT, **kw)  # uninterrupted, through the stack
         want = whole.token_ids
         assert want is not None and len(want) == n
-        if ref is not None:
-            # (transformers' own greedy agrees up to where it would end: its
-            # ignore_eos forbids EOS, the engines only do not stop at it)
-            first = greedy_ref(ref, prompt_ids(ref, PROMPT), n, ignore_eos=True)
-            k = next((i for i, t in enumerate(want) if t != first[i]), n)
-            assert k == n or want[k] == ref[1].eos_token_id, (k, want[k])
         # round robin: the next request goes to the worker that has had none
         (pid,) = [w["pid"] for w in stack.status()["workers"] if w["dispatched"] == 0]
         s = c.stream("tiny", PROMPT, **kw)
@@ -137,7 +130,7 @@ def medium_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_two_hf_workers_greedy(stack, medium_model_dir):
     _greedy_stack(stack, "hf", medium_model_dir, "--engine-arg", "threads=1")
-    _resumed_equals_uninterrupted(stack, None)
+    _resumed_equals_uninterrupted(stack)
 
 
 def test_two_vllm_workers_greedy(stack, medium_model_dir):
@@ -145,4 +138,4 @@ def test_two_vllm_workers_greedy(stack, medium_model_dir):
         stack, "vllm", medium_model_dir,
         "--engine-arg", "kv_cache_memory_bytes=67108864", "--engine-arg", "enforce_eager=true",
     )  # fmt: skip
-    _resumed_equals_uninterrupted(stack, None)
+    _resumed_equals_uninterrupted(stack)
