@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,8 @@ FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_CANCELLED = "cancelled"
 FINISH_ERROR = "error"
+# The turn ended (as ``stop``) with tool calls (``Delta.tool_calls``).
+FINISH_TOOL_CALLS = "tool_calls"
 
 # --------------------------------------------------------------------------
 # Default timings (float seconds, time.monotonic()) and limits.
@@ -232,6 +235,14 @@ class SamplingParams:
     # Seconds the whole request may take on the worker (None: no limit); past
     # it the worker stops the engine and ends the request with ``timeout``.
     deadline: float | None = None
+    # Tool calling (OpenAI's shapes; the worker's zserve/worker/tools.py acts
+    # on them): function tools [{type: "function", function: {name,
+    # description?, parameters?, strict?}}], tool_choice "none" | "auto"
+    # (None: auto) | "required" | {type: "function", function: {name}}, and
+    # whether a turn may hold several calls.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     _FIELDS = (
         "max_tokens",
@@ -247,6 +258,9 @@ class SamplingParams:
         "ignore_eos",
         "logprobs",
         "deadline",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +322,79 @@ class SamplingParams:
                 self.logprobs = 1 if self.logprobs else None
             elif not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
                 raise ValueError("logprobs must be an integer in [0, 20]")
+        if self.tools is not None or self.tool_choice is not None:
+            check_tools(self.tools, self.tool_choice)
+        if not isinstance(self.parallel_tool_calls, bool):
+            raise ValueError("parallel_tool_calls must be true or false")
+
+
+class ParamError(ValueError):
+    """A bad request parameter, with the parameter's name (``tools[0].function``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_tools(tools: Any, tool_choice: Any) -> None:
+    """The shape of ``tools`` and ``tool_choice`` (``ParamError`` naming the
+    field): function tools with unique names, a choice that names one."""
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ParamError("tools must be a list of tools", "tools")
+        names: set[str] = set()
+        for i, t in enumerate(tools):
+            at = f"tools[{i}]"
+            if not isinstance(t, dict) or t.get("type") != "function":
+                raise ParamError(f"{at} must be {{type: 'function', function: {{...}}}}", at)
+            fn = t.get("function")
+            if not isinstance(fn, dict):
+                raise ParamError(f"{at}.function must be an object", f"{at}.function")
+            name = fn.get("name")
+            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+                raise ParamError(
+                    f"{at}.function.name must be 1-64 letters, digits, '_' or '-'",
+                    f"{at}.function.name",
+                )
+            if name in names:
+                raise ParamError(f"tool {name!r} is given twice", f"{at}.function.name")
+            names.add(name)
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise ParamError(
+                    f"{at}.function.parameters must be a JSON schema object",
+                    f"{at}.function.parameters",
+                )
+            desc = fn.get("description")
+            if desc is not None and not isinstance(desc, str):
+                raise ParamError(
+                    f"{at}.function.description must be a string", f"{at}.function.description"
+                )
+    if tool_choice is None or tool_choice == "none":
+        return
+    if tool_choice in ("auto", "required") or isinstance(tool_choice, dict):
+        if not tools:
+            raise ParamError("tool_choice needs tools", "tool_choice")
+        if isinstance(tool_choice, str):
+            return
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if tool_choice.get("type") != "function" or not isinstance(name, str):
+            raise ParamError(
+                "tool_choice must be 'none', 'auto', 'required' or "
+                "{type: 'function', function: {name}}",
+                "tool_choice",
+            )
+        if not any(t["function"]["name"] == name for t in tools):
+            raise ParamError(f"tool_choice names {name!r}, which is not in tools", "tool_choice")
+        return
+    raise ParamError(
+        "tool_choice must be 'none', 'auto', 'required' or {type: 'function', function: {name}}",
+        "tool_choice",
+    )
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as OpenAI's
 
 
 def _number(v: Any, name: str, lo: float, hi: float) -> float:
@@ -444,6 +531,10 @@ class Delta:
     error: dict[str, str] | None = None  # {code, message}
     embeddings: list[list[float]] | None = None
     result: Any = None
+    # Tool-call fragments, as OpenAI streams them: [{index, id?, type?,
+    # function: {name?, arguments?}}]; a call's arguments are the
+    # concatenation of its fragments (see ``merge_tool_calls``).
+    tool_calls: list[dict[str, Any]] | None = None
 
     def record(self, request_id: bytes) -> list[Any]:
         extra: dict[str, Any] | None = None
@@ -453,6 +544,7 @@ class Delta:
             or self.error is not None
             or self.embeddings is not None
             or self.result is not None
+            or self.tool_calls is not None
         ):
             extra = {}
             if self.usage is not None:
@@ -465,6 +557,8 @@ class Delta:
                 extra["embeddings"] = self.embeddings
             if self.result is not None:
                 extra["result"] = self.result
+            if self.tool_calls is not None:
+                extra["tool_calls"] = self.tool_calls
         return [request_id, self.text, self.token_ids, self.finish_reason, extra]
 
     @classmethod
@@ -481,7 +575,29 @@ class Delta:
             extra.get("error"),
             extra.get("embeddings"),
             extra.get("result"),
+            extra.get("tool_calls"),
         )
+
+
+def merge_tool_calls(into: list[dict[str, Any]], more: list[dict[str, Any]]) -> None:
+    """Append tool-call fragments ``more`` to ``into``, folding a fragment
+    into the last one when both are for the same call (its arguments
+    concatenated): what the fragments say is unchanged, only regrouped."""
+    for f in more:
+        last = into[-1] if into else None
+        fn_f = f.get("function") or {}
+        if (
+            last is not None
+            and last.get("index") == f.get("index")
+            and "id" not in f
+            and "name" not in fn_f
+        ):
+            fn = last.setdefault("function", {})
+            args = fn_f.get("arguments")
+            if args:
+                fn["arguments"] = fn.get("arguments", "") + args
+        else:
+            into.append({**f, "function": dict(f.get("function") or {})})
 
 
 def error_record(request_id: bytes, code: str, message: str) -> list[Any]:
