@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: install test run bench lint clean
+.PHONY: install test run bench lint docs clean
 
 install: $(STAMP) $(VLLM_STAMP)
 
@@ -36,6 +36,12 @@ run: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# The generated pages: docs/cli.md from the typer app, docs/benchmarks.md from
+# bench/results/*.json (tests/test_docs.py fails when either is stale).
+docs: install
+	$(BIN)/python -m zserve.cli_docs > docs/cli.md
+	$(BIN)/python -c "from bench.__main__ import write_page; write_page()"
 
 lint: install
 	$(BIN)/ruff check zserve bench tests

@@ -5,8 +5,9 @@
 
 Each benchmark measures zserve side by side with its baseline in the same
 run and writes ``bench/results/<name>.json``; this runner reads those files
-back and prints one table (also written as ``bench/results/summary.md``, the
-table the README shows), then draws the PNG plots beside them
+back and prints one table (also written as ``bench/results/summary.md``),
+writes ``docs/benchmarks.md`` from them (``bench/docs_page.py``), then draws
+the PNG plots beside them
 (``bench/plots.py``). A benchmark that fails is reported and the others
 still run; the exit status is non-zero if any failed to run (a missed target
 is reported in the table, not as a failure).
@@ -139,6 +140,28 @@ def markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def rows_of(result: dict[str, Any]) -> list[list[str]]:
+    """One benchmark's summary rows, from its JSON record."""
+    return SUMMARIZE[result["benchmark"]](result)
+
+
+def load_results(names: tuple[str, ...] | list[str] = BENCHES) -> dict[str, dict[str, Any]]:
+    """The committed (or latest) JSON record of each benchmark that has one."""
+    out = {}
+    for n in names:
+        path = RESULTS_DIR / f"{n}.json"
+        if path.exists():
+            out[n] = json.loads(path.read_text())
+    return out
+
+
+def write_page() -> None:
+    """``docs/benchmarks.md`` from every benchmark's latest results."""
+    from bench.docs_page import PAGE, render
+
+    PAGE.write_text(render(load_results(), rows_of))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -189,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = f"{head}:\n\n{table}\n"
     (RESULTS_DIR / "summary.md").write_text(summary)
     print("\n" + summary)
+    write_page()
     try:
         from bench.plots import main as plots
 

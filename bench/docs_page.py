@@ -1,0 +1,99 @@
+"""``docs/benchmarks.md``: the latest results as a page, written by the run.
+
+``python -m bench`` (and ``python -m bench --report``) writes the page from
+``bench/results/*.json`` after each run: the machine, the date and the commit
+of each benchmark's results, one table per benchmark with every figure beside
+its same-run baseline, and the plots. ``tests/test_docs.py`` renders it again
+from the committed JSON and fails when the committed page differs, so the
+page cannot drift from the results it claims to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+# What each benchmark measures, against what (one paragraph each).
+ABOUT = {
+    "overhead": "The native path (client → broker → null worker) against a bare pyzmq "
+    "ROUTER/ROUTER forwarder with no bookkeeping, the floor of a Python broker; CURVE on "
+    "against off.",
+    "http": "The OpenAI API through the gateway (null engine) against FastChat 0.2.36 from "
+    "PyPI (controller, openai_api_server and a null worker in `bench/.venv-fastchat`), a bare "
+    "Starlette SSE endpoint (the HTTP floor), and the same endpoint taking its tokens from the "
+    "gateway's broker through one `AsyncClient`; 1-token latency from httpx and from a bare "
+    "socket.",
+    "engines": "Tokens/s of the hf and vllm engines served through zserve against the same "
+    "engine driven directly in one process, on the tiny model and on a 58 M-parameter one; hf "
+    "time to first token in a closed loop and in a burst, batched prefill on and off.",
+    "serving": "The same vLLM engine served through zserve (worker + gateway) and by `vllm "
+    "serve`, default flags on both sides, same model and KV cache, 1 / 8 / 32 streams over "
+    "HTTP.",
+    "vllm_server": "zserve + vLLM against `vllm serve` with the same explicit engine settings: "
+    "1-token p50/p99, time to first token, time per output token, inter-token latency and "
+    "tokens/s at 1 / 8 / 32 / 128 streams.",
+    "scale": "The broker with 1-8 null workers paced like a batched model (one 20 ms step, "
+    "capacity 256) and up to 2048 streams from several client processes: tokens/s, latency "
+    "added per token, broker CPU per token and memory per 1000 requests in flight.",
+    "failover": "A broker killed under 32 streams with a second one up (longest stall, "
+    "errors), and what a second broker costs a client.",
+    "affinity": "`cache_aware` against `shortest_queue` dispatch on two vLLM workers with "
+    "prefix caching: 32 conversations of 6 turns on a shared ~1,000-token system prompt.",
+    "soak": "Steady load through the gateway for 10 minutes (1 with `--quick`) while a worker "
+    "is SIGKILLed and restarted every minute: errors by code, resumes, broker RSS.",
+}
+
+PLOTS = (
+    ("latency_cdf.png", "1-token latency: zserve against its floors and FastChat"),
+    ("throughput_concurrency.png", "tokens/s against concurrency"),
+    ("engine_ratios.png", "engines: zserve against the same engine without it"),
+    ("scale.png", "broker at scale: tokens/s and added p99 against streams"),
+)
+
+HEAD = ["workload", "baseline (same run)", "baseline", "zserve", "ratio", "target", "met"]
+
+
+def _provenance(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    commit = m.get("commit") or "not recorded"
+    return (
+        f"{r.get('mode', '?')} run, {m.get('time', '?')}, commit `{commit}`, "
+        f"{m.get('cpus', '?')} CPUs, Python {m.get('python', '?')}, "
+        f"libzmq {m.get('libzmq', '?')}, {m.get('platform', '?')}"
+    )
+
+
+def render(
+    results: dict[str, dict[str, Any]], rows_of: Callable[[dict[str, Any]], list[list[str]]]
+) -> str:
+    """The page, from each benchmark's JSON record (``rows_of`` gives its table
+    rows, as in ``bench/results/summary.md``: bench, workload, baseline, ...)."""
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- Written by `python -m bench` (or `python -m bench --report`) from",
+        "     bench/results/*.json; tests/test_docs.py fails when it is stale. -->",
+        "",
+        "`make bench` runs every benchmark with its baseline side by side in the same "
+        "run; `python -m bench --only http,scale` runs a subset, `--quick` a short pass, "
+        "`--report` rewrites this page from the last results. Each benchmark writes "
+        "`bench/results/<name>.json` with every percentile and setting. On a 2-core "
+        "machine shared by every process, read a ratio as ±5-10 %.",
+        "",
+        "| benchmark | results from |",
+        "|---|---|",
+    ]
+    out += [f"| [{n}](#{n}) | {_provenance(r)} |" for n, r in results.items()]
+    for name, r in results.items():
+        rows = rows_of(r)
+        out += ["", f"## {name}", "", ABOUT.get(name, ""), "", f"Source: `bench/{name}.py`.", ""]
+        out += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        out += ["| " + " | ".join(row[1:]) + " |" for row in rows]
+    plots = [(f, t) for f, t in PLOTS if (PAGE.parent.parent / "bench" / "results" / f).exists()]
+    if plots:
+        out += ["", "## Plots", ""]
+        out += [f"![{t}](../bench/results/{f})\n" for f, t in plots]
+    return "\n".join(out).rstrip("\n") + "\n"
