@@ -30,6 +30,7 @@ more partial records and exactly one final record (``finish_reason`` set;
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import secrets
@@ -243,6 +244,13 @@ class SamplingParams:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
+    # Structured outputs (zserve/worker/grammar.py constrains decoding to
+    # it): {type: "json" | "json_object" | "regex" | "choice" | "grammar" |
+    # "structural_tag", value: JSON schema | regex | [choices] | EBNF |
+    # structural tag, whitespace: free whitespace in JSON (default False:
+    # compact), budget: steer to a complete value within max_tokens
+    # (default True)}; see ``check_structured``.
+    structured: dict[str, Any] | None = None
 
     _FIELDS = (
         "max_tokens",
@@ -261,6 +269,7 @@ class SamplingParams:
         "tools",
         "tool_choice",
         "parallel_tool_calls",
+        "structured",
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,6 +335,8 @@ class SamplingParams:
             check_tools(self.tools, self.tool_choice)
         if not isinstance(self.parallel_tool_calls, bool):
             raise ValueError("parallel_tool_calls must be true or false")
+        if self.structured is not None:
+            self.structured = check_structured(self.structured)
 
 
 class ParamError(ValueError):
@@ -395,6 +406,56 @@ def check_tools(tools: Any, tool_choice: Any) -> None:
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as OpenAI's
+
+STRUCTURED_TYPES = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+MAX_CHOICES = 4096  # alternatives of a ``choice``
+
+
+def check_structured(spec: Any) -> dict[str, Any]:
+    """The shape of ``structured`` (``ParamError`` naming ``structured``), as
+    a canonical map {type, value, whitespace, budget}. Whether a schema,
+    regex or grammar compiles is the worker's check (zserve/worker/grammar.py)."""
+    if not isinstance(spec, dict):
+        raise ParamError("structured must be a map {type, value, ...}", "structured")
+    unknown = set(spec) - {"type", "value", "whitespace", "budget"}
+    if unknown:
+        raise ParamError(f"structured: unknown key(s) {', '.join(sorted(unknown))}", "structured")
+    kind = spec.get("type")
+    if kind not in STRUCTURED_TYPES:
+        raise ParamError(
+            f"structured.type must be one of {', '.join(STRUCTURED_TYPES)}", "structured"
+        )
+    value = spec.get("value")
+    if kind == "json_object":
+        value = None
+    elif kind in ("json", "structural_tag"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                msg = f"structured.value: the {kind} is not valid JSON"
+                raise ParamError(msg, "structured") from None
+        if not isinstance(value, dict) and not (kind == "json" and isinstance(value, bool)):
+            raise ParamError(f"structured.value: the {kind} must be a JSON object", "structured")
+    elif kind in ("regex", "grammar"):
+        if not isinstance(value, str) or not value:
+            msg = f"structured.value: the {kind} must be a non-empty string"
+            raise ParamError(msg, "structured")
+    elif not (  # choice
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_CHOICES
+        and all(isinstance(c, str) and c for c in value)
+    ):
+        raise ParamError(
+            f"structured.value: choice must be 1 to {MAX_CHOICES} non-empty strings", "structured"
+        )
+    out = {"type": kind, "value": value}
+    for flag, default in (("whitespace", False), ("budget", True)):
+        v = spec.get(flag, default)
+        if not isinstance(v, bool):
+            raise ParamError(f"structured.{flag} must be true or false", "structured")
+        out[flag] = v
+    return out
 
 
 def _number(v: Any, name: str, lo: float, hi: float) -> float:

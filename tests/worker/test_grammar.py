@@ -1,0 +1,205 @@
+"""The structured-output policy (zserve/worker/grammar.py) on the tiny
+random-weight model, which never writes JSON on its own: whatever valid comes
+back was made valid by the grammar and the budget rule."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jsonschema
+import pytest
+import torch
+
+from zserve.protocol import ParamError, SamplingParams, check_structured
+from zserve.worker.grammar import Grammars, RowState, constrain_rows
+
+EOS = 1
+PROMPT = "Once upon a time"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "notes": {"type": "array", "items": {"type": "string", "maxLength": 8}},
+    },
+    "required": ["name", "age", "notes"],
+}
+
+
+@pytest.fixture(scope="module")
+def g(ref: tuple[Any, Any]) -> Grammars:
+    return Grammars(ref[1], ref[0].config.vocab_size, {EOS})
+
+
+def decode(ref: tuple[Any, Any], st: RowState | None, n: int, *, temp: float = 0.0,
+           seed: int = 0, prefix: list[int] | None = None) -> list[int]:  # fmt: skip
+    """Up to ``n`` tokens after PROMPT (+ ``prefix``), masked by ``st``."""
+    model, tok = ref
+    ids = tok(PROMPT)["input_ids"] + (prefix or [])
+    gen = torch.Generator().manual_seed(seed)
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out])).logits[:, -1, :].float()
+            constrain_rows(logits, [st])
+            if temp:
+                t = int(torch.multinomial((logits[0] / temp).softmax(-1), 1, generator=gen))
+            else:
+                t = int(logits[0].argmax())
+            if st is not None:
+                assert st.accept(t), f"the grammar refused its own mask's token {t}"
+            out.append(t)
+            if t == EOS:
+                break
+    return out
+
+
+def spec(kind: str, value: Any = None, **kw: Any) -> dict[str, Any]:
+    return check_structured({"type": kind, "value": value, **kw})
+
+
+def text(ref: tuple[Any, Any], ids: list[int]) -> str:
+    return ref[1].decode(ids, skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------ the spec
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "json",
+        {"type": "yaml"},
+        {"type": "json", "value": 3},
+        {"type": "json", "value": "{not json"},
+        {"type": "regex", "value": ""},
+        {"type": "choice", "value": []},
+        {"type": "choice", "value": ["a", 1]},
+        {"type": "json_object", "whitespace": "yes"},
+        {"type": "json_object", "budget": 0},
+        {"type": "json_object", "extra": 1},
+    ],
+)
+def test_a_malformed_spec_is_refused_naming_structured(bad: Any) -> None:
+    with pytest.raises(ParamError) as e:
+        SamplingParams.from_dict({"structured": bad})
+    assert e.value.param == "structured" and str(e.value).startswith("structured")
+
+
+def test_the_spec_is_canonical_and_survives_the_wire() -> None:
+    p = SamplingParams.from_dict({"structured": {"type": "json", "value": json.dumps(SCHEMA)}})
+    assert p.structured == {"type": "json", "value": SCHEMA, "whitespace": False, "budget": True}
+    assert SamplingParams.from_dict(p.to_dict()).structured == p.structured
+
+
+@pytest.mark.parametrize(
+    "kind,value,words",
+    [
+        ("json", {"type": "bogus"}, "JSON schema"),
+        ("regex", "a(b", "regex"),
+        ("grammar", 'root ::= "a" | ', "grammar"),
+        ("structural_tag", {"type": "nothing"}, "structural tag"),
+    ],
+)
+def test_what_does_not_compile_is_a_param_error(g: Grammars, kind: str, value: Any,
+                                                 words: str) -> None:  # fmt: skip
+    with pytest.raises(ParamError) as e:
+        g.compile(spec(kind, value))
+    assert e.value.param == "structured" and words in str(e.value)
+    assert "/project/" not in str(e.value)  # xgrammar's source path is not the caller's business
+
+
+def test_the_same_spec_is_compiled_once(g: Grammars, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = g._compile
+    monkeypatch.setattr(g, "_compile", lambda s: calls.append(s) or real(s))
+    schema = {"type": "object", "properties": {"once": {"type": "boolean"}}}
+    a = g.compile(spec("json", schema))
+    b = g.compile(spec("json", json.dumps(schema)))  # the same schema as a string
+    assert a is b and len(calls) == 1
+    g.compile(spec("json", schema, whitespace=True))  # another grammar
+    g.compile(spec("json", schema, budget=False))  # the same grammar, another policy
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------------ decoding
+
+
+@pytest.mark.parametrize("max_tokens", [40, 64, 128])
+def test_a_schema_greedy_validates_and_stops_within_max_tokens(ref, g, max_tokens) -> None:
+    st = g.row(spec("json", SCHEMA), max_tokens)
+    out = decode(ref, st, max_tokens)
+    assert out[-1] == EOS and len(out) <= max_tokens and st.terminated
+    value = json.loads(text(ref, out))  # strict: no raw control characters
+    jsonschema.validate(value, SCHEMA)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_object_sampled_parses_and_stops(ref, g, seed) -> None:
+    out = decode(ref, g.row(spec("json_object"), 48), 48, temp=1.0, seed=seed)
+    assert out[-1] == EOS
+    assert isinstance(json.loads(text(ref, out)), dict)
+
+
+def test_without_the_budget_rule_a_long_value_is_cut(ref, g) -> None:
+    """The same request with budget off runs into max_tokens mid-value:
+    the rule, not luck, made the replies above complete."""
+    out = decode(ref, g.row(spec("json", SCHEMA, budget=False), 40), 40)
+    assert len(out) == 40 and out[-1] != EOS
+    with pytest.raises(ValueError):
+        json.loads(text(ref, out))
+
+
+def test_compact_json_by_default_whitespace_on_request(ref, g) -> None:
+    compact = text(ref, decode(ref, g.row(spec("json", SCHEMA), 64), 64))
+    assert not re.search(r"\s", _outside_strings(compact))
+    spaced = g.row(spec("json", SCHEMA, whitespace=True), 64)
+    assert spaced.accept(ref[1].encode("{", add_special_tokens=False)[0])
+    assert spaced.m.accept_string("\n  ")  # free whitespace is allowed there
+
+
+def _outside_strings(s: str) -> str:
+    return re.sub(r'"(?:[^"\\]|\\.)*"', '""', s)
+
+
+def test_regex_and_choice(ref, g) -> None:
+    out = decode(ref, g.row(spec("regex", r"[a-z]{3,6}@[a-z]+\.com"), 12), 12)
+    assert out[-1] == EOS and re.fullmatch(r"[a-z]{3,6}@[a-z]+\.com", text(ref, out))
+    out = decode(ref, g.row(spec("choice", ["yes", "no", "maybe"]), 8), 8)
+    assert out[-1] == EOS and text(ref, out) in ("yes", "no", "maybe")
+
+
+def test_max_length_strings_stay_valid_json(ref, g) -> None:
+    """xgrammar 0.2.8 lets raw control characters into bounded strings; the
+    pattern workaround keeps them out."""
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 12}},
+              "required": ["s"]}  # fmt: skip
+    for seed in (1, 2):
+        out = decode(ref, g.row(spec("json", schema), 40), 40, temp=1.0, seed=seed)
+        jsonschema.validate(json.loads(text(ref, out)), schema)
+
+
+@pytest.mark.parametrize("kind,value", [("json", SCHEMA), ("regex", r"[a-z]{3,6}@[a-z]+\.com")])
+def test_a_replayed_state_continues_as_the_uninterrupted_one(ref, g, kind, value) -> None:
+    n = 40
+    whole = decode(ref, g.row(spec(kind, value), n), n)
+    for k in (1, len(whole) // 2, len(whole) - 2):
+        st = g.row(spec(kind, value), n - k)
+        assert st.replay(whole[:k])
+        assert whole[:k] + decode(ref, st, n - k, prefix=whole[:k]) == whole
+
+
+def test_a_replay_the_grammar_refuses_is_reported(ref, g) -> None:
+    st = g.row(spec("json_object"), 10)
+    assert not st.replay(ref[1].encode("hello", add_special_tokens=False))
+
+
+def test_only_constrained_rows_are_masked(ref, g) -> None:
+    logits = torch.randn(3, ref[0].config.vocab_size)
+    before = logits.clone()
+    constrain_rows(logits, [None, g.row(spec("choice", ["yes"]), 8), None])
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed and all(ref[1].decode([t]) in ("y", "ye", "yes") for t in allowed)

@@ -1,0 +1,470 @@
+"""Structured outputs: the grammars that constrain decoding, shared by the engines.
+
+A request opts in with ``SamplingParams.structured`` (``protocol.check_structured``):
+``{type, value, whitespace, budget}``. This module turns it into an xgrammar
+grammar (compiled once per distinct spec and tokenizer, cached) and gives each
+request a ``RowState``: the grammar matcher, advanced with every token the
+request produces, that masks the next token's logits. The engines only call
+it: the hf engine on the constrained rows of its batch, the vllm engine from
+its logits processor (``engines/vllm_grammar.py``); both run this same policy,
+so they pick the same tokens.
+
+Policy, beyond what the grammar allows:
+
+* **Compact JSON** (``whitespace`` false, the default): JSON grammars allow
+  no whitespace between tokens, so a model cannot spend ``max_tokens`` on
+  newlines.
+* **Valid within the budget** (``budget`` true, the default): the state keeps
+  a shortest known way to close the value (``closing``: the open string, the
+  required keys still missing, the open brackets) and what it costs in tokens
+  (``need``, EOS included). While ``need + WINDOW < remaining`` only the
+  grammar masks; inside that window the next token is one of the ``TOP_K``
+  best allowed tokens after which the value can still close in time, or, when
+  none can, the first token of the closing. A reply is therefore complete
+  and ends with EOS (``stop``) whenever ``max_tokens`` leaves room for the
+  closing; otherwise it is cut at ``max_tokens`` (``length``). The closing is
+  greedy, not minimal, and tuned to JSON (it also serves regexes, choices,
+  EBNF and structural tags, through a fallback over single ASCII characters).
+* Special tokens that are not EOS are never allowed (xgrammar would read
+  ``<s>`` as three characters of text; the detokenizer drops it).
+
+The policy is a pure function of the matcher, the lexical state (both rebuilt
+by replaying ids) and the tokens left, so a resumed request replays its
+delivered ids (``RowState.replay``) and decodes on as the uninterrupted one
+would have.
+
+xgrammar 0.2.8 compiles ``minLength``/``maxLength`` strings so that raw
+control characters are allowed and escapes are not (upstream issue 800);
+such strings are compiled as a ``pattern`` without control characters,
+quotes or backslashes (``_string_bounds``), so the output stays valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from zserve.protocol import ParamError
+
+WINDOW = 8  # the budget rule looks at candidates when need + WINDOW >= tokens left
+TOP_K = 8  # candidates looked at inside the window
+MAX_CLOSING = 256  # steps of the closing search before it gives up
+CACHE_SIZE = 256  # compiled grammars kept per tokenizer
+_NEG_INF = float("-inf")
+# xgrammar's messages start with "[12:07:39] /project/cpp/file.cc:83: "
+_XGR_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*")
+_STRING_CHARS = '[^"\\\\\\x00-\\x1f]'  # a JSON string character, escapes left out
+_DIGITS = frozenset(b"0123456789")
+# Spec types whose closing tries JSON's characters first (``Lex.guesses``);
+# the others (regex, choice, EBNF) search the allowed characters alone.
+JSON_LIKE = frozenset({"json", "json_object", "structural_tag"})
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """The cache key of a (canonical) spec: what the grammar depends on."""
+    return json.dumps(
+        [spec["type"], spec.get("value"), bool(spec.get("whitespace"))],
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+
+
+def _message(e: BaseException) -> str:
+    return _XGR_PREFIX.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else repr(e)
+
+
+def _string_bounds(schema: Any) -> Any:
+    """``schema`` with bounded plain strings turned into patterns (the
+    xgrammar 0.2.8 workaround in the module docstring)."""
+    if isinstance(schema, list):
+        return [_string_bounds(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        out[k] = v if k in ("enum", "const", "default", "examples") else _string_bounds(v)
+    if (
+        out.get("type") == "string"
+        and ("minLength" in out or "maxLength" in out)
+        and not any(k in out for k in ("pattern", "format", "enum", "const"))
+    ):
+        lo = out.pop("minLength", 0)
+        hi = out.pop("maxLength", None)
+        if isinstance(lo, int) and (hi is None or isinstance(hi, int)):
+            out["pattern"] = f"^{_STRING_CHARS}{{{lo},{'' if hi is None else hi}}}$"
+    return out
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+class Grammars:
+    """xgrammar for one tokenizer: its ``TokenizerInfo``, a compiler and the
+    compiled grammars, cached by spec. Build it off the event loop (a large
+    vocabulary takes a fraction of a second)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: frozenset[int] | set[int]):
+        self.vocab_size = vocab_size
+        self.stop_ids = sorted(int(t) for t in stop_ids if 0 <= t < vocab_size)
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
+        self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
+        self._lock = threading.Lock()
+        specials = set(self.info.special_token_ids) | set(
+            getattr(tokenizer, "all_special_ids", None) or ()
+        )
+        self.banned = sorted(t for t in specials if 0 <= t < vocab_size and t not in stop_ids)
+        self._banned_t = torch.tensor(self.banned, dtype=torch.long)
+        # Text pieces: the bytes of each ordinary token, for the closing's tokens.
+        self.pieces: dict[bytes, int] = {}
+        self.decoded: list[bytes] = list(self.info.decoded_vocab)
+        skip = specials | set(self.stop_ids)
+        for tid, b in enumerate(self.decoded[:vocab_size]):
+            if b and tid not in skip and b not in self.pieces:
+                self.pieces[b] = tid
+        self.max_piece = max((len(b) for b in self.pieces), default=1)
+        # printable ASCII characters with a token of their own, for the closing's fallback
+        self.ascii = [(chr(c), self.pieces[bytes((c,))]) for c in range(0x21, 0x7F)
+                      if bytes((c,)) in self.pieces]  # fmt: skip
+
+    @property
+    def bitmask_width(self) -> int:
+        return (self.vocab_size + 31) // 32
+
+    def compile(self, spec: dict[str, Any]) -> xgr.CompiledGrammar:
+        """The compiled grammar of a canonical spec; ``ParamError`` (a
+        ValueError naming ``structured``) when it does not compile."""
+        key = spec_key(spec)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        compiled = self._compile(spec)
+        with self._lock:
+            self._cache[key] = compiled
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def cached(self, spec: dict[str, Any]) -> bool:
+        with self._lock:
+            return spec_key(spec) in self._cache
+
+    def _compile(self, spec: dict[str, Any]) -> xgr.CompiledGrammar:
+        kind, value, ws = spec["type"], spec.get("value"), bool(spec.get("whitespace"))
+        c = self.compiler
+        what = {"json": "JSON schema", "json_object": "JSON schema", "regex": "regex",
+                "choice": "choice", "grammar": "grammar", "structural_tag": "structural tag"}
+        try:
+            if kind in ("json", "json_object"):
+                schema = {"type": "object"} if kind == "json_object" else value
+                if isinstance(schema, bool):
+                    schema = {} if schema else {"not": {}}
+                return c.compile_json_schema(
+                    json.dumps(_string_bounds(schema)),
+                    any_whitespace=ws,
+                    separators=None if ws else (",", ":"),
+                    strict_mode=True,
+                )
+            if kind == "regex":
+                return c.compile_regex(value)
+            if kind == "choice":
+                return c.compile_grammar(_choice_grammar(value))
+            if kind == "grammar":
+                try:
+                    return c.compile_grammar(value)
+                except Exception as ebnf_error:  # EBNF first; Lark as vLLM takes it too
+                    try:
+                        return c.compile_lark(value)
+                    except Exception:
+                        raise ebnf_error from None
+            if kind == "structural_tag":
+                return c.compile_structural_tag(json.dumps(value))
+        except Exception as e:
+            msg = f"structured: invalid {what.get(kind, kind)}: {_message(e)}"
+            raise ParamError(msg, "structured") from None
+        raise ParamError(f"structured: unknown type {kind!r}", "structured")
+
+    def row(self, spec: dict[str, Any], max_tokens: int | None) -> RowState:
+        """A new request's state: ``max_tokens`` is what this attempt may still
+        generate (the budget rule's horizon; None: no budget rule)."""
+        return RowState(
+            self,
+            self.compile(spec),
+            max_tokens,
+            bool(spec.get("budget", True)),
+            json_like=spec["type"] in JSON_LIKE,
+        )
+
+
+class Lex:
+    """A small JSON lexical state, enough to order the closing's guesses."""
+
+    __slots__ = ("in_str", "esc", "stack", "digit")
+
+    def __init__(self) -> None:
+        self.in_str = False
+        self.esc = False
+        self.stack: list[int] = []
+        self.digit = False
+
+    def copy(self) -> Lex:
+        n = Lex()
+        n.in_str, n.esc, n.stack, n.digit = self.in_str, self.esc, list(self.stack), self.digit
+        return n
+
+    def feed(self, data: bytes) -> None:
+        for c in data:
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif c == 0x5C:  # backslash
+                    self.esc = True
+                elif c == 0x22:  # quote
+                    self.in_str = False
+                continue
+            self.digit = c in _DIGITS
+            if c == 0x22:
+                self.in_str = True
+            elif c in (0x7B, 0x5B):  # { [
+                self.stack.append(c)
+            elif c in (0x7D, 0x5D) and self.stack:
+                self.stack.pop()
+
+    def guesses(self) -> list[str]:
+        """Single characters to try, most likely to close first."""
+        if self.in_str:
+            return ["n", '"', "\\"] if self.esc else ['"']
+        closer = []
+        if self.stack:
+            closer = ["}" if self.stack[-1] == 0x7B else "]"]
+        if self.digit:
+            return [*closer, ",", "}", "]"]
+        return [*closer, "0", '"', "n", "t", "f", "[", "{", ":", ","]
+
+
+class RowState:
+    """One request's grammar: advance it with ``accept``, mask with ``constrain``."""
+
+    def __init__(
+        self,
+        g: Grammars,
+        compiled: xgr.CompiledGrammar,
+        max_tokens: int | None,
+        budget: bool,
+        json_like: bool = True,
+    ) -> None:
+        self.g = g
+        self.json_like = json_like  # the closing tries JSON's characters first
+        self.m = xgr.GrammarMatcher(compiled, override_stop_tokens=g.stop_ids or None)
+        self.lex = Lex()
+        self.max_tokens = max_tokens
+        self.budget = budget and max_tokens is not None
+        self.n_out = 0  # tokens accepted as this attempt's output
+        self._scratch: torch.Tensor | None = None
+
+    @property
+    def terminated(self) -> bool:
+        """The grammar accepted EOS: the request is complete."""
+        return bool(self.m.is_terminated())
+
+    def accept(self, token: int, output: bool = True) -> bool:
+        """Advance with ``token``; False (state unchanged) if the grammar refuses it."""
+        if not self.m.accept_token(token):
+            return False
+        if 0 <= token < len(self.g.decoded) and token not in self.g.stop_ids:
+            self.lex.feed(self.g.decoded[token])
+        if output:
+            self.n_out += 1
+        return True
+
+    def replay(self, ids: list[int]) -> bool:
+        """A resumed request: advance through the ids an earlier attempt delivered."""
+        return all(self.accept(t, output=False) for t in ids)
+
+    # ---------------------------------------------------------------- masking
+
+    def constrain(self, logits: torch.Tensor, bitmask: torch.Tensor, row: int) -> None:
+        """Mask ``logits[row]`` (``logits`` [N, V], or [V] with ``row`` 0) to
+        the tokens this state allows next; ``bitmask`` [>row, ceil(V/32)] int32
+        is scratch space for the grammar's mask."""
+        x = logits if logits.dim() == 1 else logits[row]
+        if self.m.is_terminated():  # nothing may follow: EOS again (the engine stops)
+            keep = self.g.stop_ids[:1] or [0]
+            _only(x, keep)
+            return
+        if self.m.fill_next_token_bitmask(bitmask, row):
+            _apply(x, bitmask[row])
+        if self.g.banned:
+            x[self.g._banned_t.to(x.device)] = _NEG_INF
+        if not self.budget:
+            return
+        assert self.max_tokens is not None
+        remaining = self.max_tokens - self.n_out
+        need = self.need(self.m, self.lex)
+        if need is None or need + WINDOW < remaining:
+            return
+        k = min(TOP_K, x.shape[-1])
+        vals, ids = torch.topk(x, k)
+        keep: list[int] = []
+        stops = self.g.stop_ids
+        for v, t in zip(vals.tolist(), ids.tolist(), strict=True):
+            if v == _NEG_INF or v != v:  # masked, or NaN
+                break
+            if t in stops:
+                keep.append(t)
+                continue
+            f = self.m.fork()
+            if not f.accept_token(t):
+                continue
+            lex = self.lex.copy()
+            lex.feed(self.g.decoded[t])
+            n = self.need(f, lex)
+            if n is not None and n <= remaining - 1:
+                keep.append(t)
+        if not keep:
+            keep = [self.forced()]
+        _only(x, keep)
+
+    def need(self, m: xgr.GrammarMatcher, lex: Lex) -> int | None:
+        """Tokens to end the value from this state, EOS included; None if no
+        closing was found."""
+        text = self.closing(m, lex)
+        if text is None:
+            return None
+        return len(self.tokens(text)) + 1
+
+    def forced(self) -> int:
+        """The first token of the closing (EOS once the value is complete)."""
+        text = self.closing(self.m, self.lex)
+        if text:
+            return self.tokens(text)[0]
+        if text == b"" and self.g.stop_ids:
+            return self.g.stop_ids[0]
+        # no closing known: the best we can do is any allowed token
+        bm = self._bitmask()
+        self.m.fill_next_token_bitmask(bm, 0)
+        allowed = _allowed(bm[0], self.g.vocab_size)
+        return allowed[0] if allowed else (self.g.stop_ids[:1] or [0])[0]
+
+    def tokens(self, text: bytes) -> list[int]:
+        """``text`` as ordinary tokens, longest piece first (a prefix of the
+        closing's tokens is the closing's prefix, so forcing them keeps the
+        count exact)."""
+        pieces, most = self.g.pieces, self.g.max_piece
+        out: list[int] = []
+        i = 0
+        while i < len(text):
+            for n in range(min(most, len(text) - i), 0, -1):
+                t = pieces.get(text[i : i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:  # a byte no token spells (not for byte-level vocabularies)
+                return out + [self.g.stop_ids[0] if self.g.stop_ids else 0] * (len(text) - i)
+        return out
+
+    def closing(self, m: xgr.GrammarMatcher, lex: Lex) -> bytes | None:
+        """A short text that completes the grammar from ``m`` (b"" when it
+        is complete); None when none was found."""
+        if m.is_completed():
+            return b""
+        f = m.fork()
+        lex = lex.copy()
+        out = bytearray()
+        last = ""
+        for _ in range(MAX_CLOSING):
+            if f.is_completed():
+                return bytes(out)
+            jump = f.find_jump_forward_string()
+            if jump:
+                b = jump.encode()
+                if not f.accept_string(b):
+                    return None
+                out += b
+                lex.feed(b)
+                continue
+            guesses = lex.guesses() if self.json_like else ()
+            step = next((c for c in guesses if f.accept_string(c)), None)
+            if step is None:
+                step = self._fallback(f, last)
+                if step is None:
+                    return None
+                f.accept_string(step)
+            last = step
+            out += step.encode()
+            lex.feed(step.encode())
+        return None
+
+    def _fallback(self, f: xgr.GrammarMatcher, last: str) -> str | None:
+        """An allowed printable ASCII character: one that completes the
+        grammar if any, else the first that differs from the last one taken."""
+        bm = self._bitmask()
+        f.fill_next_token_bitmask(bm, 0)
+        words = bm[0].tolist()
+        ok = [c for c, t in self.g.ascii if (words[t >> 5] >> (t & 31)) & 1]
+        if not ok:
+            return None
+        for c in ok:
+            probe = f.fork()
+            if probe.accept_string(c) and probe.is_completed():
+                return c
+        return next((c for c in ok if c != last), ok[0])
+
+    def _bitmask(self) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = xgr.allocate_token_bitmask(1, self.g.vocab_size)
+        return self._scratch
+
+
+def _apply(x: torch.Tensor, bits: torch.Tensor) -> None:
+    """-inf where ``bits`` (one bitmask row) has a 0."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        xgr.apply_token_bitmask_inplace(x.unsqueeze(0), bits.unsqueeze(0), vocab_size=x.shape[-1])
+        return
+    allowed = _bool_mask(bits.to(x.device), x.shape[-1])
+    x.masked_fill_(~allowed, _NEG_INF)
+
+
+def _bool_mask(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return (((bits.unsqueeze(-1) >> shifts) & 1) != 0).reshape(-1)[:vocab]
+
+
+def _allowed(bits: torch.Tensor, vocab: int) -> list[int]:
+    return _bool_mask(bits, vocab).nonzero().flatten().tolist()
+
+
+def _only(x: torch.Tensor, keep: list[int]) -> None:
+    """-inf everywhere but ``keep`` (whose values stay)."""
+    idx = torch.tensor(keep, device=x.device)
+    vals = x.index_select(0, idx)
+    if bool(torch.isinf(vals).all()) or bool(torch.isnan(vals).any()):
+        vals = torch.zeros_like(vals)  # a forced token the model scored -inf
+    x.fill_(_NEG_INF)
+    x.index_copy_(0, idx, vals)
+
+
+def constrain_rows(logits: torch.Tensor, rows: list[RowState | None]) -> None:
+    """Mask each constrained row of ``logits`` [N, V] (None: not constrained)."""
+    live = [i for i, r in enumerate(rows) if r is not None]
+    if not live:
+        return
+    width = (logits.shape[-1] + 31) // 32
+    bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)
+    for i in live:
+        st = rows[i]
+        assert st is not None
+        st.constrain(logits, bitmask, i)
+
+
+__all__ = ["Grammars", "RowState", "constrain_rows", "spec_key"]
