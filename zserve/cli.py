@@ -243,6 +243,13 @@ def worker(
     engine_arg: Annotated[
         list[str] | None, typer.Option(help="extra engine argument KEY=VALUE; repeatable")
     ] = None,
+    tool_call_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="vLLM tool parser for tool_choice auto, as vllm serve names them "
+            "(hermes, llama3_json, mistral, pythonic, ...); without it auto is refused"
+        ),
+    ] = None,
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
     curve_secret: CurveSecret = None,
@@ -310,8 +317,9 @@ def worker(
         heartbeat_liveness=heartbeat_liveness,
         curve_secret=curve_secret,
         curve_server=curve_server,
+        tool_call_parser=tool_call_parser,
     )
-    with _exit_on_bad_input():  # a key file
+    with _exit_on_bad_input():  # a key file, a tool parser's name
         w = Worker(eng, wcfg)
 
     async def main() -> None:

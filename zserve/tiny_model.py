@@ -53,10 +53,27 @@ POSITIONS: dict[str, int] = {"medium": 4096}
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
+# Hermes-style tool calling (what vLLM's ``hermes`` parser reads): the tools
+# in a system turn, an assistant's calls as <tool_call> blocks, tool results
+# as <tool_response>. Without tools it renders as it always has.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>{{ eos_token }}\n"
+    "{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message.get('tool_calls') %}"
+    "{{ message['content'] or '' }}"
+    "{% for c in message['tool_calls'] %}"
+    '<tool_call>\n{"name": "{{ c[\'function\'][\'name\'] }}", "arguments": '
+    "{% if c['function']['arguments'] is string %}{{ c['function']['arguments'] }}"
+    "{% else %}{{ c['function']['arguments'] | tojson }}{% endif %}}\n</tool_call>"
+    "{% endfor %}"
+    "{% elif message['role'] == 'tool' %}"
+    "<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{{ eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

@@ -17,7 +17,7 @@ from zserve.gateway.errors import to_api_error
 from zserve.gateway.metrics import Tracker
 from zserve.gateway.schema import Choice, GenRequest, total_usage
 from zserve.gateway.sse import DONE, ChunkEncoder, error_event
-from zserve.protocol import Delta
+from zserve.protocol import Delta, merge_tool_calls
 
 T = TypeVar("T")
 
@@ -63,6 +63,10 @@ def fold(choice: Choice, batch: list[Delta]) -> None:
             parts.append(d.text)
         if d.logprobs:
             choice.logprobs = (choice.logprobs or []) + d.logprobs
+        if d.tool_calls:
+            if choice.tool_calls is None:
+                choice.tool_calls = []
+            merge_tool_calls(choice.tool_calls, d.tool_calls)
         if d.finish_reason is not None:
             choice.finish_reason = d.finish_reason
             u = d.usage or {}

@@ -1,9 +1,13 @@
 """OpenAI request parsing and (non-streaming) response bodies.
 
-Requests are plain dicts checked by hand: only the fields zserve uses are
-read, unknown ones are ignored, and the sampling values themselves are
-validated once, by ``SamplingParams`` inside the client. Parsing is cheap on
-purpose: it sits on the 1-token latency path.
+Requests are plain dicts checked by hand, and the sampling values themselves
+are validated once, by ``SamplingParams`` inside the client. Parsing is cheap
+on purpose: it sits on the 1-token latency path.
+
+No silent drops: a request field an endpoint does not implement is refused
+with a 400 that names it (``param``), except the documented no-ops in
+``NOOP_FIELDS`` and a few fields at their neutral value (``NEUTRAL_VALUES``).
+A field sent as ``null`` counts as not sent.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zserve.gateway.errors import APIError
-from zserve.protocol import MAX_EMBED_INPUTS, MAX_REQUEST_SIZE
+from zserve.protocol import MAX_EMBED_INPUTS, MAX_REQUEST_SIZE, ParamError, check_tools
 
 MAX_N = 128  # choices per request (OpenAI's own limit)
 MAX_PROMPTS = 2048  # prompts in one completions request
@@ -29,6 +33,78 @@ _PASSTHROUGH = (
     "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
     "frequency_penalty", "seed", "stop", "ignore_eos", "stop_token_ids",
 )  # fmt: skip
+
+
+# The request fields each endpoint implements (OpenAI's, and the extensions
+# it reads); every other field is a 400 naming it, but for the two tables below.
+_GENERATE_FIELDS = frozenset({
+    "model", "n", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+    "user", "resume", "logprobs", *_PASSTHROUGH,
+    # structured outputs (response_format, and vLLM's fields for clients of vllm serve)
+    "response_format", "structured_outputs",
+    "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+})  # fmt: skip
+CHAT_FIELDS = _GENERATE_FIELDS | {
+    "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+}  # fmt: skip
+COMPLETION_FIELDS = _GENERATE_FIELDS | {"prompt", "echo"}
+EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format"})
+STREAM_OPTIONS = frozenset({"include_usage"})
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
+
+# Documented no-ops: accepted with any value, and ignored (docs/api.md lists them).
+NOOP_FIELDS: dict[str, str] = {
+    "metadata": "nothing is stored, so there is nothing to tag",
+    "store": "nothing is stored",
+    "service_tier": "there is one tier",
+    "safety_identifier": "no abuse monitoring here",
+    "prompt_cache_key": "prefix-aware dispatch (cache_aware) keys on the prompt itself",
+    "prompt_cache_retention": "prefix caching is the engine's",
+    "user": "embeddings: no session to route by (chat and completions use it)",
+    "stream_options.include_obfuscation": "no obfuscation padding is added",
+    "messages[].annotations": "citations of an earlier reply; not model input",
+}
+# Fields accepted at the value that asks for what zserve does anyway, and a
+# 400 at any other value.
+NEUTRAL_VALUES: dict[str, Any] = {
+    "logit_bias": {},
+    "best_of": 1,
+    "suffix": "",
+    "modalities": ["text"],
+    "min_p": 0,
+    "min_tokens": 0,
+    "skip_special_tokens": True,
+    "include_stop_str_in_output": False,
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "echo": False,
+}
+_WHY_REFUSED = {  # a hint for some refused fields
+    "suffix": "fill-in-the-middle (suffix) is not supported",
+    "functions": "use tools (functions is OpenAI's deprecated form)",
+    "function_call": "use tool_choice (function_call is OpenAI's deprecated form)",
+}
+
+
+def check_fields(
+    body: dict[str, Any], known: frozenset[str], prefix: str = "", group: str = ""
+) -> None:
+    """A 400 naming the first field (sorted) that ``known`` lacks, unless it
+    is null, a no-op (``NOOP_FIELDS[group + name]``), or at its neutral value;
+    ``prefix`` goes before the name in the error (``messages[2].``)."""
+    if known.issuperset(body):
+        return
+    for k in sorted(set(body) - known):
+        v = body[k]
+        name = prefix + k
+        if v is None or (group or prefix) + k in NOOP_FIELDS:
+            continue
+        if k in NEUTRAL_VALUES:
+            n = NEUTRAL_VALUES[k]
+            if v == n and (type(v) is bool) == (type(n) is bool):
+                continue
+        why = _WHY_REFUSED.get(k) or f"{name} is not supported"
+        raise _bad(f"{why}; see docs/api.md for the supported fields", name)
 
 
 # json.dumps with any keyword builds a new encoder per call; this one is built once.
@@ -109,6 +185,7 @@ def _common(body: dict[str, Any], req: GenRequest) -> None:
     if opts is not None:
         if not isinstance(opts, dict):
             raise _bad("stream_options must be an object", "stream_options")
+        check_fields(opts, STREAM_OPTIONS, "stream_options.")
         req.include_usage = bool(opts.get("include_usage") or False)
     params = req.params
     mt = body.get("max_completion_tokens")
@@ -151,20 +228,76 @@ def _content(content: Any) -> str:
     raise _bad("message content must be a string or a list of parts", "messages")
 
 
+def _message_tool_calls(calls: Any, at: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls, checked; ``arguments``
+    stay as sent (a JSON string; the worker parses it for the template)."""
+    if not isinstance(calls, list):
+        raise _bad(f"{at} must be a list", at)
+    out = []
+    for j, c in enumerate(calls):
+        here = f"{at}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            shape = "{id, type: 'function', function: {name, arguments}}"
+            raise _bad(f"{here} must be {shape}", here)
+        args = fn.get("arguments")
+        if args is None:
+            args = "{}"
+        elif not isinstance(args, (str, dict)):
+            here += ".function.arguments"
+            raise _bad(f"{here} must be a JSON string", here)
+        call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"]}}
+        call["function"]["arguments"] = args
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out
+
+
+def _tools(body: dict[str, Any], params: dict[str, Any]) -> None:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` into ``params``
+    (the worker renders and parses; see zserve/worker/tools.py)."""
+    tools = body.get("tools") or None
+    choice = body.get("tool_choice")
+    try:
+        check_tools(tools, choice)
+    except ParamError as e:
+        raise _bad(str(e), e.param) from None
+    if tools is not None:
+        params["tools"] = tools
+    if choice is not None:
+        params["tool_choice"] = choice
+    ptc = body.get("parallel_tool_calls")
+    if ptc is not None:
+        if not isinstance(ptc, bool):
+            raise _bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
+        params["parallel_tool_calls"] = ptc
+
+
 def parse_chat(body: dict[str, Any]) -> GenRequest:
     req = GenRequest(_model(body))
+    check_fields(body, CHAT_FIELDS)
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages must be a non-empty list", "messages")
     out = []
-    for m in msgs:
+    for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _bad("each message must be an object with a role", "messages")
+        check_fields(m, MESSAGE_FIELDS, f"messages[{i}].", "messages[].")
         msg = {"role": m["role"], "content": _content(m.get("content"))}
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
+        if m.get("tool_calls") is not None:
+            msg["tool_calls"] = _message_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        tcid = m.get("tool_call_id")
+        if tcid is not None:
+            if not isinstance(tcid, str):
+                raise _bad("tool_call_id must be a string", f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = tcid
         out.append(msg)
     req.messages = out
+    _tools(body, req.params)
     lp = body.get("logprobs")
     top = body.get("top_logprobs")
     if top is not None and not lp:
@@ -177,6 +310,7 @@ def parse_chat(body: dict[str, Any]) -> GenRequest:
 
 def parse_completion(body: dict[str, Any]) -> GenRequest:
     req = GenRequest(_model(body))
+    check_fields(body, COMPLETION_FIELDS)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         req.prompts = [prompt]
@@ -197,6 +331,7 @@ def parse_completion(body: dict[str, Any]) -> GenRequest:
 
 def parse_embedding(body: dict[str, Any]) -> tuple[str, list[str], str]:
     model = _model(body)
+    check_fields(body, EMBEDDING_FIELDS)
     inp = body.get("input")
     if isinstance(inp, str):
         texts = [inp]
@@ -227,6 +362,7 @@ class Choice:
     logprobs: list[dict[str, Any]] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[dict[str, Any]] | None = None  # merged fragments (merge_tool_calls)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -281,7 +417,7 @@ def chat_response(
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": chat_message(c),
                 "logprobs": chat_logprobs(c.logprobs) if c.logprobs is not None else None,
                 "finish_reason": c.finish_reason,
             }
@@ -289,6 +425,25 @@ def chat_response(
         ],
         "usage": total_usage(req, choices),
     }
+
+
+def chat_message(c: Choice) -> dict[str, Any]:
+    """The assistant message: its text, and its tool calls if any (the text
+    is null when the turn is only calls)."""
+    if not c.tool_calls:
+        return {"role": "assistant", "content": c.text}
+    calls = [
+        {
+            "id": t.get("id", ""),
+            "type": "function",
+            "function": {
+                "name": (t.get("function") or {}).get("name", ""),
+                "arguments": (t.get("function") or {}).get("arguments", ""),
+            },
+        }
+        for t in c.tool_calls
+    ]
+    return {"role": "assistant", "content": c.text or None, "tool_calls": calls}
 
 
 def completion_response(

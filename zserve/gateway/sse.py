@@ -25,7 +25,7 @@ from typing import Any
 
 from zserve.gateway.errors import APIError
 from zserve.gateway.schema import chat_logprobs, completion_logprobs, dumps
-from zserve.protocol import Delta
+from zserve.protocol import Delta, merge_tool_calls
 
 DONE = b"data: [DONE]\n\n"
 HEADERS = [
@@ -66,7 +66,12 @@ class ChunkEncoder:
         self.offsets: dict[int, int] = {}  # completions: text_offset per choice
 
     def _choice(
-        self, index: int, text: str, finish: str | None, logprobs: list[Any] | None
+        self,
+        index: int,
+        text: str,
+        finish: str | None,
+        logprobs: list[Any] | None,
+        calls: list[dict[str, Any]] | None = None,
     ) -> bytes:
         fr = b"null" if finish is None else b'"' + finish.encode() + b'"'
         if logprobs is None:
@@ -77,7 +82,10 @@ class ChunkEncoder:
             off = self.offsets.get(index, 0)
             lp = dumps(completion_logprobs(logprobs, off))
             self.offsets[index] = off + sum(len(str(e.get("token", ""))) for e in logprobs)
-        if self.chat:
+        if calls:
+            delta = b'{"content":' + _s(text) + b"," if text else b"{"
+            body = b'"delta":' + delta + b'"tool_calls":' + dumps(calls) + b"}"
+        elif self.chat:
             delta = b'{"content":' + _s(text) + b"}" if text or finish is None else b"{}"
             body = b'"delta":' + delta
         else:
@@ -104,9 +112,10 @@ class ChunkEncoder:
         """One chunk for deltas read together; ``b""`` when they carry no
         text, no logprobs and no finish reason (a token held back by a stop
         string or an unfinished UTF-8 character): no empty content chunks."""
+        calls = None
         if len(batch) == 1:
             d = batch[0]
-            text, finish, lps = d.text, d.finish_reason, d.logprobs
+            text, finish, lps, calls = d.text, d.finish_reason, d.logprobs, d.tool_calls
         else:
             text = "".join(d.text for d in batch)
             finish = batch[-1].finish_reason
@@ -114,9 +123,13 @@ class ChunkEncoder:
             for d in batch:
                 if d.logprobs:
                     lps = (lps or []) + d.logprobs
-        if not text and finish is None and lps is None:
+                if d.tool_calls:
+                    if calls is None:
+                        calls = []
+                    merge_tool_calls(calls, d.tool_calls)
+        if not text and finish is None and lps is None and not calls:
             return b""
-        return self.head + self._choice(index, text, finish, lps) + self.tail
+        return self.head + self._choice(index, text, finish, lps, calls) + self.tail
 
     def usage(self, usage: dict[str, int]) -> bytes:
         return self.head + b'],"usage":' + dumps(usage) + b"}\n\n"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zserve.protocol import Delta, SamplingParams
+from zserve.worker.tools import template_message
 
 
 @dataclass(slots=True)
@@ -29,6 +30,10 @@ class GenerateRequest:
     # one an uninterrupted run would emit), and ``params.max_tokens`` is
     # what remains (the runtime has already taken them off).
     continue_ids: list[int] = field(default_factory=list)
+    # The tools the chat template offers the model (OpenAI's function tools;
+    # None: none), as the worker's tool plan chose (zserve/worker/tools.py).
+    tools: list[dict[str, Any]] | None = None
+    continue_chars: int | None = None
 
 
 class Engine(abc.ABC):
@@ -39,6 +44,9 @@ class Engine(abc.ABC):
     # resumption). An engine that cannot (text-only remote APIs) leaves it
     # False and the runtime refuses continuations with ``worker_lost``.
     resumable: bool = False
+    # Whether it offers ``GenerateRequest.tools`` to the model (through its
+    # chat template); the runtime refuses tools for an engine that does not.
+    takes_tools: bool = True
 
     def __init__(self) -> None:
         self.models: list[str] = []  # served model names
@@ -71,6 +79,11 @@ class Engine(abc.ABC):
     async def count_tokens(self, model: str, text: str) -> int:
         return len(text.split())
 
+    def tokenizer(self, model: str) -> Any:
+        """The model's tokenizer (Hugging Face's interface), for tool-call
+        parsers; None for an engine without one."""
+        return None
+
     async def decode(self, model: str, ids: list[int]) -> str:
         """The text of generated ids, whole characters only (a trailing
         partial UTF-8 character is left out, as streaming would hold it).
@@ -84,22 +97,31 @@ class Engine(abc.ABC):
         """Release resources."""
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+def render_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
     """``messages`` through the tokenizer's chat template, ready to generate
-    from (OpenAI content parts become one string); ``BadRequest`` when the
-    template refuses them (role order, missing keys, no template)."""
+    from (OpenAI content parts become one string), with ``tools`` offered;
+    ``BadRequest`` when the template refuses them (role order, missing keys,
+    no template)."""
     from zserve.errors import BadRequest
 
     try:
         return tokenizer.apply_chat_template(
-            [plain_message(m) for m in messages], add_generation_prompt=True, tokenize=False
+            [plain_message(m) for m in messages],
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=False,
         )
     except Exception as e:  # jinja errors, a tokenizer without a template
         raise BadRequest(f"chat template failed: {e}") from e
 
 
 def plain_message(m: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI content parts ([{type: text, text}, ...]) become one string."""
+    """OpenAI content parts ([{type: text, text}, ...]) become one string,
+    and earlier tool calls' JSON-string arguments dicts (as templates want)."""
+    if m.get("tool_calls"):
+        m = template_message(m)
     content = m.get("content")
     if isinstance(content, list):
         text = "".join(p.get("text", "") for p in content if isinstance(p, dict))

@@ -80,8 +80,8 @@ class Outbox:
         """Queue ``d`` for the next flush; ``now``: flush at once (nothing else
         can join this step, e.g. a single request in flight).
 
-        A partial delta travels as text, token ids and logprobs; what else it
-        carries (usage, ...) goes on the final record only.
+        A partial delta travels as text, token ids, logprobs and tool calls;
+        what else it carries (usage, ...) goes on the final record only.
         """
         per = self._pending.get(client)
         if per is None:
@@ -91,6 +91,9 @@ class Outbox:
             if d.finish_reason is None:
                 lp = d.logprobs
                 extra = None if lp is None else {"logprobs": lp}
+                if d.tool_calls:
+                    extra = extra or {}
+                    p.merge_tool_calls(extra.setdefault("tool_calls", []), d.tool_calls)
                 per[rid] = [rid, d.text, d.token_ids, None, extra]
             else:
                 per[rid] = d.record(rid)
@@ -153,6 +156,9 @@ def _size(rec: list[Any]) -> int:
         n += 9 * len(rec[2])
     if rec[4] and rec[4].get("logprobs"):
         n += 256 * len(rec[4]["logprobs"])
+    if rec[4] and rec[4].get("tool_calls"):
+        for c in rec[4]["tool_calls"]:
+            n += 64 + 4 * len(c.get("function", {}).get("arguments", ""))
     return n
 
 
@@ -208,11 +214,17 @@ def _merge(rec: list[Any], d: Delta) -> None:
         if extra is None:
             extra = rec[4] = {}
         extra["logprobs"] = extra.get("logprobs", []) + d.logprobs
+    if d.tool_calls:
+        extra = rec[4]
+        if extra is None:
+            extra = rec[4] = {}
+        p.merge_tool_calls(extra.setdefault("tool_calls", []), d.tool_calls)
     if d.finish_reason is not None:
         rec[3] = d.finish_reason
         final = d.record(rec[0])[4]
         if final is not None:
             final.pop("logprobs", None)  # merged above
+            final.pop("tool_calls", None)
         if final:
             if rec[4] is None:
                 rec[4] = final

@@ -34,6 +34,9 @@ from zserve.worker.engine import Engine, GenerateRequest
 from zserve.worker.outbox import embeddings_per_record
 from zserve.worker.session import BrokerSession
 from zserve.worker.stops import StopMatcher
+from zserve.worker.tools import ToolPlan
+from zserve.worker.tools import parser_class as tool_parser_class
+from zserve.worker.tools import plan as tool_plan
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class WorkerConfig:
     curve_server: str | None = None
     # This worker's instance id in READY (default: a random one)
     worker_id: str = field(default_factory=p.new_worker_id)
+    # vLLM's tool parser for tool_choice "auto" (``hermes``, ...; None: auto
+    # is refused). See zserve/worker/tools.py.
+    tool_call_parser: str | None = None
 
     @property
     def brokers(self) -> list[str]:
@@ -89,6 +95,9 @@ class Worker:
         self.refused = 0  # REQUESTs refused for want of room
         self._contended_until = 0.0  # a session was refused; see ``_has_room``
         self._seq = 0
+        # the tool parser's class (imports vLLM: the first request should not wait)
+        name = config.tool_call_parser
+        self.tool_parser = tool_parser_class(name) if name else None
 
     @property
     def sessions(self) -> int:
@@ -278,6 +287,13 @@ class Worker:
                         "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
                     finished = engine_done = True
                     return
+            tools: ToolPlan | None = None
+            if params.tools:
+                if not self.engine.takes_tools:
+                    raise BadRequest(f"engine {self.engine.name!r} does not take tools")
+                tools = tool_plan(params, self.tool_parser)
+                if tools is not None:
+                    params = tools.params
             limit = params.max_tokens
             # No stop strings and no limit short of it: a partial delta only
             # needs counting and queueing (the fast path below).
@@ -295,9 +311,16 @@ class Worker:
             if params.deadline:
                 guard = asyncio.timeout(params.deadline)
             async with guard or _no_deadline:
+                # the text an earlier attempt sent, for the tool-call converter
+                said = await self.engine.decode(model, cont) if tools is not None and cont else ""
                 gen = self.engine.generate(
-                    GenerateRequest(eid, model, req.prompt, req.messages, params, cont)
+                    GenerateRequest(
+                        eid, model, req.prompt, req.messages, params, cont,
+                        tools.offer if tools is not None else None,
+                    )  # fmt: skip
                 )
+                if tools is not None:  # the text becomes content and tool calls
+                    gen = tools.wrap(gen, self.engine.tokenizer(model), said)
                 try:
                     async for d in gen:
                         ids = d.token_ids

@@ -200,7 +200,7 @@ class HFEngine(Engine):
         tok = sm.tokenizer
         if request.messages is not None:
             if getattr(tok, "chat_template", None):
-                text = render_chat(tok, request.messages)
+                text = render_chat(tok, request.messages, request.tools)
             else:
                 text = "".join(
                     f"{m['role']}: {plain_message(m)['content']}\n" for m in request.messages
@@ -382,6 +382,9 @@ class HFEngine(Engine):
                 vectors.extend(pooled.cpu().tolist())
                 n_tokens += int(enc["attention_mask"].sum())
         return vectors, n_tokens
+
+    def tokenizer(self, model: str) -> Any:
+        return self._model(model).tokenizer
 
     async def count_tokens(self, model: str, text: str) -> int:
         """Tokens ``text`` takes as a prompt (special tokens included)."""

@@ -114,6 +114,7 @@ REMOTE_CONCURRENCY = 32
 
 class HFApiEngine(Engine):
     name = "hf-api"
+    takes_tools = False  # the endpoint's own tool calling is not wired up
 
     def __init__(self, endpoints: list[Endpoint]) -> None:
         super().__init__()

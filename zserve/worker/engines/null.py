@@ -8,6 +8,11 @@ Embeddings are deterministic unit vectors derived from the text.
 ``--engine-arg fail_after=N`` makes every generation raise after N tokens
 (N = 0: before the first), so tests drive a real worker into ``engine_error``.
 
+``--engine-arg script=TEXT`` makes every generation that text instead, in
+tokens of ``SCRIPT_TOKEN`` characters (token i's id is i), ending with
+``stop`` (or ``length`` at ``max_tokens``): a scripted model, e.g. one that
+writes a tool call in its own format for the worker's tool-call parser.
+
 For benchmarks at scale (``bench/scale.py``), ``--engine-arg pacing=step``
 paces like a batched model: one engine step every ``--token-delay`` seconds
 for all requests at once (a request waits for the next step), so tokens come
@@ -28,11 +33,12 @@ import types
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
-from zserve.protocol import FINISH_LENGTH, Delta
+from zserve.protocol import FINISH_LENGTH, FINISH_STOP, Delta
 from zserve.worker.engine import Engine, GenerateRequest
 from zserve.worker.options import EngineOptions
 
 DEFAULT_MAX_TOKENS = 16
+SCRIPT_TOKEN = 3  # characters per token of a script
 CAPACITY = 1024  # concurrent requests by default: fake tokens cost next to nothing
 EMBED_DIM = 64
 
@@ -54,6 +60,7 @@ class NullEngine(Engine):
         self.context_length = context_length
         self.fail_after = fail_after  # raise after this many tokens (tests)
         self.clock: _StepClock | None = None  # pacing=step: one step for all requests
+        self.script: list[str] | None = None  # script=TEXT: its tokens
 
     @classmethod
     def from_options(cls, opts: EngineOptions) -> NullEngine:
@@ -62,6 +69,9 @@ class NullEngine(Engine):
         fail_after = extra.pop("fail_after", None)
         pacing = extra.pop("pacing", "request")
         stamp = extra.pop("stamp", False) in (True, "true", "1", 1)
+        script = extra.pop("script", None)
+        if script is not None and (not isinstance(script, str) or not script):
+            raise ValueError(f"script wants a text, got {script!r}")
         if extra:
             raise ValueError(f"the null engine takes no engine argument {sorted(extra)}")
         if fail_after is not None and (not isinstance(fail_after, int) or fail_after < 0):
@@ -73,12 +83,17 @@ class NullEngine(Engine):
         eng = cls(names, opts.token_delay, opts.context_length or 4096, fail_after)
         if pacing == "step" or stamp:
             eng.clock = _StepClock(opts.token_delay, stamp)
+        if script is not None:
+            k = SCRIPT_TOKEN
+            eng.script = [script[i : i + k] for i in range(0, len(script), k)]
         return eng
 
     def default_capacity(self) -> tuple[int, str]:
         return CAPACITY, "the null engine's default"
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        if self.script is not None:
+            return self._scripted(request, self.script)
         if self.clock is not None:
             return self._stepped(request, self.clock)
         if self.fail_after is None:
@@ -161,6 +176,25 @@ class NullEngine(Engine):
             else:
                 yield Delta(text, [i], usage=usage if i == start else None)
 
+    async def _scripted(self, request: GenerateRequest, script: list[str]) -> AsyncIterator[Delta]:
+        """The script's tokens from ``len(continue_ids)`` on, then ``stop``."""
+        start = len(request.continue_ids)
+        end = len(script)
+        finish = FINISH_STOP
+        if request.params.max_tokens is not None and start + request.params.max_tokens < end:
+            end, finish = start + request.params.max_tokens, FINISH_LENGTH
+        usage = {"prompt_tokens": 1, "completion_tokens": end - start}
+        if start >= end:
+            yield Delta("", [], finish, usage=usage)
+            return
+        for i in range(start, end):
+            if self.token_delay:
+                await asyncio.sleep(self.token_delay)
+            elif i > start:
+                await _next_step()
+            yield Delta(script[i], [i], finish if i == end - 1 else None,
+                        usage if i == end - 1 else None)  # fmt: skip
+
     async def embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], int]:
         return [embed_text(t) for t in texts], sum(len(t.split()) for t in texts)
 
@@ -168,6 +202,8 @@ class NullEngine(Engine):
         return len(text.split())
 
     async def decode(self, model: str, ids: list[int]) -> str:
+        if self.script is not None:
+            return "".join(self.script[i] for i in ids if i < len(self.script))
         return "".join(_text(i) for i in ids)
 
 

@@ -92,6 +92,7 @@ class VLLMEngine(Engine):
         self.llm: AsyncLLM | None = None
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()  # what vLLM stops on unless ignore_eos
+        self._grammars: Any = None  # structured outputs checked here (zserve/worker/grammar.py)
         self._dead = False
 
     @classmethod
@@ -179,7 +180,8 @@ class VLLMEngine(Engine):
             yield Delta("", [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
             return
         detok = await self._own_detokenizer(prompt_ids, cont)
-        params = self._sampling_params(p, room, detokenize=detok is None)
+        extra = await self._structured(p, room, cont)
+        params = self._sampling_params(p, room, detokenize=detok is None, extra_args=extra)
         top_n = p.logprobs
         # A continuation's prompt ids are not the prompt text's alone: no text.
         inputs = tokens_input(prompt_ids + cont, prompt=None if cont else prompt_text)
