@@ -116,6 +116,8 @@ class HFEngine(Engine):
         self._served: dict[str, ServedModel] = {}
         # request id -> (its Sequence, the model running it), until it leaves the batch
         self._seqs: dict[str, tuple[Any, ServedModel]] = {}
+        # id(ServedModel) -> its structured-output grammars (zserve/worker/grammar.py)
+        self._grammars: dict[int, Any] = {}
 
     def default_capacity(self) -> tuple[int, str]:
         n = len(self._specs)
@@ -251,6 +253,7 @@ class HFEngine(Engine):
             yield Delta("", [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
             return
         max_new = min(params.max_tokens or room, room)
+        grammar = await self._grammar(sm, params.structured, max_new, cont)
         detok = await _detokenizer(sm.tokenizer, prompt_ids, cont)
         seq = Sequence(
             request_id=request.request_id,
@@ -262,6 +265,7 @@ class HFEngine(Engine):
                 params, prompt_ids, sm.vocab_size, sm.runner.device, output_ids=cont
             ),
             loop=asyncio.get_running_loop(),
+            grammar=grammar,
         )
         rid = request.request_id
 
@@ -331,6 +335,29 @@ class HFEngine(Engine):
                 seq.cancelled = True
                 sm.runner.wake()
 
+    async def _grammar(
+        self, sm: ServedModel, spec: dict[str, Any] | None, max_new: int, cont: list[int]
+    ) -> Any:
+        """A structured request's grammar state (None without ``structured``),
+        advanced through the continued ids; ``BadRequest`` when the spec does
+        not compile or the continued ids do not fit it."""
+        if spec is None:
+            return None
+        g = self._grammars.get(id(sm))
+        if g is None:  # the tokenizer's vocabulary, read once (off the event loop)
+            g = await asyncio.to_thread(_new_grammars, sm)
+            g = self._grammars.setdefault(id(sm), g)
+        try:
+            if g.cached(spec):
+                row = g.row(spec, max_new)
+            else:
+                row = await asyncio.to_thread(g.row, spec, max_new)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        if cont and not row.replay(cont):
+            raise BadRequest("continue_ids do not follow the grammar of structured")
+        return row
+
     async def abort(self, request_id: str) -> None:
         entry = self._seqs.get(request_id)
         if entry is None:
@@ -394,6 +421,12 @@ class HFEngine(Engine):
     async def decode(self, model: str, ids: list[int]) -> str:
         text = self._model(model).tokenizer.decode(ids, skip_special_tokens=True)
         return text.rstrip("\ufffd")
+
+
+def _new_grammars(sm: ServedModel) -> Any:
+    from zserve.worker.grammar import Grammars
+
+    return Grammars(sm.tokenizer, sm.vocab_size, sm.eos_ids)
 
 
 def _flag(value: Any) -> bool:

@@ -77,6 +77,9 @@ class Sequence:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)  # left the batch
     on_done: Callable[[], None] | None = None
+    # A structured request's grammar (zserve/worker/grammar.py RowState):
+    # it masks this row's logits and is advanced with each token it samples.
+    grammar: Any = None
     # written by the asyncio side, read by the thread
     cancelled: bool = False
     # batch-thread side
@@ -259,6 +262,8 @@ class BatchRunner:
         seq.generated += 1
         seq.last_token = token
         self.tokens += 1
+        if seq.grammar is not None and seq.grammar.accept(token) and seq.grammar.terminated:
+            return FINISH_STOP  # the grammar took EOS: complete, ignore_eos or not
         if token in seq.stop_ids or token in seq.eos_ids:
             return FINISH_STOP
         if seq.generated >= seq.max_new:
@@ -355,6 +360,7 @@ class BatchRunner:
         blocks: list[tuple[list[Sequence], DynamicCache, torch.Tensor]] = []
         for group in self._groups(live):
             cache, mask, logits = self._prefill(group)
+            _constrain(logits, group)
             sampled = sample(logits, [s.sampler for s in group])
             keep: list[int] = []
             for i, (seq, (token, lp, top)) in enumerate(zip(group, sampled, strict=True)):
@@ -421,7 +427,9 @@ class BatchRunner:
         self._mask = mask
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, n)
-        sampled = sample(out.logits[:, -1, :].float(), [s.sampler for s in rows])
+        logits = out.logits[:, -1, :].float()
+        _constrain(logits, rows)
+        sampled = sample(logits, [s.sampler for s in rows])
         keep: list[int] = []
         for i, (seq, (token, lp, top)) in enumerate(zip(rows, sampled, strict=True)):
             seq.cache_len += 1
@@ -434,6 +442,15 @@ class BatchRunner:
         self._post(events)  # before the cache copy that drops the finished rows
         if len(keep) != n:
             self._select(keep)
+
+
+def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Mask the rows of structured requests to what their grammars allow."""
+    rows = [s.grammar for s in seqs]
+    if any(r is not None for r in rows):
+        from zserve.worker.grammar import constrain_rows
+
+        constrain_rows(logits, rows)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
