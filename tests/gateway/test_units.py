@@ -67,7 +67,6 @@ def test_parse_chat_maps_fields() -> None:
             "top_k": 5,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "tools": [{"ignored": True}],
         }
     )
     assert req.messages == [
