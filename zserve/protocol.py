@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -122,6 +121,17 @@ MAX_EMBED_INPUTS = 2048
 # Quiet request ids listed on one client HEARTBEAT, at most.
 MAX_HEARTBEAT_IDS = 4096
 MAX_RETRIES = 2
+# Sampling limits (SamplingParams.validate). Stop lists are bounded so that
+# what a worker does for them per request stays small (OpenAI takes 4 stop
+# strings; TGI's default is 4 too).
+MAX_STOP_STRINGS = 32
+MAX_STOP_LENGTH = 256  # characters in one stop string
+MAX_STOP_TOKEN_IDS = 1024
+# repetition_penalty: 1 is off; past these the penalised logits overflow (a
+# value like 1e-40 turns every probability into NaN).
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
+# seed: a signed 64-bit integer, as vLLM's OpenAI server takes it.
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 FRONTEND_HWM = 10_000
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -303,24 +313,30 @@ class SamplingParams:
         if self.top_k < 0:
             self.top_k = 0  # -1 (vLLM/OpenAI style) means disabled
         self.repetition_penalty = _number(
-            self.repetition_penalty, "repetition_penalty", 0.0, math.inf
+            self.repetition_penalty, "repetition_penalty", *REPETITION_PENALTY_RANGE
         )
-        if self.repetition_penalty == 0.0:
-            raise ValueError("repetition_penalty must be > 0")
         self.presence_penalty = _number(self.presence_penalty, "presence_penalty", -2.0, 2.0)
         self.frequency_penalty = _number(self.frequency_penalty, "frequency_penalty", -2.0, 2.0)
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError("seed must be an integer")
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ValueError("seed must be a signed 64-bit integer")
         stop = self.stop
         if isinstance(stop, str):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ValueError("stop must be a string or a list of strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings")
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            raise ValueError(f"each stop string has at most {MAX_STOP_LENGTH} characters")
         self.stop = [s for s in stop if s] if stop else []
         ids = self.stop_token_ids
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise ValueError("stop_token_ids must be a list of integers")
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
         self.ignore_eos = bool(self.ignore_eos)
         if self.deadline is not None:
             self.deadline = _number(self.deadline, "deadline", 0.0, 86400.0 * 365)
@@ -456,6 +472,14 @@ def check_structured(spec: Any) -> dict[str, Any]:
             raise ParamError(f"structured.{flag} must be true or false", "structured")
         out[flag] = v
     return out
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request for ``n`` choices: ``seed +
+    index`` (vLLM's rule), wrapped into ``SEED_RANGE``. Each choice differs,
+    and the same seed gives the same choices again."""
+    lo, hi = SEED_RANGE
+    return (seed + index - lo) % (hi - lo + 1) + lo
 
 
 def _number(v: Any, name: str, lo: float, hi: float) -> float:
