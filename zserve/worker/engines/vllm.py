@@ -93,6 +93,7 @@ class VLLMEngine(Engine):
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()  # what vLLM stops on unless ignore_eos
         self._grammars: Any = None  # structured outputs checked here (zserve/worker/grammar.py)
+        self._grammars: Any = None  # structured outputs checked here (zserve/worker/grammar.py)
         self._dead = False
 
     @classmethod
@@ -296,9 +297,48 @@ class VLLMEngine(Engine):
             IncrementalDetokenizer, self._tokenizer, prompt_ids, True, cont
         )
 
-    def _sampling_params(self, p: ZSamplingParams, room: int, detokenize: bool = True) -> Any:
+    async def _structured(
+        self, p: ZSamplingParams, room: int, cont: list[int]
+    ) -> dict[str, Any] | None:
+        """A structured request's ``extra_args`` for the grammar logits
+        processor (``vllm_grammar``), checked here first: the spec compiles
+        and the continued ids follow it, else ``BadRequest`` (the processor
+        runs in the engine core, where it must not fail)."""
+        spec = p.structured
+        if spec is None:
+            return None
+        from zserve.worker.engines.vllm_grammar import FQCN, engine_extra
+
+        if FQCN not in (self.engine_args.get("logits_processors") or ()):
+            raise BadRequest(
+                "structured outputs need zserve's logits processor, which vLLM refuses "
+                "beside speculative decoding"
+            )
+        if self._grammars is None:
+            self._grammars = await asyncio.to_thread(_new_grammars, self._tokenizer, self)
+        g = self._grammars
+        max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
+        try:
+            row = g.row(spec, max_tokens) if g.cached(spec) else await asyncio.to_thread(
+                g.row, spec, max_tokens
+            )
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        if cont and not row.replay(cont):
+            raise BadRequest("continue_ids do not follow the grammar of structured")
+        return engine_extra(spec, len(cont))
+
+    def _sampling_params(
+        self,
+        p: ZSamplingParams,
+        room: int,
+        detokenize: bool = True,
+        extra_args: dict[str, Any] | None = None,
+    ) -> Any:
         """vLLM's parameters; ``detokenize=False`` when this engine makes the
-        text itself (stop strings are then the worker runtime's alone)."""
+        text itself (stop strings are then the worker runtime's alone). A
+        structured request (``extra_args``) ends when its grammar takes EOS,
+        ``ignore_eos`` or not, as on the hf engine."""
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -316,10 +356,11 @@ class VLLMEngine(Engine):
                 stop=(list(p.stop) or None) if detokenize else None,
                 detokenize=detokenize,
                 stop_token_ids=list(p.stop_token_ids) or None,
-                ignore_eos=p.ignore_eos,
+                ignore_eos=p.ignore_eos and extra_args is None,
                 max_tokens=max_tokens,
                 logprobs=p.logprobs,
                 output_kind=RequestOutputKind.DELTA,
+                extra_args=extra_args,
             )
         except (VLLMClientError, ValueError, TypeError) as e:
             raise BadRequest(str(e)) from e
@@ -342,7 +383,18 @@ def _engine_args(
     if context_length:
         args["max_model_len"] = context_length
     args.update(extra)  # explicit engine arguments win
+    if not args.get("speculative_config"):  # vLLM refuses logits processors beside it
+        from zserve.worker.engines.vllm_grammar import FQCN
+
+        args["logits_processors"] = [*(args.get("logits_processors") or ()), FQCN]
     return args
+
+
+def _new_grammars(tokenizer: Any, engine: VLLMEngine) -> Any:
+    from zserve.worker.grammar import Grammars
+
+    assert engine.llm is not None
+    return Grammars(tokenizer, engine.llm.model_config.get_vocab_size(), engine._eos_ids)
 
 
 def _eos_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
