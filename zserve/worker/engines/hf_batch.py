@@ -13,7 +13,8 @@ Each loop iteration of the thread is one *engine step*:
    prompt on its own (the behaviour before batched prefill, kept for
    benchmarks);
 3. run one forward pass over every row of the batch (one new token each),
-   sample every row with its own parameters, and retire finished rows;
+   sample every row with its own parameters, and retire finished rows (a
+   row whose probabilities are not finite fails alone: the others go on);
 4. hand the new tokens to the asyncio side in one
    ``loop.call_soon_threadsafe`` per forward pass, as soon as they are
    sampled: a prefill pass's first tokens go out before the next pass and
@@ -46,9 +47,15 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from zserve.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP
-from zserve.worker.engines.hf_sampling import SamplerState, sample
+from zserve.worker.engines.hf_sampling import FAILED, SamplerState, sample
 
 log = logging.getLogger(__name__)
+
+# A row whose next-token probabilities are not finite fails alone.
+SAMPLING_FAILED = (
+    "sampling failed: this request's next-token probabilities are not finite "
+    "(NaN or infinite logits)"
+)
 
 
 class Step(NamedTuple):
@@ -259,6 +266,8 @@ class BatchRunner:
         self._mask = None
 
     def _finish(self, seq: Sequence, token: int) -> str | None:
+        if token == FAILED:
+            return FINISH_ERROR
         seq.generated += 1
         seq.last_token = token
         self.tokens += 1
@@ -370,7 +379,7 @@ class BatchRunner:
                     seq.gone = True
                 else:
                     keep.append(i)
-                events.append((seq, Step(token, lp, top, finish), seq.gone))
+                events.append((seq, _step(token, lp, top, finish), seq.gone))
             self._post(events)  # first tokens out now, not after every pass and the merge
             if keep:
                 if len(keep) != len(group):
@@ -438,10 +447,18 @@ class BatchRunner:
                 seq.gone = True
             else:
                 keep.append(i)
-            events.append((seq, Step(token, lp, top, finish), seq.gone))
+            events.append((seq, _step(token, lp, top, finish), seq.gone))
         self._post(events)  # before the cache copy that drops the finished rows
         if len(keep) != n:
             self._select(keep)
+
+
+def _step(
+    token: int, lp: float | None, top: list[tuple[int, float]] | None, finish: str | None
+) -> Step:
+    if token == FAILED:
+        return Step(token, finish=FINISH_ERROR, error=SAMPLING_FAILED)
+    return Step(token, lp, top, finish)
 
 
 def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -21,7 +21,10 @@ from zserve.protocol import SamplingParams
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy
 
 # One sampled token: (token id, its logprob or None, top alternatives or None).
+# The id is FAILED where the row's probabilities are not finite (a NaN or an
+# infinity in its logits): that row's request fails, the others go on.
 Sampled = tuple[int, float | None, list[tuple[int, float]] | None]
+FAILED = -1
 
 
 @dataclass(eq=False)
@@ -71,6 +74,8 @@ class SamplerState:
         return st
 
     def record(self, token: int) -> None:
+        if token < 0:
+            return
         if self.seen is not None and token < self.seen.numel():
             self.seen[token] = True
         if self.counts is not None and token < self.counts.numel():
@@ -123,9 +128,14 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
             tokens[i] = int(row.argmax())
         else:
             probs = _warp(row, st.params).softmax(-1)
+            if not bool(torch.isfinite(probs).all()):
+                tokens[i] = FAILED  # multinomial would raise for the whole batch
+                continue
             tokens[i] = int(torch.multinomial(probs, 1, generator=st.generator))
 
-    want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    want = [
+        i for i, s in enumerate(states) if s.params.logprobs is not None and tokens[i] != FAILED
+    ]
     lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
     if want:
         idx = torch.tensor(want, device=logits.device)
