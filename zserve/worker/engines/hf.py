@@ -18,7 +18,13 @@ routed by ``request.model``.
 
 Limits, chosen and documented here:
 
-* A prompt of ``context_length`` tokens or more raises ``ContextOverflow``.
+* A prompt of ``context_length`` tokens or more raises ``ContextOverflow``;
+  so does, before it is tokenized, one longer in characters than
+  ``context_length`` x the most characters one token stands for, where the
+  tokenizer bounds that (``hf_load.max_token_chars``: byte-level and
+  byte-fallback BPEs). Prompts past 4096 characters are rendered and
+  tokenized in a thread, so that the event loop (heartbeats) never waits on
+  them.
 * ``max_tokens`` is clamped so that prompt + output fits the context; a
   request that fills the context ends with finish reason ``"length"``.
   ``max_tokens=None`` means "until EOS or the context is full".
@@ -73,6 +79,9 @@ log = logging.getLogger(__name__)
 ABORT_WAIT = 30.0  # seconds abort() waits for the batch thread to drop a row
 # Continued ids replayed through the detokenizer off the event loop past this many.
 _REPLAY_INLINE_IDS = 256
+# Prompts (or messages) longer than this, in characters, are rendered and
+# tokenized off the event loop: heartbeats never wait on a big prompt.
+_TOKENIZE_INLINE_CHARS = 4096
 
 
 class HFEngine(Engine):
@@ -208,9 +217,11 @@ class HFEngine(Engine):
                     f"{m['role']}: {plain_message(m)['content']}\n" for m in request.messages
                 )
                 text += "assistant:"
+            _check_chars(sm, text)
             return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
         if request.prompt is None:
             raise BadRequest("one of prompt or messages is required")
+        _check_chars(sm, request.prompt)
         return list(tok(request.prompt, verbose=False)["input_ids"])
 
     # ------------------------------------------------------------ generate
@@ -229,7 +240,10 @@ class HFEngine(Engine):
             raise BadRequest(str(e)) from e
         if request.request_id in self._seqs:
             raise BadRequest(f"request id {request.request_id!r} is already running")
-        prompt_ids = self._prompt_ids(sm, request)
+        if _input_chars(request) > _TOKENIZE_INLINE_CHARS:
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, sm, request)
+        else:
+            prompt_ids = self._prompt_ids(sm, request)
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
             raise BadRequest("the prompt is empty")
@@ -448,6 +462,34 @@ async def _detokenizer(
     if len(cont) <= _REPLAY_INLINE_IDS:
         return IncrementalDetokenizer(tokenizer, prompt_ids, generated=cont)
     return await asyncio.to_thread(IncrementalDetokenizer, tokenizer, prompt_ids, True, cont)
+
+
+def _input_chars(request: GenerateRequest) -> int:
+    """About how many characters a request's prompt renders to (its messages'
+    text), without rendering it."""
+    if request.messages is None:
+        return len(request.prompt or "")
+    n = 0
+    for m in request.messages:
+        for v in m.values() if isinstance(m, dict) else ():
+            if isinstance(v, str):
+                n += len(v)
+            elif isinstance(v, list):
+                n += sum(len(str(x.get("text") or "")) for x in v if isinstance(x, dict))
+    return n
+
+
+def _check_chars(sm: ServedModel, text: str) -> None:
+    """Refuse a prompt that cannot fit the context, before tokenizing it:
+    ``ContextOverflow`` past context_length x the most characters one token
+    stands for (where the tokenizer bounds it: ``hf_load.max_token_chars``)."""
+    most = sm.context_length * sm.max_token_chars
+    if most and len(text) > most:
+        raise ContextOverflow(
+            f"the prompt has {len(text)} characters, more than this model's context of "
+            f"{sm.context_length} tokens can hold (at most {sm.max_token_chars} characters "
+            "a token)"
+        )
 
 
 def _lp_entry(sm: ServedModel, step: Any) -> dict[str, Any]:

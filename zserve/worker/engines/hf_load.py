@@ -44,6 +44,9 @@ class ServedModel:
     eos_ids: frozenset[int] = frozenset()
     vocab_size: int = 0
     token_text: dict[int, str] = field(default_factory=dict)
+    # Characters of text one token stands for, at most (0: no such bound):
+    # a prompt longer than context_length x this is refused untokenized.
+    max_token_chars: int = 0
 
     def text_of(self, token: int) -> str:
         t = self.token_text.get(token)
@@ -123,7 +126,79 @@ def load_model(
         embed_max,
         eos_ids=frozenset(eos),
         vocab_size=vocab,
+        max_token_chars=max_token_chars(tokenizer),
     )
+
+
+# Pre-tokenizers that split text without dropping any of it (unless a Split
+# or Punctuation says behavior "Removed"), and normalizers that never shorten
+# it (NFC and NFKC compose: at most 4 characters into 1).
+_KEEPING_PRE = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation", "UnicodeScripts"}
+_KEEPING_NORM = {"Prepend", "Lowercase", "NFD", "NFKD", "Replace", "NFC", "NFKC"}
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """Characters of input text that one token stands for, at most, or 0
+    where the tokenizer gives no such bound.
+
+    Only BPE tokenizers qualify, and only where every character becomes at
+    least one token of at most its vocabulary string's length: byte-level
+    (with all 256 byte symbols) or byte-fallback, or one unknown token per
+    unknown character; with no normalizer, pre-tokenizer or added token that
+    drops or swallows text. Then one token covers at most as many
+    characters as the longest string in the vocabulary (times 4 behind a
+    composing normalizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return 0
+    try:
+        spec = json.loads(backend.to_str())
+        vocab = tokenizer.get_vocab()
+    except Exception:
+        return 0
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not vocab:
+        return 0
+    pre = _parts(spec.get("pre_tokenizer"))
+    kinds = {x.get("type") for x in pre}
+    if not kinds <= _KEEPING_PRE or any(x.get("behavior") == "Removed" for x in pre):
+        return 0
+    if not (
+        model.get("byte_fallback")
+        or (model.get("unk_token") is not None and not model.get("fuse_unk"))
+        or ("ByteLevel" in kinds and _byte_symbols() <= vocab.keys())
+    ):
+        return 0
+    factor = 1
+    for n in _parts(spec.get("normalizer")):
+        kind = n.get("type")
+        if kind not in _KEEPING_NORM:
+            return 0
+        if kind == "Replace":
+            old = (n.get("pattern") or {}).get("String")
+            if old is None or len(n.get("content") or "") < len(old):
+                return 0
+        if kind in ("NFC", "NFKC"):
+            factor = 4
+    if any(a.get("lstrip") or a.get("rstrip") for a in spec.get("added_tokens") or []):
+        return 0
+    return factor * max(len(t) for t in vocab)
+
+
+def _parts(spec: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A normalizer's or pre-tokenizer's parts (a Sequence's members)."""
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        members = spec.get("normalizers") or spec.get("pretokenizers") or []
+        return [p for m in members for p in _parts(m)]
+    return [spec]
+
+
+def _byte_symbols() -> set[str]:
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return set(ByteLevel.alphabet())
 
 
 def is_causal(model: Any) -> bool:
