@@ -33,6 +33,9 @@ class GenerateRequest:
     # The tools the chat template offers the model (OpenAI's function tools;
     # None: none), as the worker's tool plan chose (zserve/worker/tools.py).
     tools: list[dict[str, Any]] | None = None
+    # Characters of the continued ids' text the caller already has (None: all
+    # of it); the rest was held back (a stop string's possible beginning). An
+    # engine with ``replays_held_text`` sends that rest itself, first.
     continue_chars: int | None = None
 
 
@@ -44,6 +47,13 @@ class Engine(abc.ABC):
     # resumption). An engine that cannot (text-only remote APIs) leaves it
     # False and the runtime refuses continuations with ``worker_lost``.
     resumable: bool = False
+    # Whether ``generate`` rebuilds the text of ``continue_ids`` with the very
+    # decoding that produced the stream and sends what the caller had not
+    # received (``GenerateRequest.continue_chars``). Otherwise the runtime
+    # holds back ``decode(continue_ids)`` past those characters itself (a
+    # decode without the prompt's context: a SentencePiece tokenizer can
+    # lose a leading space there).
+    replays_held_text: bool = False
     # Whether it offers ``GenerateRequest.tools`` to the model (through its
     # chat template); the runtime refuses tools for an engine that does not.
     takes_tools: bool = True

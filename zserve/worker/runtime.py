@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from zserve import protocol as p
-from zserve.errors import BadRequest, ModelNotFound, WorkerLost, ZServeError
+from zserve.errors import BadRequest, ContextOverflow, ModelNotFound, WorkerLost, ZServeError
 from zserve.protocol import Delta, Request, SamplingParams, WorkerInfo
 from zserve.security import ClientCurve
 from zserve.worker.engine import Engine, GenerateRequest
@@ -238,10 +238,15 @@ class Worker:
             if left <= 0:
                 return None
             params = dataclasses.replace(params, max_tokens=left)
-        if stops.stops:
+        if stops.stops and not self.engine.replays_held_text:
+            ctx = self.engine.context_length
+            if ctx and len(cont) >= ctx:  # refused before a decode that grows with it
+                raise ContextOverflow(
+                    f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
+                )
             # Text of the delivered ids past what the caller got: a stop
             # string's possible beginning, held back as it was before.
-            stops.held = (await self.engine.decode(model, cont))[req.continue_chars :]
+            stops.hold((await self.engine.decode(model, cont))[req.continue_chars :])
         return params
 
     async def _serve(
@@ -317,6 +322,7 @@ class Worker:
                     GenerateRequest(
                         eid, model, req.prompt, req.messages, params, cont,
                         tools.offer if tools is not None else None,
+                        continue_chars=req.continue_chars,
                     )  # fmt: skip
                 )
                 if tools is not None:  # the text becomes content and tool calls

@@ -43,10 +43,13 @@ decoding continues with the ids and the text an uninterrupted run would have
 produced (up to floating-point summation order: the continued ids are
 prefilled in one pass where the uninterrupted run decoded them one by one).
 They count against the context; ``max_tokens`` is what remains, and usage
-counts only the new tokens. Not reproduced: a sampled (temperature > 0)
-request's random stream restarts from its seed, and a stop string that
-begins in the continued text is left to the worker runtime's own matcher
-(the text is cut right; the final delta may carry a few ids past it).
+counts only the new tokens. The text of the continued ids that the
+caller had not received (past ``continue_chars``: held back by a stop
+string) is rebuilt by that same replay, with the prompt's context (a
+SentencePiece tokenizer drops a leading space without it), and goes out
+first, through the stop matcher, as the uninterrupted run would have sent
+it. Not reproduced: a sampled (temperature > 0) request's random stream
+restarts from its seed.
 
 Engine arguments (``--engine-arg K=V``): ``max_batch_size`` (default 256),
 ``prefill_budget`` (prompt tokens admitted per step, default 4096),
@@ -87,6 +90,7 @@ _TOKENIZE_INLINE_CHARS = 4096
 class HFEngine(Engine):
     name = "hf"
     resumable = True
+    replays_held_text = True
 
     def __init__(
         self,
@@ -261,14 +265,23 @@ class HFEngine(Engine):
                 f"the prompt ({n_prompt} tokens) and the {len(cont)} tokens to continue "
                 f"after pass this model's context of {sm.context_length} tokens"
             )
-        if cont and (room == 0 or cont[-1] in eos_ids or cont[-1] in stop_ids):
+        by_token = bool(cont) and (cont[-1] in eos_ids or cont[-1] in stop_ids)
+        # The text of the continued ids, rebuilt as the stream decoded it;
+        # what the caller had not received (a stop string's possible
+        # beginning) goes out first, as the uninterrupted run would send it.
+        detok = await _detokenizer(sm.tokenizer, prompt_ids, cont[:-1] if by_token else cont)
+        stops = StopMatcher(params.stop)
+        if request.continue_chars is not None:
+            stops.hold(detok.replayed[request.continue_chars :])
+        if cont and (room == 0 or by_token):
             # The uninterrupted run ended with the last continued token.
-            finish = FINISH_LENGTH if room == 0 else FINISH_STOP
-            yield Delta("", [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
+            text, hit = stops.feed(detok.flush())
+            finish = FINISH_STOP if by_token or hit else FINISH_LENGTH
+            text += "" if hit else stops.flush()
+            yield Delta(text, [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
             return
         max_new = min(params.max_tokens or room, room)
         grammar = await self._grammar(sm, params.structured, max_new, cont)
-        detok = await _detokenizer(sm.tokenizer, prompt_ids, cont)
         seq = Sequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids + cont,  # the continued tokens are prefilled with the prompt
@@ -295,7 +308,6 @@ class HFEngine(Engine):
             forget()
             raise EngineError(str(e)) from e
 
-        stops = StopMatcher(params.stop)
         want_lp = params.logprobs is not None
         usage: dict[str, int] | None = {"prompt_tokens": n_prompt}
         count = 0

@@ -9,7 +9,9 @@ characters and the pieces concatenate to the full decoded text.
 A resumed request primes it with the ids an earlier attempt generated
 (``generated``): they are replayed token by token, as that attempt pushed
 them, so a character whose first bytes were among them comes out whole with
-the first new token that completes it.
+the first new token that completes it, and the text they gave then is known
+again (``replayed``): the part of it the caller had not received (held back
+by a stop string) can be sent exactly as the first attempt would have sent it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ class IncrementalDetokenizer:
     ``flush()`` what was held back once the stream ends (a dangling partial
     character comes out as U+FFFD there, as a full decode would show it).
     ``generated``: ids already streamed (their text delivered elsewhere), the
-    state to continue from.
+    state to continue from; ``replayed`` is the text they gave, piece by piece
+    as they were pushed then.
     """
 
-    __slots__ = ("tokenizer", "ids", "prefix_offset", "read_offset", "skip_special_tokens")
+    __slots__ = (
+        "tokenizer", "ids", "prefix_offset", "read_offset", "skip_special_tokens", "replayed",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -48,8 +53,7 @@ class IncrementalDetokenizer:
         self.ids: list[int] = context
         self.prefix_offset = 0
         self.read_offset = len(context)
-        for t in generated or ():
-            self.push([t])
+        self.replayed = "".join([self.push([t]) for t in generated or ()])
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
