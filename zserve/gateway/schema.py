@@ -15,12 +15,19 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from zserve.gateway.errors import APIError
-from zserve.protocol import MAX_EMBED_INPUTS, MAX_REQUEST_SIZE, ParamError, check_tools
+from zserve.protocol import (
+    MAX_EMBED_INPUTS,
+    MAX_REQUEST_SIZE,
+    ParamError,
+    check_structured,
+    check_tools,
+)
 
 MAX_N = 128  # choices per request (OpenAI's own limit)
 MAX_PROMPTS = 2048  # prompts in one completions request
@@ -43,6 +50,7 @@ _GENERATE_FIELDS = frozenset({
     # structured outputs (response_format, and vLLM's fields for clients of vllm serve)
     "response_format", "structured_outputs",
     "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "structured_whitespace", "structured_budget",
 })  # fmt: skip
 CHAT_FIELDS = _GENERATE_FIELDS | {
     "messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
@@ -209,6 +217,7 @@ def _common(body: dict[str, Any], req: GenRequest) -> None:
         if not isinstance(resume, bool):
             raise _bad("resume must be true or false", "resume")
         params["resume"] = resume
+    _structured(body, params)
 
 
 def _content(content: Any) -> str:
@@ -272,6 +281,108 @@ def _tools(body: dict[str, Any], params: dict[str, Any]) -> None:
         if not isinstance(ptc, bool):
             raise _bad("parallel_tool_calls must be true or false", "parallel_tool_calls")
         params["parallel_tool_calls"] = ptc
+
+
+# vLLM's structured_outputs kinds (and the guided_* fields before them) as
+# SamplingParams.structured types.
+_SO_KINDS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar",
+             "json_object": "json_object", "structural_tag": "structural_tag"}  # fmt: skip
+_SO_OPTIONS = frozenset({*_SO_KINDS, "disable_any_whitespace"})
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}  # fmt: skip
+_checked_schemas: dict[str, None] = {}  # JSON schemas that passed check_schema (bounded)
+
+
+def _structured(body: dict[str, Any], params: dict[str, Any]) -> None:
+    """Structured outputs into ``params["structured"]``: OpenAI's
+    ``response_format``, vLLM's ``structured_outputs`` and older ``guided_*``
+    fields (one of them), with zserve's ``structured_whitespace`` (default
+    false: compact JSON) and ``structured_budget`` (default true: complete
+    within max_tokens). A schema or regex that cannot work is a 400 naming
+    the field, before anything is dispatched."""
+    found: list[tuple[str, dict[str, Any]]] = []  # (field, spec)
+    rf = body.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            found.append(("response_format", {"type": "json_object"}))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
+                where = "response_format.json_schema"
+                raise _bad(f"{where} must be an object {{name, schema, strict}}", where)
+            found.append(("response_format.json_schema.schema",
+                          {"type": "json", "value": js.get("schema", {})}))  # fmt: skip
+        elif kind != "text":
+            where = "response_format" if not isinstance(rf, dict) else "response_format.type"
+            raise _bad("response_format.type must be text, json_object or json_schema", where)
+    so = body.get("structured_outputs")
+    whitespace = None
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad("structured_outputs must be an object", "structured_outputs")
+        check_fields(so, _SO_OPTIONS, "structured_outputs.")
+        kinds = [k for k in _SO_KINDS if so.get(k) not in (None, False)]
+        if len(kinds) != 1:
+            raise _bad("structured_outputs takes exactly one of "
+                       + ", ".join(_SO_KINDS), "structured_outputs")  # fmt: skip
+        k = kinds[0]
+        found.append((f"structured_outputs.{k}", {"type": _SO_KINDS[k], "value": so[k]}))
+        daw = so.get("disable_any_whitespace")
+        if daw is not None:
+            if not isinstance(daw, bool):
+                where = "structured_outputs.disable_any_whitespace"
+                raise _bad(f"{where} must be true or false", where)
+            whitespace = not daw
+    for name, kind in _GUIDED.items():
+        if body.get(name) is not None:
+            found.append((name, {"type": kind, "value": body[name]}))
+    for name in ("structured_whitespace", "structured_budget"):
+        v = body.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise _bad(f"{name} must be true or false", name)
+    if not found:
+        return
+    if len(found) > 1:
+        raise _bad(f"{found[0][0]} and {found[1][0]} both ask for structured output; "
+                   "send one", found[1][0])  # fmt: skip
+    where, spec = found[0]
+    ws = body.get("structured_whitespace")
+    spec["whitespace"] = bool(ws if ws is not None else whitespace)
+    spec["budget"] = body.get("structured_budget") is not False
+    try:
+        spec = check_structured(spec)
+    except ParamError as e:
+        raise _bad(f"{where}: {str(e).split(': ', 1)[-1]}", where) from None
+    if spec["type"] == "json":
+        _check_schema(spec["value"], where)
+    elif spec["type"] == "regex":
+        try:
+            re.compile(spec["value"])
+        except re.error as e:
+            raise _bad(f"{where} is not a valid regex: {e}", where) from None
+    params["structured"] = spec
+
+
+def _check_schema(schema: Any, where: str) -> None:
+    """A 400 unless ``schema`` is a valid JSON Schema (its own $schema's
+    draft, else 2020-12)."""
+    if isinstance(schema, bool):
+        return
+    key = json.dumps(schema, sort_keys=True)
+    if key in _checked_schemas:
+        return
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        at = "/".join(str(p) for p in e.path)
+        raise _bad(f"{where} is not a valid JSON schema: {e.message}"
+                   + (f" (at {at})" if at else ""), where) from None  # fmt: skip
+    if len(_checked_schemas) >= 1024:
+        _checked_schemas.clear()
+    _checked_schemas[key] = None
 
 
 def parse_chat(body: dict[str, Any]) -> GenRequest:
