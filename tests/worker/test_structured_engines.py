@@ -1,6 +1,7 @@
-"""Structured outputs on the hf and vllm engines in-process, on the tiny
-random-weight model (it never writes JSON on its own): rows of one batch
-with and without grammars, resumption through the grammar, bad specs."""
+"""Structured outputs on the hf engine in-process, on the tiny random-weight
+model (it never writes JSON on its own): rows of one batch with and without
+grammars, resumption through the grammar, bad specs. The same checks run on
+the vllm engine in test_vllm_engine.py, on that module's engine."""
 
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ SCHEMA = {
 }
 JSON = {"type": "json", "value": SCHEMA}
 _ids = itertools.count()
-on_engine_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 def request(prompt: str = PROMPT, cont: list[int] | None = None, **params: Any) -> GenerateRequest:
@@ -135,19 +135,3 @@ async def test_hf_ignore_eos_still_ends_with_the_grammar(hf: HFEngine) -> None:
     ids, text, last = await run(hf, request(max_tokens=64, temperature=0, ignore_eos=True,
                                             structured={"type": "choice", "value": ["yes", "no"]}))
     assert text in ("yes", "no") and last.finish_reason == "stop"
-
-
-# ------------------------------------------------------------------ vllm
-
-
-@pytest.mark.vllm
-@on_engine_loop
-async def test_vllm_structured(vllm_engine: Any, hf: HFEngine, ref: Any) -> None:
-    """Everything above on vLLM (one test: one engine start), and the same
-    greedy tokens as the hf engine: both run grammar.py's policy."""
-    await _rows_with_and_without_grammars(vllm_engine, ref)
-    await _seeds_and_budgets(vllm_engine)
-    whole = await _resumed_equals_uninterrupted(vllm_engine)
-    await _bad_requests(vllm_engine, ref[1])
-    ids, _, _ = await run(hf, request(max_tokens=64, temperature=0, structured=JSON))
-    assert ids == whole

@@ -272,6 +272,27 @@ def _command_line(proc: psutil.Process) -> str:
 
 
 @on_engine_loop
+async def test_structured_outputs(vllm_engine: VLLMEngine, ref: Any, tiny_model_dir: Path) -> None:
+    """tests/worker/test_structured_engines.py's checks on this engine (no
+    second engine start), and the same greedy tokens as the hf engine: both
+    run zserve/worker/grammar.py's policy."""
+    from tests.worker import test_structured_engines as t
+    from zserve.worker.engines.hf import HFEngine
+
+    await t._rows_with_and_without_grammars(vllm_engine, ref)
+    await t._seeds_and_budgets(vllm_engine)
+    whole = await t._resumed_equals_uninterrupted(vllm_engine)
+    await t._bad_requests(vllm_engine, ref[1])
+    hf = HFEngine([(str(tiny_model_dir), ["tiny"])], engine_args={"threads": 1})
+    await hf.start()
+    try:
+        ids, _, _ = await t.run(hf, t.request(max_tokens=64, temperature=0, structured=t.JSON))
+    finally:
+        await hf.close()
+    assert ids == whole
+
+
+@on_engine_loop
 async def test_engine_death_fails_requests_and_sets_dead(vllm_engine: VLLMEngine) -> None:
     """Last in the module: kills the engine core under the shared engine."""
     children = psutil.Process().children()  # ours only, not a stack worker's
