@@ -17,7 +17,7 @@ from zserve.gateway.errors import to_api_error
 from zserve.gateway.metrics import Tracker
 from zserve.gateway.schema import Choice, GenRequest, total_usage
 from zserve.gateway.sse import DONE, ChunkEncoder, error_event
-from zserve.protocol import Delta, merge_tool_calls
+from zserve.protocol import Delta, choice_seed, merge_tool_calls
 
 T = TypeVar("T")
 
@@ -25,16 +25,24 @@ T = TypeVar("T")
 def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream]:
     """One stream per choice, index = input * n + j (nothing is sent yet);
     bad sampling parameters raise ``BadRequest`` here."""
-    n, params, sid = req.n, req.params, req.session_id
+    sid, seed = req.session_id, req.params.get("seed")
+    # Seeded: choice j gets its own seed (protocol.choice_seed), so that the
+    # n choices differ and the same seed gives the same n again.
+    per_choice = [
+        {**req.params, "seed": choice_seed(seed, j)}
+        if j and isinstance(seed, int) and not isinstance(seed, bool)
+        else req.params
+        for j in range(req.n)
+    ]
     if req.messages is not None:
         return [
             client.stream(req.model, messages=req.messages, session_id=sid, **params)
-            for _ in range(n)
+            for params in per_choice
         ]
     return [
         client.stream(req.model, p, session_id=sid, **params)
         for p in req.prompts
-        for _ in range(n)
+        for params in per_choice
     ]
 
 
