@@ -3,7 +3,8 @@ worker: the new worker primes its parser with the text already delivered, so
 the caller's fragments put together are the uninterrupted run's calls, each
 announced once. Real broker and null workers writing a scripted hermes
 reply; the serving worker is SIGKILLed. The Python client, which takes the
-same tool options as the gateway."""
+same tool options as the gateway (``generate`` folds the calls into
+``Completion.tool_calls``)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ def test_a_tool_call_stream_resumes_mid_call(stack: Any) -> None:
                 kill_pid(stack, serving_pid(stack, "m"))
                 killed = True
         assert killed and c.resumes == 1
+        whole = c.generate("m", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
+    assert (whole.text, whole.finish_reason) == ("Let me check.", "tool_calls")
+    assert whole.tool_calls is not None
+    assert [t["function"]["name"] for t in whole.tool_calls] == ["get_weather", "get_time"]
     assert "".join(d.text for d in deltas) == "Let me check."
     assert deltas[-1].finish_reason == "tool_calls"
     frags = [f for d in deltas for f in d.tool_calls or []]
