@@ -24,8 +24,6 @@ class Completion:
     finish_reason: str
     usage: dict[str, int]
     logprobs: list[Any] | None = None
-    # the turn's tool calls, OpenAI-shaped: [{index, id, type, function: {name, arguments}}]
-    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -162,6 +160,18 @@ class ClientCore:
                 frames[3], prompt, messages, params, self.max_resumes, routing
             )
         return rid, frames
+
+    def repeat_frames(self, frames: list[bytes]) -> tuple[bytes, list[bytes]]:
+        """Another REQUEST like ``frames`` (``request_frames``', not sent yet)
+        under a new id, sharing its encoded body: ``n`` choices of one prompt
+        encode and hold it once, not ``n`` times."""
+        rid = self.next_id()
+        st = self.streams[rid] = StreamState(rid)
+        first = self.streams.get(frames[2])
+        r = first.resume if first is not None else None
+        if r is not None:
+            st.resume = Resume(r.model, r.prompt, r.messages, r.params, r.left, r.routing)
+        return rid, [*frames[:2], rid, *frames[3:]]
 
     def _params(self, args: tuple[Any, ...], extra: dict[str, Any]) -> bytes:
         """Validated, encoded sampling parameters, once per distinct set of values.
@@ -468,7 +478,7 @@ def to_delta(rec: list[Any]) -> Delta:
 class Accumulator:
     """Folds deltas into a ``Completion``."""
 
-    __slots__ = ("parts", "token_ids", "logprobs", "finish_reason", "usage", "tool_calls")
+    __slots__ = ("parts", "token_ids", "logprobs", "finish_reason", "usage")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -476,7 +486,6 @@ class Accumulator:
         self.logprobs: list[Any] | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, int] = {}
-        self.tool_calls: list[dict[str, Any]] | None = None
 
     def add(self, d: Delta) -> None:
         if d.text:
@@ -489,10 +498,6 @@ class Accumulator:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(d.logprobs)
-        if d.tool_calls:
-            if self.tool_calls is None:
-                self.tool_calls = []
-            p.merge_tool_calls(self.tool_calls, d.tool_calls)
         if d.finish_reason is not None:
             self.finish_reason = d.finish_reason
             self.usage = dict(d.usage or {})
@@ -504,7 +509,6 @@ class Accumulator:
             self.finish_reason or p.FINISH_STOP,
             self.usage,
             self.logprobs,
-            self.tool_calls,
         )
 
 
