@@ -24,6 +24,8 @@ class Completion:
     finish_reason: str
     usage: dict[str, int]
     logprobs: list[Any] | None = None
+    # the turn's tool calls, OpenAI-shaped: [{index, id, type, function: {name, arguments}}]
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -478,7 +480,7 @@ def to_delta(rec: list[Any]) -> Delta:
 class Accumulator:
     """Folds deltas into a ``Completion``."""
 
-    __slots__ = ("parts", "token_ids", "logprobs", "finish_reason", "usage")
+    __slots__ = ("parts", "token_ids", "logprobs", "finish_reason", "usage", "tool_calls")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -486,6 +488,7 @@ class Accumulator:
         self.logprobs: list[Any] | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, int] = {}
+        self.tool_calls: list[dict[str, Any]] | None = None
 
     def add(self, d: Delta) -> None:
         if d.text:
@@ -498,6 +501,10 @@ class Accumulator:
             if self.logprobs is None:
                 self.logprobs = []
             self.logprobs.extend(d.logprobs)
+        if d.tool_calls:
+            if self.tool_calls is None:
+                self.tool_calls = []
+            p.merge_tool_calls(self.tool_calls, d.tool_calls)
         if d.finish_reason is not None:
             self.finish_reason = d.finish_reason
             self.usage = dict(d.usage or {})
@@ -509,6 +516,7 @@ class Accumulator:
             self.finish_reason or p.FINISH_STOP,
             self.usage,
             self.logprobs,
+            self.tool_calls,
         )
 
 
