@@ -293,6 +293,42 @@ async def test_structured_outputs(vllm_engine: VLLMEngine, ref: Any, tiny_model_
 
 
 @on_engine_loop
+async def test_tool_calls_required_and_named(vllm_engine: VLLMEngine) -> None:
+    """The worker's tool plan on this engine, as the runtime runs it: the
+    tools reach the template, and required / named calls validate."""
+    import json
+
+    import jsonschema
+
+    from zserve.protocol import merge_tool_calls
+    from zserve.worker.tools import plan
+
+    days = {"type": "integer", "minimum": 1, "maximum": 7}
+    city = {"type": "object", "properties": {"city": {"type": "string"}, "days": days},
+            "required": ["city", "days"]}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    bare = await run(vllm_engine, request(messages=msgs, max_tokens=1))
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        for seed in (None, 1):
+            sp = SamplingParams.from_dict({"tools": tools, "tool_choice": choice, "seed": seed,
+                "temperature": 0 if seed is None else 1.0, "max_tokens": 64,
+                "parallel_tool_calls": False})  # fmt: skip
+            tp = plan(sp, None)
+            assert tp is not None
+            req = GenerateRequest(f"v{next(_ids)}", "tiny", None, msgs, tp.params, tools=tp.offer)
+            async with asyncio.timeout(60):
+                gen = tp.wrap(vllm_engine.generate(req), vllm_engine.tokenizer("tiny"))
+                out = [d async for d in gen]
+            assert out[-1].finish_reason == "tool_calls", (choice, seed)
+            assert out[-1].usage["prompt_tokens"] > bare[-1].usage["prompt_tokens"] + 20
+            calls: list[dict[str, Any]] = []
+            merge_tool_calls(calls, [f for d in out for f in d.tool_calls or []])
+            assert [c["function"]["name"] for c in calls] == ["get_weather"]
+            jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), city)
+
+
+@on_engine_loop
 async def test_engine_death_fails_requests_and_sets_dead(vllm_engine: VLLMEngine) -> None:
     """Last in the module: kills the engine core under the shared engine."""
     children = psutil.Process().children()  # ours only, not a stack worker's
