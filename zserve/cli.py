@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from zserve import protocol as p
+from zserve.gateway.limits import BODY_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS, ServerLimits
 
 app = typer.Typer(
     add_completion=False,
@@ -593,6 +594,17 @@ def gateway(
     ] = (
         p.HEARTBEAT_LIVENESS
     ),
+    header_timeout: Annotated[
+        float,
+        typer.Option(help="seconds a client may take to send a request's headers (then 408)"),
+    ] = HEADER_TIMEOUT,
+    body_timeout: Annotated[
+        float,
+        typer.Option(help="seconds a client may take to send a request's body (then 408)"),
+    ] = BODY_TIMEOUT,
+    max_connections: Annotated[
+        int, typer.Option(help="open HTTP connections; requests on more are answered 503")
+    ] = MAX_CONNECTIONS,
     curve_secret: CurveSecret = None,
     curve_server: CurveServer = None,
     log_level: LogLevel = "info",
@@ -604,11 +616,12 @@ def gateway(
     _logging(log_level)
     keys = [k.strip() for k in (api_keys or "").split(",") if k.strip()]
     with _exit_on_bad_input():
+        limits = ServerLimits(header_timeout, body_timeout, max_connections)
         ClientCurve.load(curve_secret, curve_server)  # bad key files fail before uvicorn starts
     serve(
         broker, host, port, keys, timeout, connect_timeout,
         heartbeat_interval, heartbeat_liveness, log_level.lower(),
-        curve_secret=curve_secret, curve_server=curve_server,
+        curve_secret=curve_secret, curve_server=curve_server, server_limits=limits,
     )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -195,8 +196,16 @@ def test_session_id_from_user_field_and_header() -> None:
 
         def stream(self, model, prompt=None, **kw):  # noqa: ANN001, ANN201, ANN003
             self.calls.append(kw)
+            return self  # a stream as open_streams sees it: its frames, aclose
 
+        _frames = [b"request"]
+
+        async def aclose(self) -> None:
+            pass
+
+    # (the n choices of one input share the first one's request, routing
+    # frame included: test_review_limits)
     rec = Recorder()
-    req = parse_completion({"model": "m", "prompt": ["a", "b"], "n": 2, "user": "u-3"})
-    open_streams(rec, req)  # type: ignore[arg-type]
-    assert [c["session_id"] for c in rec.calls] == ["u-3"] * 4
+    req = parse_completion({"model": "m", "prompt": ["a", "b"], "user": "u-3"})
+    asyncio.run(open_streams(rec, req))  # type: ignore[arg-type]
+    assert [c["session_id"] for c in rec.calls] == ["u-3"] * 2

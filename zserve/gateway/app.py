@@ -8,6 +8,9 @@ Endpoints: ``GET /v1/models[/{model}]``, ``POST /v1/chat/completions``,
 ``Authorization: Bearer <key>``; the page, ``/health``, ``/ready`` and
 ``/metrics`` stay open.
 
+What one request may cost (body, JSON, streams) is ``limits.py``; slow and
+numerous HTTP clients are held off by the server (``server.py``).
+
 Bare Starlette, not FastAPI, by measurement: 1-token non-streaming chat
 completions, sequential on one keep-alive httpx connection, null engine,
 broker + worker + gateway + load generator on one 2-core machine, the same
@@ -49,9 +52,10 @@ from starlette.routing import Route
 
 from zserve import protocol as p
 from zserve.client import AsyncClient
-from zserve.gateway import page, schema
+from zserve.gateway import limits, page, schema
 from zserve.gateway.errors import APIError, to_api_error
 from zserve.gateway.generation import close_all, complete, first_batches, open_streams, stream_body
+from zserve.gateway.limits import ServerLimits, read_body
 from zserve.gateway.metrics import CONTENT_TYPE, Metrics, Tracker
 from zserve.gateway.schema import dumps
 from zserve.gateway.sse import HEADERS as SSE_HEADERS
@@ -73,32 +77,6 @@ _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 def error_response(err: APIError) -> Response:
     return Response(err.body(), status_code=err.status, media_type=JSON)
-
-
-MAX_BODY = 4 * p.MAX_REQUEST_SIZE  # bytes of one HTTP request body
-
-
-async def read_body(receive: Receive) -> bytes:
-    """The whole request body; ``ClientGone`` if the client left first."""
-    msg = await receive()
-    if msg["type"] == "http.disconnect":
-        raise ClientGone
-    body: bytes = msg.get("body", b"")
-    if msg.get("more_body"):
-        parts = [body]
-        size = len(body)
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                raise ClientGone
-            parts.append(msg.get("body", b""))
-            size += len(parts[-1])
-            if size > MAX_BODY:
-                raise APIError(f"request body larger than {MAX_BODY} bytes", "bad_request")
-            if not msg.get("more_body"):
-                break
-        body = b"".join(parts)
-    return body
 
 
 SESSION_HEADER = b"x-session-id"
@@ -267,13 +245,17 @@ class Gateway:
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, chat: bool) -> None:
         try:
-            self.check_key(scope["headers"])
-            body = schema.load_json(await read_body(receive))
+            headers = scope["headers"]
+            self.check_key(headers)
+            limits.check_length(headers)
+            body = await limits.load_json(await read_body(receive))
             req = schema.parse_chat(body) if chat else schema.parse_completion(body)
-            sid = session_header(scope["headers"])
+            limits.check_streams(req.inputs, req.n)
+            limits.check_numbers(req.params)
+            sid = session_header(headers)
             if sid is not None:
                 req.session_id = sid
-            streams = open_streams(self.client, req)
+            streams = await open_streams(self.client, req)
         except ClientGone:
             return
         except Exception as e:
@@ -329,7 +311,8 @@ class Gateway:
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             self.check_key(scope["headers"])
-            body = schema.load_json(await read_body(receive))
+            limits.check_length(scope["headers"])
+            body = await limits.load_json(await read_body(receive))
             model, texts, fmt = schema.parse_embedding(body)
         except ClientGone:
             return
@@ -454,9 +437,13 @@ def serve(
     log_level: str = "info",
     curve_secret: str | None = None,
     curve_server: str | None = None,
+    server_limits: ServerLimits | None = None,
 ) -> None:
-    """Run the gateway on uvicorn until SIGINT/SIGTERM."""
+    """Run the gateway on uvicorn until SIGINT/SIGTERM; ``server_limits``:
+    how long clients may take to send a request, and how many may connect."""
     import uvicorn
+
+    from zserve.gateway import server
 
     app = create_app(
         broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness,
@@ -466,6 +453,9 @@ def serve(
         app,
         host=host,
         port=port,
+        http=server.protocol(server_limits or ServerLimits()),
+        ws="none",
+        timeout_keep_alive=limits.KEEP_ALIVE_TIMEOUT,
         log_config=None,  # the CLI configures logging
         log_level=log_level,
         access_log=log_level == "debug",
@@ -473,4 +463,3 @@ def serve(
         timeout_graceful_shutdown=3,
     )
     uvicorn.Server(config).run()
-

@@ -8,16 +8,23 @@ zserve code                        status  OpenAI type
 bad_request, context_overflow      400     invalid_request_error
 (bad or missing API key)           401     authentication_error
 model_not_found                    404     invalid_request_error
+request_timeout (a slow client)    408     invalid_request_error
 overloaded                         429     rate_limit_error
+headers_too_large                  431     invalid_request_error
 worker_lost, broker_unreachable,   503     server_error
 timeout (no free worker in time,
 or a worker that went silent),
-cancelled (gateway shutting down)
+cancelled (gateway shutting down),
+too_many_connections
 anything else (engine_error, ...)  500     server_error
 =================================  ======  ==========================
 
 ``timeout`` is 503, not 504: the broker sends it when no worker freed up for
 a queued request in time, which is "no worker" from the caller's side.
+
+A request that breaks a limit on the way out (an integer too large for the
+wire, ``OverflowError``; nesting too deep, ``RecursionError``) is a 400 too,
+never a 500.
 """
 
 from __future__ import annotations
@@ -33,18 +40,23 @@ STATUS: dict[str, int] = {
     "context_overflow": 400,
     "invalid_api_key": 401,
     "model_not_found": 404,
+    "request_timeout": 408,
     "overloaded": 429,
+    "headers_too_large": 431,
     "worker_lost": 503,
     "broker_unreachable": 503,
     "timeout": 503,
     "cancelled": 503,  # the gateway is shutting down
+    "too_many_connections": 503,
 }
 
 _TYPE: dict[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    408: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
 }
 
 
@@ -85,6 +97,10 @@ def to_api_error(e: BaseException) -> APIError:
     without a traceback)."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, OverflowError):
+        return APIError(f"a number in the request is out of range ({e})", "bad_request")
+    if isinstance(e, RecursionError):
+        return APIError("the request is nested too deeply", "bad_request")
     if not isinstance(e, ZServeError):
         return APIError(f"internal error: {type(e).__name__}: {e}", "internal_error")
     param = None
@@ -94,4 +110,3 @@ def to_api_error(e: BaseException) -> APIError:
     elif e.code == "model_not_found":
         param = "model"
     return APIError(e.message, e.code, param)
-

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from zserve.client import AsyncClient, AsyncStream
 from zserve.gateway.errors import to_api_error
+from zserve.gateway.limits import check_fanout
 from zserve.gateway.metrics import Tracker
 from zserve.gateway.schema import Choice, GenRequest, total_usage
 from zserve.gateway.sse import DONE, ChunkEncoder, error_event
@@ -22,9 +23,11 @@ from zserve.protocol import Delta, choice_seed, merge_tool_calls
 T = TypeVar("T")
 
 
-def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream]:
+async def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream]:
     """One stream per choice, index = input * n + j (nothing is sent yet);
-    bad sampling parameters raise ``BadRequest`` here."""
+    bad sampling parameters raise ``BadRequest`` here, and more requests
+    in flight than ``limits.MAX_FANOUT_BYTES`` an ``APIError``. The choices
+    of one input with the same parameters share one encoded request."""
     sid, seed = req.session_id, req.params.get("seed")
     # Seeded: choice j gets its own seed (protocol.choice_seed), so that the
     # n choices differ and the same seed gives the same n again.
@@ -34,16 +37,40 @@ def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream]:
         else req.params
         for j in range(req.n)
     ]
-    if req.messages is not None:
-        return [
-            client.stream(req.model, messages=req.messages, session_id=sid, **params)
-            for params in per_choice
-        ]
-    return [
-        client.stream(req.model, p, session_id=sid, **params)
-        for p in req.prompts
-        for params in per_choice
-    ]
+    inputs: list[str | None] = [None] if req.messages is not None else list(req.prompts)
+    streams: list[AsyncStream] = []
+    in_flight = 0  # bytes of the requests these streams will send
+    try:
+        for prompt in inputs:
+            shared: AsyncStream | None = None  # the choice whose request the unseeded share
+            for params in per_choice:
+                if shared is not None and params is req.params:
+                    s = _repeat(client, shared)
+                else:
+                    s = client.stream(
+                        req.model, prompt, messages=req.messages, session_id=sid, **params
+                    )
+                    if params is req.params:
+                        shared = s
+                streams.append(s)
+                in_flight += _size(s)
+                check_fanout(in_flight, len(streams), req.n)
+    except BaseException:
+        await close_all(streams)
+        raise
+    return streams
+
+
+# The client's AsyncStream as it is before its first read: its request's
+# frames (``_frames``) are there to share.
+def _repeat(client: AsyncClient, stream: AsyncStream) -> AsyncStream:
+    """Another stream with ``stream``'s request, sharing its encoded body."""
+    rid, frames = client._core.repeat_frames(stream._frames)  # type: ignore[arg-type]
+    return AsyncStream(client, rid, frames)
+
+
+def _size(stream: AsyncStream) -> int:
+    return sum(map(len, stream._frames or ()))
 
 
 async def close_all(streams: list[AsyncStream]) -> None:
