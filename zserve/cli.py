@@ -66,6 +66,11 @@ Frontends = Annotated[
 ]
 # One broker frontend (generate, chat, gateway).
 Frontend = Annotated[str, typer.Option("--broker", help="broker frontend")]
+# The gateway's API keys from a file (gateway, run).
+ApiKeysFile = Annotated[
+    str | None,
+    typer.Option(help="a file of accepted API keys, one a line (# comments); adds to --api-keys"),
+]
 
 
 def _addresses(values: list[str] | None, default: str) -> list[str]:
@@ -576,8 +581,14 @@ def gateway(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     api_keys: Annotated[
-        str | None, typer.Option(help="accepted API keys, comma-separated (default: none needed)")
+        str | None,
+        typer.Option(
+            help="accepted API keys, comma-separated (default: none needed); "
+            "visible in ps: prefer --api-keys-file or the ZSERVE_API_KEYS environment variable",
+            envvar="ZSERVE_API_KEYS",
+        ),
     ] = None,
+    api_keys_file: ApiKeysFile = None,
     timeout: Annotated[float, typer.Option(help="seconds a request may go without a token")] = (
         60.0
     ),
@@ -611,11 +622,12 @@ def gateway(
 ) -> None:
     """Run the OpenAI-compatible HTTP gateway (a broker client)."""
     from zserve.gateway.app import serve
+    from zserve.gateway.keys import api_keys as gather_keys
     from zserve.security import ClientCurve
 
     _logging(log_level)
-    keys = [k.strip() for k in (api_keys or "").split(",") if k.strip()]
     with _exit_on_bad_input():
+        keys = gather_keys(api_keys, api_keys_file)
         limits = ServerLimits(header_timeout, body_timeout, max_connections)
         ClientCurve.load(curve_secret, curve_server)  # bad key files fail before uvicorn starts
     serve(
@@ -678,20 +690,28 @@ def run(
         str | None,
         typer.Option(help="CURVE on: keys for broker, worker and client in DIR (made if missing)"),
     ] = None,
+    api_keys_file: ApiKeysFile = None,
     log_level: LogLevel = "warning",
 ) -> None:
     """Serve one model: broker + worker + gateway until Ctrl-C. Other options
-    (--capacity, --max-model-len, --engine-arg K=V, ...) go to the worker."""
+    (--capacity, --max-model-len, --engine-arg K=V, ...) go to the worker.
+    The gateway takes its API keys from --api-keys-file or ZSERVE_API_KEYS."""
+    from zserve.gateway.keys import read_key_file
     from zserve.launcher import run_stack
 
     _logging(log_level)
     if brokers < 1:
         raise typer.BadParameter("--brokers must be >= 1")
+    gateway_args = []
+    if api_keys_file is not None:
+        with _exit_on_bad_input():
+            read_key_file(api_keys_file)  # a bad file fails before anything starts
+        gateway_args = ["--api-keys-file", api_keys_file]
     try:
         code = run_stack(
             engine, model_dir, frontend, backend, gateway_port, log_level,
             model=model, model_names=model_names, extra_worker_args=list(ctx.args),
-            curve_dir=curve_dir, brokers=brokers,
+            curve_dir=curve_dir, brokers=brokers, gateway_args=gateway_args,
         )  # fmt: skip
     except ValueError as e:  # endpoints that cannot take several brokers
         typer.echo(f"error: {e}", err=True)

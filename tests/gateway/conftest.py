@@ -70,15 +70,16 @@ class GatewayStack:
             pr.stop()
 
 
-def start_gateway(frontend: str, *args: str) -> tuple[Proc, str]:
+def start_gateway(frontend: str, *args: str, **popen: Any) -> tuple[Proc, str]:
     """``zserve gateway`` on a free port; returns it and its root URL once it
-    answers HTTP (any status)."""
+    answers HTTP (any status). ``popen``: for ``Proc`` (``env=...``)."""
     port = free_port()
     proc = Proc(
         zserve_cmd(
             "gateway", "--broker", frontend, "--port", str(port), "--log-level", "warning", *args
         ),
         name="gateway",
+        **popen,
     )
     root = f"http://127.0.0.1:{port}"
 

@@ -94,12 +94,13 @@ def test_401_api_keys(gw: GatewayStack) -> None:
                 gw.base_url + path, headers=headers, **({} if get else {"json": {}})
             )
             assert r.status_code == 401, (path, headers)
-    # Either key works; /health and /metrics need none.
+    # Either key works; /health needs none, /metrics one (test_review_auth).
     for key in (KEY, KEY2):
         r = sdk(gw, key).chat.completions.create(model="m", messages=USER, max_tokens=1)
         assert r.choices[0].message.content == "t0 "
     assert httpx.get(gw.root + "/health").status_code == 200
-    assert httpx.get(gw.root + "/metrics").status_code == 200
+    assert httpx.get(gw.root + "/metrics").status_code == 401
+    assert httpx.get(gw.root + "/metrics", headers=gw.headers).status_code == 200
 
 
 # ------------------------------------------------------------------ 404

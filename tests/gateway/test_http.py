@@ -116,7 +116,7 @@ def test_error_before_the_first_token_is_an_http_status_not_an_event(gw: Gateway
 
 
 def test_health(gw: GatewayStack) -> None:
-    r = httpx.get(gw.root + "/health")
+    r = httpx.get(gw.root + "/health", headers=gw.headers)
     assert r.status_code == 200
     assert r.json()["status"] == "ok" and "m" in r.json()["models"]
 
@@ -133,7 +133,7 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 
 def test_metrics(gw: GatewayStack) -> None:
-    before = httpx.get(gw.root + "/metrics").text
+    before = httpx.get(gw.root + "/metrics", headers=gw.headers).text
     h = gw.headers
     url = gw.base_url
     for _ in range(3):
@@ -145,7 +145,7 @@ def test_metrics(gw: GatewayStack) -> None:
     httpx.post(url + "/chat/completions", json=chat("unknown-model", 5), headers=h)
     httpx.post(url + "/chat/completions", json=chat("m", 5, temperature=-3), headers=h)
     emb = httpx.post(url + "/embeddings", json={"model": "m", "input": ["a b"]}, headers=h)
-    after = httpx.get(gw.root + "/metrics").text
+    after = httpx.get(gw.root + "/metrics", headers=gw.headers).text
 
     def delta(name: str, **labels: str) -> float:
         try:
@@ -181,7 +181,12 @@ def test_metrics_in_flight_gauges_while_streaming(gw: GatewayStack) -> None:
     ) as r:
         lines = r.iter_lines()  # (dropping a half-read iterator closes the connection)
         next(lines)
-        text = httpx.get(gw.root + "/metrics").text
+
+        def broker_counts_it() -> str | None:  # its status is up to STATUS_TTL old
+            text = httpx.get(gw.root + "/metrics", headers=gw.headers).text
+            return text if sample(text, "zserve_broker_worker_in_flight", models="slow") else None
+
+        text = wait_for(broker_counts_it, 10, "the broker's in-flight gauge")
         assert sample(text, "zserve_gateway_requests_in_flight") == 1
         assert sample(text, "zserve_broker_worker_in_flight", models="slow") == 1
     gw.wait_idle("slow")

@@ -44,7 +44,7 @@ def test_ready_is_503_without_a_broker() -> None:
 
 
 def test_health_counts_workers(gw: GatewayStack) -> None:
-    body = httpx.get(gw.root + "/health").json()
+    body = httpx.get(gw.root + "/health", headers=gw.headers).json()
     # the module's stack: one worker per served model
     assert body["broker"] == "reachable" and body["workers"] == len(MODELS)
 

@@ -4,9 +4,13 @@ one hop to the broker.
 Endpoints: ``GET /v1/models[/{model}]``, ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``POST /v1/embeddings``, ``GET /health``,
 ``GET /ready``, ``GET /metrics``, and the chat page at ``GET /``
-(``page.py``). With API keys set, ``/v1/*`` wants
-``Authorization: Bearer <key>``; the page, ``/health``, ``/ready`` and
-``/metrics`` stay open.
+(``page.py``). With API keys set, ``/v1/*`` and ``/metrics`` want
+``Authorization: Bearer <key>`` (a Prometheus scrape config sends one with
+``authorization: {credentials: ...}``); the page, ``/health`` and ``/ready``
+stay open, but tell a caller without a key only the status: no models, no
+workers. Those three share one broker ``status`` answer for up to
+``STATUS_TTL`` seconds, so a flood of probes costs one broker query a
+second at most.
 
 What one request may cost (body, JSON, streams) is ``limits.py``; slow and
 numerous HTTP clients are held off by the server (``server.py``).
@@ -65,6 +69,7 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 STATUS_TIMEOUT = 2.0  # seconds for /health, /v1/models and /metrics broker queries
+STATUS_TTL = 1.0  # seconds one broker status answer (or failure) serves /health, /ready, /metrics
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -150,6 +155,11 @@ class Gateway:
         self.created = int(time.time())
         self._client: AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The last broker status answer (or APIError) and when it came; the
+        # query in flight, shared by every caller meanwhile.
+        self.clock = time.monotonic
+        self._status: tuple[float, Any] | None = None
+        self._status_query: asyncio.Task[Any] | None = None
 
     @property
     def client(self) -> AsyncClient:
@@ -191,10 +201,11 @@ class Gateway:
         self.metrics.error(err.code, err.status)
         await send_json(send, err.body(), err.status)
 
-    def check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """``headers``: the ASGI scope's (lower-case names)."""
+    def has_key(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether the caller may see everything: no keys are set, or
+        ``headers`` (the ASGI scope's, lower-case names) carry one."""
         if not self.api_keys:
-            return
+            return True
         auth = b""
         for name, value in headers:
             if name == b"authorization":
@@ -203,9 +214,12 @@ class Gateway:
         scheme, _, key = auth.partition(b" ")
         if scheme.lower() == b"bearer" and key:
             k = key.strip()
-            if any(hmac.compare_digest(k, good) for good in self.api_keys):
-                return
-        raise APIError("invalid or missing API key", "invalid_api_key")
+            return any(hmac.compare_digest(k, good) for good in self.api_keys)
+        return False
+
+    def check_key(self, headers: list[tuple[bytes, bytes]]) -> None:
+        if not self.has_key(headers):
+            raise APIError("invalid or missing API key", "invalid_api_key")
 
     async def _query(self, what: str) -> Any:
         c = self.client
@@ -215,6 +229,31 @@ class Gateway:
         except TimeoutError:
             msg = f"no answer from the broker at {self.broker}"
             raise APIError(msg, "broker_unreachable") from None
+
+    async def broker_status(self) -> dict[str, Any]:
+        """The broker's ``status``, at most ``STATUS_TTL`` seconds old: one
+        query answers every caller until then (a failure too)."""
+        cached = self._status
+        if cached is not None and self.clock() - cached[0] < STATUS_TTL:
+            result = cached[1]
+        else:
+            query = self._status_query
+            if query is None:
+                query = self._status_query = asyncio.ensure_future(self._query_status())
+            result = await asyncio.shield(query)
+        if isinstance(result, APIError):
+            raise APIError(result.message, result.code, result.param)
+        return result  # type: ignore[no-any-return]
+
+    async def _query_status(self) -> Any:
+        try:
+            result: Any = await self._query("status")
+        except Exception as e:  # noqa: BLE001 - kept, raised to each caller
+            result = self._error(e)
+        finally:
+            self._status_query = None
+        self._status = (self.clock(), result)
+        return result
 
     # ---------------------------------------------------------- endpoints
 
@@ -344,37 +383,50 @@ class Gateway:
 
     async def health(self, request: Request) -> Response:
         """200 while the broker answers (503 ``broker_unreachable`` when it
-        does not), with how many workers serve and which models."""
+        does not), with how many workers serve and which models (to a
+        caller with a key, where keys are set)."""
         try:
-            st = await self._query("status")
+            st = await self.broker_status()
         except Exception as e:
-            return self.fail(e)
-        body = {
-            "status": "ok",
-            "broker": "reachable",
-            "workers": len(st["workers"]),
-            "models": sorted(st["models"]),
-        }
+            err = self._error(e)
+            self.metrics.error(err.code, err.status)
+            if not self.has_key(request.scope["headers"]):
+                err = APIError("the broker does not answer", err.code)
+            return error_response(err)
+        body: dict[str, Any] = {"status": "ok", "broker": "reachable"}
+        if self.has_key(request.scope["headers"]):
+            body["workers"] = len(st["workers"])
+            body["models"] = sorted(st["models"])
         return Response(dumps(body), media_type=JSON)
 
     async def ready(self, request: Request) -> Response:
         """For load balancers and readiness probes: 503 until at least one
         worker serves through a reachable broker, then 200."""
+        keyed = self.has_key(request.scope["headers"])
         try:
-            st = await self._query("status")
+            st = await self.broker_status()
         except Exception as e:
-            err = self._error(e)
-            body = {"ready": False, "workers": 0, "reason": err.message}
+            why = self._error(e).message if keyed else "the broker does not answer"
+            body = {"ready": False, "reason": why}
+            if keyed:
+                body["workers"] = 0
             return Response(dumps(body), status_code=503, media_type=JSON)
         n = len(st["workers"])
-        body = {"ready": n > 0, "workers": n, "models": sorted(st["models"])}
+        body = {"ready": n > 0}
+        if keyed:
+            body["workers"] = n
+            body["models"] = sorted(st["models"])
         if not n:
             body["reason"] = "no worker serves yet"
         return Response(dumps(body), status_code=200 if n else 503, media_type=JSON)
 
     async def prometheus(self, request: Request) -> Response:
+        """The metrics; with keys set, only for a caller with one (they name
+        models, workers and their capacity)."""
+        if not self.has_key(request.scope["headers"]):
+            return self.fail(APIError("invalid or missing API key", "invalid_api_key"))
         try:
-            status = await self._query("status")
+            status = await self.broker_status()
         except Exception as e:
             log.debug("broker status for /metrics failed: %s", e)
             status = None

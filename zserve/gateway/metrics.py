@@ -3,8 +3,9 @@
 Per model: requests, prompt and completion tokens, time to first token,
 inter-token latency and request duration. Gateway-wide: requests in flight,
 errors by code and HTTP status. The broker's view (``zserve_broker_*``) is
-read with a ``status`` query when ``/metrics`` is scraped, so it is as fresh
-as the scrape and costs nothing in between.
+read with a ``status`` query when ``/metrics`` is scraped, shared with
+``/health`` and ``/ready`` for up to a second (``app.STATUS_TTL``): at most
+that old, and nothing in between scrapes.
 
 Inter-token latency is observed once per batch of deltas the gateway reads:
 deltas that arrived together count as one gap (the time since the previous
