@@ -195,6 +195,7 @@ def run_stack(
     extra_worker_args: Sequence[str] = (),
     curve_dir: str | None = None,
     brokers: int = 1,
+    gateway_args: Sequence[str] = (),
 ) -> int:
     """Broker + one worker (+ the gateway where installed) until Ctrl-C.
 
@@ -208,7 +209,9 @@ def run_stack(
     ``zserve worker`` as they are (engine options, ``--capacity``, ...).
     ``curve_dir``: CURVE on both broker sockets, with the key set in that
     directory (``security.ensure_key_set``: written where missing); the
-    gateway uses the client key."""
+    gateway uses the client key. ``gateway_args`` go to ``zserve gateway``
+    (``--api-keys-file``; keys in ``ZSERVE_API_KEYS`` reach it through the
+    environment)."""
     procs: list[Proc] = []
     broker_curve: list[str] = []
     worker_curve: list[str] = []
@@ -259,7 +262,7 @@ def run_stack(
             gateway = Proc(
                 zserve_cmd(
                     "gateway", "--broker", ",".join(fes), "--port", str(gateway_port),
-                    "--log-level", log_level, *client_curve,
+                    "--log-level", log_level, *client_curve, *gateway_args,
                 ),
                 name="gateway",
             )
