@@ -222,11 +222,11 @@ class ClientCore:
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
         return rid, [p.CLIENT, p.C_REQUEST, rid, model.encode(), body, self._hb]
 
-    def query_frames(self, service: bytes) -> tuple[bytes, list[bytes]]:
+    def query_frames(self, service: bytes, *args: bytes) -> tuple[bytes, list[bytes]]:
         rid = self.next_id()
         self.streams[rid] = StreamState(rid)
-        # [ZSC1, QUERY, request_id, service]
-        return rid, [p.CLIENT, p.C_QUERY, rid, service]
+        # [ZSC1, QUERY, request_id, service, args...]
+        return rid, [p.CLIENT, p.C_QUERY, rid, service, *args]
 
     @staticmethod
     def cancel_frames(rid: bytes) -> list[bytes]:

@@ -157,6 +157,12 @@ def broker(
     max_inflight_per_client: Annotated[
         int, typer.Option(help="requests one client may have in flight (0: no limit)")
     ] = 0,
+    store_max_count: Annotated[
+        int, typer.Option(help="stored responses held for the gateways, at most (oldest out)")
+    ] = 10_000,
+    store_max_bytes: Annotated[
+        int, typer.Option(help="bytes of stored responses held for the gateways, at most")
+    ] = 64 * 1024 * 1024,
     ready_file: Annotated[
         str | None, typer.Option(help="write the bound endpoints here as JSON")
     ] = None,
@@ -194,6 +200,8 @@ def broker(
         max_message_size=max_message_size,
         frontend_hwm=frontend_hwm,
         max_inflight_per_client=max_inflight_per_client,
+        store_max_count=store_max_count,
+        store_max_bytes=store_max_bytes,
         curve_secret=curve_secret,
         curve_allow_workers=curve_allow_workers,
         curve_allow_clients=curve_allow_clients,

@@ -471,6 +471,11 @@ class Client(_Base):
     def status(self) -> dict[str, Any]:
         return dict(self._final(*self._core.query_frames(p.SERVICE_STATUS)).result)
 
+    def query(self, service: bytes, *args: bytes) -> Any:
+        """A broker service's answer (``protocol.SERVICES``; ``args``: the
+        store services' key and value)."""
+        return self._final(*self._core.query_frames(service, *args)).result
+
     def close(self) -> None:
         if self._closed:
             return
@@ -810,6 +815,23 @@ class AsyncClient(_Base):
 
     async def status(self) -> dict[str, Any]:
         return dict((await self._final(*self._core.query_frames(p.SERVICE_STATUS))).result)
+
+    async def query(self, service: bytes, *args: bytes, link: int | None = None) -> Any:
+        """A broker service's answer (``protocol.SERVICES``; ``args``: the
+        store services' key and value). ``link``: ask that broker (an index
+        into ``addresses``), not the one new requests go to."""
+        rid, frames = self._core.query_frames(service, *args)
+        if link is None:
+            return (await self._final(rid, frames)).result
+        core = self._core
+        core.mark_sent(rid, time.monotonic(), link)
+        try:
+            await self._send(frames, link)
+        except BaseException:
+            core.forget(rid)
+            raise
+        async with AsyncStream(self, rid, None) as s:  # type: ignore[arg-type]  # sent
+            return (await s.__anext__()).result
 
     async def aclose(self) -> None:
         if self._closed:

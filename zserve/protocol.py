@@ -52,7 +52,7 @@ C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, r
 C_CANCEL = b"\x02"  # [ZSC1, CANCEL, request_id]
 C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT, heartbeat_ms?, quiet_request_ids?]
 C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
-C_QUERY = b"\x05"  # [ZSC1, QUERY, request_id, service]
+C_QUERY = b"\x05"  # [ZSC1, QUERY, request_id, service, args...]  (args: store services)
 # broker -> client
 C_TOKENS = b"\x06"  # [ZSC1, TOKENS, payload]
 # (HEARTBEAT is also sent broker -> client while the client has requests in flight:
@@ -81,7 +81,15 @@ W_CANCEL = b"\x06"  # [ZSW1, CANCEL, client_id, request_id]
 # Service names for C_QUERY.
 SERVICE_MODELS = b"models"
 SERVICE_STATUS = b"status"
-SERVICES = (SERVICE_MODELS, SERVICE_STATUS)
+# The response store the gateways share through every broker (broker/store.py),
+# a bounded map of opaque values: put [key, value] -> true (false: it cannot
+# fit), get [key] -> the value or nil, delete [key] -> whether it was there.
+SERVICE_STORE_PUT = b"store.put"
+SERVICE_STORE_GET = b"store.get"
+SERVICE_STORE_DELETE = b"store.delete"
+STORE_SERVICES = (SERVICE_STORE_PUT, SERVICE_STORE_GET, SERVICE_STORE_DELETE)
+MAX_STORE_KEY = 256  # bytes
+SERVICES = (SERVICE_MODELS, SERVICE_STATUS, *STORE_SERVICES)
 
 # Request kinds (body["kind"]).
 KIND_GENERATE = "generate"

@@ -34,6 +34,9 @@ from zserve.broker.dispatch import (
     make_policy,
 )
 from zserve.broker.registry import Registry, RequestKey, WorkerState
+from zserve.broker.store import DEFAULT_MAX_BYTES as STORE_MAX_BYTES
+from zserve.broker.store import DEFAULT_MAX_COUNT as STORE_MAX_COUNT
+from zserve.broker.store import BoundedStore
 from zserve.protocol import WorkerInfo
 from zserve.security import DOMAIN_CLIENTS, DOMAIN_WORKERS, BrokerAuth
 
@@ -95,6 +98,9 @@ class BrokerConfig:
     frontend_hwm: int = p.FRONTEND_HWM
     max_inflight_per_client: int = 0  # requests one client may have in flight; 0: no limit
     seed: int | None = None
+    # The response store the gateways share (broker/store.py): its bounds.
+    store_max_count: int = STORE_MAX_COUNT
+    store_max_bytes: int = STORE_MAX_BYTES
     # cache_aware dispatch (see broker/dispatch.py CacheAware)
     cache_map_size: int = CACHE_MAP_SIZE
     cache_threshold_abs: float = CACHE_THRESHOLD_ABS
@@ -118,6 +124,8 @@ class Broker:
         self.registry = Registry(config.expiry)
         self.rng = random.Random(config.seed)
         self.counters: Counter[str] = Counter()
+        # The gateways' stored responses (opaque values; QUERY store.*).
+        self.store = BoundedStore(config.store_max_count, config.store_max_bytes)
         options = None
         if config.dispatch == "cache_aware":
             options = {
@@ -383,14 +391,20 @@ class Broker:
         self._cancel(req, notify_client=True)
 
     def _handle_client_query(self, client: bytes, frames: list[bytes]) -> None:
-        # [client, ZSC1, QUERY, request_id, service]
-        if len(frames) != 5:
-            raise ValueError("QUERY needs 5 frames")
+        # [client, ZSC1, QUERY, request_id, service, args...]
+        if len(frames) < 5:
+            raise ValueError("QUERY needs at least 5 frames")
         rid, service = frames[3], frames[4]
         if service == p.SERVICE_MODELS:
             result: Any = self.registry.models()
         elif service == p.SERVICE_STATUS:
             result = self.status()
+        elif service in p.STORE_SERVICES:
+            try:
+                result = self.store.handle(service, frames[5:])
+            except ValueError as e:
+                self._reply_error(client, rid, "bad_request", str(e))
+                return
         else:
             self._reply_error(client, rid, "bad_request", f"unknown service {service!r}")
             return
@@ -796,5 +810,6 @@ class Broker:
             "curve": self.auth.status() if self.auth is not None else None,
             "dispatch": self.cfg.dispatch,
             "prefix_map": self.cache.stats() if self.cache is not None else None,
+            "store": self.store.stats(),  # the gateways' stored responses
             "uptime_s": round(now - self.started_at, 3),
         }
