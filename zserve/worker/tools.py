@@ -118,7 +118,10 @@ class ToolPlan:
             return JSONCalls(named=None)
         if self.mode == "named":
             return JSONCalls(named=self.name)
-        return ParserCalls(self.parser, tokenizer or _NoTokenizer(), self.offer)
+        try:
+            return ParserCalls(self.parser, tokenizer or _NoTokenizer(), self.offer)
+        except ValueError as e:  # vLLM's request model refused the tools
+            raise BadRequest(f"tools: {e}") from None
 
     async def wrap(
         self, gen: AsyncIterator[Delta], tokenizer: Any, delivered: str = ""
