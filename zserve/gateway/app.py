@@ -61,9 +61,12 @@ from zserve.gateway.errors import APIError, to_api_error
 from zserve.gateway.generation import close_all, complete, first_batches, open_streams, stream_body
 from zserve.gateway.limits import ServerLimits, read_body
 from zserve.gateway.metrics import CONTENT_TYPE, Metrics, Tracker
+from zserve.gateway.responses import handler as responses_handler
+from zserve.gateway.responses import routes as responses_routes
 from zserve.gateway.schema import dumps
 from zserve.gateway.sse import HEADERS as SSE_HEADERS
 from zserve.gateway.sse import ChunkEncoder, ClientGone, DisconnectGuard
+from zserve.gateway.store import SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,8 @@ class Gateway:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.metrics = Metrics()
+        # Stored responses (/v1/responses), held by the brokers.
+        self.store = SharedStore(lambda: self.client)
         self.metrics.resumes = lambda: self._client.resumes if self._client is not None else 0
         self.created = int(time.time())
         self._client: AsyncClient | None = None
@@ -460,11 +465,13 @@ def create_app(
         "/v1/chat/completions": gw.chat,
         "/v1/completions": gw.completions,
         "/v1/embeddings": gw.embeddings,
+        "/v1/responses": responses_handler(gw),
     }
     routes = [
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
         *(Route(path, _Raw(handler), methods=["POST"]) for path, handler in fast.items()),
+        *responses_routes(gw),
         Route("/health", gw.health, methods=["GET"]),
         Route("/ready", gw.ready, methods=["GET"]),
         *page.routes(),

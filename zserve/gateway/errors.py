@@ -7,7 +7,7 @@ zserve code                        status  OpenAI type
 =================================  ======  ==========================
 bad_request, context_overflow      400     invalid_request_error
 (bad or missing API key)           401     authentication_error
-model_not_found                    404     invalid_request_error
+model_not_found, not_found         404     invalid_request_error
 request_timeout (a slow client)    408     invalid_request_error
 overloaded                         429     rate_limit_error
 headers_too_large                  431     invalid_request_error
@@ -40,6 +40,7 @@ STATUS: dict[str, int] = {
     "context_overflow": 400,
     "invalid_api_key": 401,
     "model_not_found": 404,
+    "not_found": 404,  # a stored response (/v1/responses) that is not there
     "request_timeout": 408,
     "overloaded": 429,
     "headers_too_large": 431,

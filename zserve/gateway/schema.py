@@ -71,6 +71,7 @@ NOOP_FIELDS: dict[str, str] = {
     "user": "embeddings: no session to route by (chat and completions use it)",
     "stream_options.include_obfuscation": "no obfuscation padding is added",
     "messages[].annotations": "citations of an earlier reply; not model input",
+    "reasoning": "no served model reasons: accepted and ignored (the Responses API's)",
 }
 # Fields accepted at the value that asks for what zserve does anyway, and a
 # 400 at any other value.
