@@ -56,6 +56,7 @@ class Resume:
     params: bytes  # encoded SamplingParams
     left: int  # resumes still allowed
     routing: bytes = b""  # the routing frame: a continuation goes by the same keys
+    tenant: bytes = b""  # the tenant frame (a gateway's, for its caller): kept too
     ids: list[int] = field(default_factory=list)
     chars: int = 0  # characters of text received
 
@@ -142,12 +143,16 @@ class ClientCore:
         extra: dict[str, Any],
         resume: bool | None = None,
         session_id: str | None = None,
+        tenant: str | None = None,
     ) -> tuple[bytes, list[bytes]]:
         """A generate REQUEST; ``args`` and ``extra`` as ``sampling_params`` takes them.
         ``resume``: continue on another worker if this one dies mid-stream
         (None: the client's default, on when ``max_resumes`` > 0).
         ``session_id``: requests with the same one go to the same worker
-        while its load allows (a broker with ``cache_aware`` dispatch)."""
+        while its load allows (a broker with ``cache_aware`` dispatch).
+        ``tenant``: the tenant to run it as, on behalf of the caller this
+        client (a gateway) authenticated; a broker honours it only from a
+        client whose CURVE key its tenants file trusts (docs/tenants.md)."""
         if prompt is None and messages is None:
             raise BadRequest("give a prompt or messages")
         if session_id is not None and not isinstance(session_id, str):
@@ -155,11 +160,14 @@ class ClientCore:
         params = self._params(args, extra)
         rid, frames = self._open(model, p.encode_generate(prompt, messages, params))
         routing = routing_frame(prompt, messages, session_id)
-        if routing:
-            frames.append(routing)
+        tenant_b = tenant_frame(tenant)
+        if routing or tenant_b:
+            frames.append(routing)  # (empty before a tenant frame: no keys)
+        if tenant_b:
+            frames.append(tenant_b)
         if self.max_resumes > 0 and resume is not False:
             self.streams[rid].resume = Resume(
-                frames[3], prompt, messages, params, self.max_resumes, routing
+                frames[3], prompt, messages, params, self.max_resumes, routing, tenant_b
             )
         return rid, frames
 
@@ -172,7 +180,9 @@ class ClientCore:
         first = self.streams.get(frames[2])
         r = first.resume if first is not None else None
         if r is not None:
-            st.resume = Resume(r.model, r.prompt, r.messages, r.params, r.left, r.routing)
+            st.resume = Resume(
+                r.model, r.prompt, r.messages, r.params, r.left, r.routing, r.tenant
+            )
         return rid, [*frames[:2], rid, *frames[3:]]
 
     def _params(self, args: tuple[Any, ...], extra: dict[str, Any]) -> bytes:
@@ -409,10 +419,12 @@ class ClientCore:
         new.in_flight += 1
         st.link = link
         body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
-        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?]
+        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?, tenant?]
         frames = [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb]
-        if r.routing:
+        if r.routing or r.tenant:
             frames.append(r.routing)
+        if r.tenant:
+            frames.append(r.tenant)
         self.resends.append((link, frames))
 
     def take_resends(self) -> list[tuple[int, list[bytes]]]:
@@ -464,6 +476,16 @@ def routing_frame(
     return p.encode_routing(session_id, chain)
 
 
+def tenant_frame(tenant: str | None) -> bytes:
+    """The REQUEST tenant frame (b"": none)."""
+    if tenant is None:
+        return b""
+    b = tenant.encode() if isinstance(tenant, str) else b""
+    if not b or len(b) > p.MAX_TENANT_NAME:
+        raise BadRequest(f"tenant must be a name of 1 to {p.MAX_TENANT_NAME} bytes")
+    return b
+
+
 def to_delta(rec: list[Any]) -> Delta:
     """A record as the caller sees it; an error record raises its exception."""
     if rec[4] is None and rec[3] is None:  # the common case: a partial record
@@ -471,7 +493,9 @@ def to_delta(rec: list[Any]) -> Delta:
     _, d = Delta.from_record(rec)
     if d.finish_reason == p.FINISH_ERROR:
         err = d.error or {}
-        raise from_code(str(err.get("code", "error")), str(err.get("message", "")))
+        raise from_code(
+            str(err.get("code", "error")), str(err.get("message", "")), err
+        )
     if d.finish_reason == p.FINISH_CANCELLED:
         raise from_code("cancelled", "request cancelled")
     return d

@@ -175,10 +175,22 @@ def broker(
     curve_allow_clients: Annotated[
         str | None, typer.Option(help="CURVE: directory of client .key files allowed")
     ] = None,
+    tenants: Annotated[
+        str | None,
+        typer.Option(help="tenants file (TOML): limits, priorities, fair shares (docs/tenants.md)"),
+    ] = None,
+    peer_bind: Annotated[
+        str | None,
+        typer.Option(help="tenants: endpoint to bind for usage reports to the peer brokers"),
+    ] = None,
+    peer: Annotated[
+        list[str] | None,
+        typer.Option("--peer", help="tenants: a peer broker's --peer-bind endpoint; repeatable"),
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the broker (the controller): registry, dispatch, heartbeats. With
-    CURVE, SIGHUP reloads both allow lists."""
+    CURVE, SIGHUP reloads both allow lists; with --tenants, the tenants file too."""
     from zserve.broker.dispatch import POLICIES
     from zserve.broker.server import Broker, BrokerConfig
 
@@ -205,11 +217,19 @@ def broker(
         curve_secret=curve_secret,
         curve_allow_workers=curve_allow_workers,
         curve_allow_clients=curve_allow_clients,
+        tenants=tenants,
+        peer_bind=peer_bind,
+        peers=[a.strip() for v in peer or [] for a in v.split(",") if a.strip()],
     )
-    with _exit_on_bad_input():  # a key file or an allow directory
+    with _exit_on_bad_input():  # a key file, an allow directory, the tenants file
         b = Broker(cfg)
-    if b.auth is not None:  # without CURVE, SIGHUP keeps its default meaning
-        signal.signal(signal.SIGHUP, lambda signum, frame: b.reload_keys())
+
+    def _reload(signum: int, frame: Any) -> None:
+        b.reload_keys()
+        b.reload_tenants()
+
+    if b.auth is not None or b.admission is not None:  # else SIGHUP keeps its default meaning
+        signal.signal(signal.SIGHUP, _reload)
     if ready_file:
         with open(ready_file + ".tmp", "w") as f:
             json.dump({"frontend": b.frontend_endpoint, "backend": b.backend_endpoint}, f)
@@ -397,6 +417,7 @@ def status(
             "curve": st.get("curve"),
             "dispatch": st.get("dispatch"),
             "prefix_map": st.get("prefix_map"),
+            "tenants": st.get("tenants"),
         }
         typer.echo(json.dumps(out))
         return
@@ -424,6 +445,15 @@ def status(
         from zserve.status import prefix_map_line
 
         con.print(prefix_map_line(pm))
+    from zserve.status import TENANT_COLUMNS, tenant_rows
+
+    if rows := tenant_rows(st):  # with --tenants
+        tt = Table(title="tenants")
+        for col in TENANT_COLUMNS:
+            tt.add_column(col)
+        for row in rows:
+            tt.add_row(*row)
+        con.print(tt)
     if cv := st.get("curve"):
         con.print(
             f"CURVE: {cv['allowed_workers']} worker keys, {cv['allowed_clients']} client keys "
@@ -626,6 +656,10 @@ def gateway(
     ] = MAX_CONNECTIONS,
     curve_secret: CurveSecret = None,
     curve_server: CurveServer = None,
+    tenants: Annotated[
+        str | None,
+        typer.Option(help="the broker's tenants file: its API keys run as their tenants"),
+    ] = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run the OpenAI-compatible HTTP gateway (a broker client)."""
@@ -638,10 +672,15 @@ def gateway(
         keys = gather_keys(api_keys, api_keys_file)
         limits = ServerLimits(header_timeout, body_timeout, max_connections)
         ClientCurve.load(curve_secret, curve_server)  # bad key files fail before uvicorn starts
+        if tenants:
+            from zserve.tenants_config import load_tenants
+
+            load_tenants(tenants)  # a bad tenants file too
     serve(
         broker, host, port, keys, timeout, connect_timeout,
         heartbeat_interval, heartbeat_liveness, log_level.lower(),
         curve_secret=curve_secret, curve_server=curve_server, server_limits=limits,
+        tenants=tenants,
     )  # fmt: skip
 
 

@@ -424,16 +424,19 @@ class Client(_Base):
         ignore_eos: bool | None = None,
         resume: bool | None = None,
         session_id: str | None = None,
+        tenant: str | None = None,
         **params: Any,
     ) -> Stream:
         """``resume=False``: a worker lost mid-stream ends it with
         ``WorkerLost`` instead of continuing it on another worker.
         ``session_id``: a conversation's key; a ``cache_aware`` broker keeps
         the requests that share it on one worker while its load allows (the
-        prompt's prefix hashes are sent with every request regardless)."""
+        prompt's prefix hashes are sent with every request regardless).
+        ``tenant``: run it as this tenant, for a caller this client (a
+        gateway) authenticated; honoured only from a trusted gateway's key."""
         args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
         rid, frames = self._core.request_frames(
-            model, prompt, messages, args, params, resume, session_id
+            model, prompt, messages, args, params, resume, session_id, tenant
         )
         return Stream(self, rid, self._open(rid, frames))
 
@@ -769,16 +772,19 @@ class AsyncClient(_Base):
         ignore_eos: bool | None = None,
         resume: bool | None = None,
         session_id: str | None = None,
+        tenant: str | None = None,
         **params: Any,
     ) -> AsyncStream:
         """``resume=False``: a worker lost mid-stream ends it with
         ``WorkerLost`` instead of continuing it on another worker.
         ``session_id``: a conversation's key; a ``cache_aware`` broker keeps
         the requests that share it on one worker while its load allows (the
-        prompt's prefix hashes are sent with every request regardless)."""
+        prompt's prefix hashes are sent with every request regardless).
+        ``tenant``: run it as this tenant, for a caller this client (a
+        gateway) authenticated; honoured only from a trusted gateway's key."""
         args = (max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos)
         rid, frames = self._core.request_frames(
-            model, prompt, messages, args, params, resume, session_id
+            model, prompt, messages, args, params, resume, session_id, tenant
         )
         return AsyncStream(self, rid, frames)
 

@@ -7,6 +7,7 @@
     │   └── ContextOverflow "context_overflow"
     ├── ModelNotFound       "model_not_found"
     ├── Overloaded          "overloaded"
+    ├── RateLimited         "rate_limited"
     ├── WorkerLost          "worker_lost"
     ├── Timeout             "timeout"
     ├── Cancelled           "cancelled"
@@ -18,6 +19,8 @@
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ZServeError(Exception):
@@ -47,6 +50,37 @@ class ModelNotFound(ZServeError):
 
 class Overloaded(ZServeError):
     code = "overloaded"
+
+
+class RateLimited(ZServeError):
+    """The request's tenant is over one of its limits. ``retry_after``:
+    seconds after which it may pass; ``limit``: which one
+    (``max_inflight``, ``requests_per_minute``, ``tokens_per_minute``), its
+    value, and what was left of it (None where the broker did not say)."""
+
+    code = "rate_limited"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        retry_after: float | None = None,
+        limit: str | None = None,
+        limit_value: float | None = None,
+        remaining: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.limit = limit
+        self.limit_value = limit_value
+        self.remaining = remaining
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"code": self.code, "message": self.message}
+        for k in ("retry_after", "limit", "limit_value", "remaining"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
 
 
 class WorkerLost(ZServeError):
@@ -80,6 +114,7 @@ _BY_CODE: dict[str, type[ZServeError]] = {
         ContextOverflow,
         ModelNotFound,
         Overloaded,
+        RateLimited,
         WorkerLost,
         Timeout,
         Cancelled,
@@ -90,12 +125,28 @@ _BY_CODE: dict[str, type[ZServeError]] = {
 }
 
 
-def from_code(code: str, message: str) -> ZServeError:
-    """Build the exception for a wire error code (unknown codes keep their code)."""
+def from_code(code: str, message: str, details: dict[str, Any] | None = None) -> ZServeError:
+    """Build the exception for a wire error code (unknown codes keep their code);
+    ``details``: the record's whole error map (``rate_limited`` reads its
+    ``retry_after``, ``limit``, ``limit_value`` and ``remaining``)."""
     cls = _BY_CODE.get(code)
     if cls is None:
         return ZServeError(message, code=code)
+    if cls is RateLimited:
+        d = details or {}
+        lim = d.get("limit")
+        return RateLimited(
+            message,
+            retry_after=_number(d.get("retry_after")),
+            limit=lim if isinstance(lim, str) else None,
+            limit_value=_number(d.get("limit_value")),
+            remaining=_number(d.get("remaining")),
+        )
     return cls(message)
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
 __all__ = [
@@ -107,6 +158,7 @@ __all__ = [
     "ModelNotFound",
     "Overloaded",
     "ProtocolError",
+    "RateLimited",
     "Timeout",
     "WorkerLost",
     "ZServeError",

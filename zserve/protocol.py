@@ -42,13 +42,26 @@ import msgpack
 # Version tags (frame 0 after routing id)
 CLIENT = b"ZSC1"
 WORKER = b"ZSW1"
+# Broker to broker: usage reports for limits held across the set (broker/peers.py).
+PEER = b"ZSB1"  # [ZSB1, broker_id, report]
 
 # --------------------------------------------------------------------------
 # Command codes (frame 1), one byte each.
 # client -> broker
-C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, routing?]
+C_REQUEST = b"\x01"  # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, routing?, tenant?]
 # routing (optional; only after heartbeat_ms): the keys cache_aware dispatch
 # reads, binary so that the broker never decodes msgpack (see encode_routing).
+# tenant (optional; only after routing, which may then be empty): the tenant a
+# gateway names on behalf of the API key it checked (UTF-8, at most
+# MAX_TENANT_NAME bytes). A broker with tenants honours it only from a client
+# whose CURVE key its tenants file lists as a trusted gateway; from anyone
+# else it is ignored, and the tenant is the one the client's own key names.
+MAX_TENANT_NAME = 64
+# A request over its tenant's limits ends at once with a RATE_LIMITED error
+# record whose error map also holds ``retry_after`` (seconds, float), and
+# ``limit`` (which: max_inflight, requests_per_minute, tokens_per_minute),
+# ``limit_value`` and ``remaining`` (what was left of it).
+RATE_LIMITED = "rate_limited"
 C_CANCEL = b"\x02"  # [ZSC1, CANCEL, request_id]
 C_HEARTBEAT = b"\x03"  # [ZSC1, HEARTBEAT, heartbeat_ms?, quiet_request_ids?]
 C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
@@ -693,8 +706,15 @@ def merge_tool_calls(into: list[dict[str, Any]], more: list[dict[str, Any]]) -> 
             into.append({**f, "function": dict(f.get("function") or {})})
 
 
-def error_record(request_id: bytes, code: str, message: str) -> list[Any]:
-    return [request_id, "", None, FINISH_ERROR, {"error": {"code": code, "message": message}}]
+def error_record(
+    request_id: bytes, code: str, message: str, details: dict[str, Any] | None = None
+) -> list[Any]:
+    """``details``: more for the error map (``rate_limited``: ``retry_after``
+    seconds, ``limit`` name, ``limit_value``, ``remaining``)."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        err.update(details)
+    return [request_id, "", None, FINISH_ERROR, {"error": err}]
 
 
 def encode_heartbeat_ms(interval: float) -> bytes:

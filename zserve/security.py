@@ -274,6 +274,19 @@ class _AllowLists:
             return dict(self.counters)
 
 
+DOMAIN_BROKERS = "brokers"  # a broker's PUB to its peer brokers (broker/peers.py)
+
+
+class _OnlyKey:
+    """A ZAP credentials provider that allows one key."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.key
+
+
 class BrokerAuth:
     """The broker's CURVE side: its key pair, a ZAP authenticator (pyzmq's
     ``ThreadAuthenticator``) on the broker's context, and the two allow lists.
@@ -308,6 +321,24 @@ class BrokerAuth:
         sock.curve_server = True
         sock.curve_secretkey = self._secret
         sock.curve_publickey = self.public
+
+    def serve_peers(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (the PUB a broker reports its usage on to its peer
+        brokers) a CURVE server in the ``brokers`` ZAP domain, whose only
+        allowed key is this broker's own: the brokers of one set share a
+        key pair, as their clients know one server key."""
+        own = self.public
+        self._auth.configure_curve_callback(DOMAIN_BROKERS, _OnlyKey(own))
+        sock.zap_domain = DOMAIN_BROKERS.encode()
+        sock.curve_server = True
+        sock.curve_secretkey = self._secret
+        sock.curve_publickey = own
+
+    def peer_client(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (a SUB to a peer broker) a CURVE client with the set's key pair."""
+        sock.curve_secretkey = self._secret
+        sock.curve_publickey = self.public
+        sock.curve_serverkey = self.public
 
     def reload(self) -> dict[str, int]:
         """Read both allow lists again (SIGHUP). New connections see the new

@@ -115,6 +115,7 @@ def cluster_status(
                 "counters": st.get("counters", {}),
                 "curve": st.get("curve"),
                 "prefix_map": st.get("prefix_map"),
+                "tenants": st.get("tenants"),
             }
         )
     return {"brokers": brokers, "workers": union_workers(reports), "models": sorted(models)}
@@ -128,3 +129,34 @@ def prefix_map_line(pm: dict[str, Any]) -> str:
         f"hit rate {'-' if rate is None else f'{rate:.1%}'} "
         f"({pm['hits']} hits, {pm['misses']} misses), {pm['sessions']} session dispatches"
     )
+
+
+TENANT_COLUMNS = (
+    "tenant", "prio", "weight", "in flight", "set", "queued", "admitted", "throttled",
+    "tokens", "req left", "tok left", "wait mean", "wait max",
+)  # fmt: skip
+
+
+def tenant_rows(st: dict[str, Any]) -> list[list[str]]:
+    """One row per tenant of a broker ``status`` answer (none without
+    ``--tenants``), as ``zserve status`` prints them: ``set`` is the
+    in-flight count across the broker set, ``throttled`` its rate_limited
+    answers with the limits hit."""
+    tenants = (st.get("tenants") or {}).get("tenants") or {}
+    rows = []
+    for name, t in sorted(tenants.items()):
+        by = ", ".join(f"{k} {v}" for k, v in sorted((t.get("throttled_by") or {}).items()))
+        rows.append(
+            [
+                name, str(t["priority"]), f"{t['weight']:g}", str(t["in_flight"]),
+                str(t["in_flight_set"]), str(t["queued"]), str(t["admitted"]),
+                f"{t['throttled']}" + (f" ({by})" if by else ""), str(t["tokens_served"]),
+                _opt(t.get("requests_left")), _opt(t.get("tokens_left")),
+                f"{t['queue_wait_mean_s']:.3f}s", f"{t['queue_wait_max_s']:.3f}s",
+            ]
+        )  # fmt: skip
+    return rows
+
+
+def _opt(v: Any) -> str:
+    return "-" if v is None else f"{v:g}"

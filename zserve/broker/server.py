@@ -15,6 +15,7 @@ silently.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter, deque
@@ -25,6 +26,7 @@ import zmq
 
 from zserve import protocol as p
 from zserve._loopsock import recv_frames, send_frames
+from zserve.broker.admission import Admission
 from zserve.broker.dispatch import (
     CACHE_MAP_SIZE,
     CACHE_THRESHOLD_ABS,
@@ -37,6 +39,7 @@ from zserve.broker.registry import Registry, RequestKey, WorkerState
 from zserve.broker.store import DEFAULT_MAX_BYTES as STORE_MAX_BYTES
 from zserve.broker.store import DEFAULT_MAX_COUNT as STORE_MAX_COUNT
 from zserve.broker.store import BoundedStore
+from zserve.broker.tenants import Rejection
 from zserve.protocol import WorkerInfo
 from zserve.security import DOMAIN_CLIENTS, DOMAIN_WORKERS, BrokerAuth
 
@@ -45,6 +48,16 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+
+
+def _expired(q: Any, now: float) -> Any:
+    """Take the requests past their queue deadline out of ``q``: from the
+    front of a FIFO deque; from anywhere in a FairQueue."""
+    if isinstance(q, deque):
+        while q and q[0].deadline < now:
+            yield q.popleft()
+    else:
+        yield from q.expired(now)
 
 
 @dataclass(eq=False)
@@ -62,6 +75,11 @@ class PendingRequest:
     # prompt's prefix hashes.
     session: bytes | None = None
     chain: list[bytes] | None = None
+    # Tenants (--tenants only): its tenant (tenants.TenantState), what it
+    # holds from it (tenants.Reserve), when it first entered a queue.
+    tenant: Any = None
+    reserve: Any = None
+    queued_at: float = 0.0
 
     @property
     def key(self) -> RequestKey:
@@ -111,6 +129,11 @@ class BrokerConfig:
     curve_secret: str | None = None
     curve_allow_workers: str | None = None
     curve_allow_clients: str | None = None
+    # Tenants (broker/admission.py): the tenants file; where this broker
+    # reports its usage, and its peer brokers' report endpoints.
+    tenants: str | None = None
+    peer_bind: str | None = None
+    peers: list[str] = field(default_factory=list)
 
     @property
     def expiry(self) -> float:
@@ -150,6 +173,13 @@ class Broker:
         self._running = False
         self.auth = self._start_auth()  # None: no CURVE
         try:
+            # Tenants (None: every caller alike); with CURVE, its peer link
+            # shares the ZAP authenticator.
+            self.admission: Admission | None = (
+                Admission(config.tenants, self.ctx, self.auth, config.peer_bind, config.peers)
+                if config.tenants
+                else None
+            )
             self.frontend = self._router(config.frontend, config.frontend_hwm, DOMAIN_CLIENTS)
             self.backend = self._router(config.backend, 0, DOMAIN_WORKERS)
         except BaseException:
@@ -187,6 +217,11 @@ class Broker:
         if self.auth is not None:
             self.auth.reload()
 
+    def reload_tenants(self) -> None:
+        """Read the tenants file again (the CLI calls it on SIGHUP)."""
+        if self.admission is not None:
+            self.admission.reload()
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> None:
@@ -194,19 +229,31 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        adm = self.admission
+        peers = adm.sockets() if adm is not None else []  # SUBs to peer brokers
+        for s in peers:
+            poller.register(s, zmq.POLLIN)
+        # With tenants, a frontend message is read with its connection's CURVE key.
+        recv_front = adm.recv if adm is not None else recv_frames
         interval = self.cfg.heartbeat_interval
         next_tick = time.monotonic() + interval
+        next_sync = adm.sync(time.monotonic()) if adm is not None else math.inf
         log.info("broker frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
         while self._running:
-            timeout_ms = max(0.0, (next_tick - time.monotonic()) * 1000)
+            timeout_ms = max(0.0, (min(next_tick, next_sync) - time.monotonic()) * 1000)
             events = dict(poller.poll(timeout_ms))
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
             if self.frontend in events:
-                self._drain(self.frontend, self._on_frontend)
+                self._drain(self.frontend, self._on_frontend, recv_front)
+            for s in peers:
+                if s in events:
+                    adm.on_peer(s)  # type: ignore[union-attr]
             if self._dirty_models:
                 self._dispatch_queued()
             now = time.monotonic()
+            if now >= next_sync:
+                next_sync = adm.sync(now)  # type: ignore[union-attr]
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
@@ -217,14 +264,16 @@ class Broker:
     def close(self) -> None:
         self.frontend.close(0)
         self.backend.close(0)
+        if self.admission is not None:
+            self.admission.close()
         if self.auth is not None:
             self.auth.stop()
 
-    def _drain(self, sock: zmq.Socket, handler: Any) -> None:
+    def _drain(self, sock: zmq.Socket, handler: Any, recv: Any = recv_frames) -> None:
         for _ in range(DRAIN_BATCH):
             if not sock.getsockopt(_EVENTS) & _POLLIN:
                 return
-            frames = recv_frames(sock)
+            frames = recv(sock)
             try:
                 handler(frames)
             except (ValueError, TypeError, KeyError, UnicodeDecodeError, IndexError) as e:
@@ -321,9 +370,9 @@ class Broker:
     def _handle_client_request(
         self, client: bytes, frames: list[bytes], c: ClientState | None
     ) -> None:
-        # [client, ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, routing?]
-        if not 6 <= len(frames) <= 8:
-            raise ValueError("REQUEST needs 6 to 8 frames")
+        # [client, ZSC1, REQUEST, request_id, model, body, heartbeat_ms?, routing?, tenant?]
+        if not 6 <= len(frames) <= 9:
+            raise ValueError("REQUEST needs 6 to 9 frames")
         rid, model_b, body = frames[3], frames[4], frames[5]
         if not rid:
             raise ValueError("REQUEST with an empty request id")
@@ -332,7 +381,7 @@ class Broker:
         ttl = 0.0
         if c is None:
             try:
-                ttl = self._client_ttl(frames[6] if len(frames) == 7 else None)
+                ttl = self._client_ttl(frames[6] if len(frames) >= 7 else None)
             except ValueError as e:
                 self._reply_error(client, rid, "bad_request", str(e))
                 return
@@ -355,7 +404,7 @@ class Broker:
             return
         now = time.monotonic()
         req = PendingRequest(client, rid, model, body, now + self.cfg.queue_timeout)
-        if len(frames) == 8 and self.cache is not None and frames[7]:
+        if len(frames) >= 8 and self.cache is not None and frames[7]:
             try:
                 req.session, req.chain = p.decode_routing(frames[7])
             except ValueError as e:
@@ -365,13 +414,24 @@ class Broker:
                 return
         ws = self.registry.available(model)
         if not ws:
-            q = self.queues.setdefault(model, deque())
+            q = self._queue(model)
             if len(q) >= self.cfg.max_queue:
                 self.counters["overloaded"] += 1
                 self._reply_error(
                     client, rid, "overloaded", f"queue for {model!r} is full ({len(q)} waiting)"
                 )
                 return
+        if self.admission is not None:
+            # the tenant's limits: admitted (and its reservation held until
+            # the final), or refused at once, never queued
+            req.tenant, got = self.admission.admit(frames)
+            if isinstance(got, Rejection):
+                self.counters[f"error.{p.RATE_LIMITED}"] += 1
+                rec = p.error_record(rid, p.RATE_LIMITED, got.message, got.details())
+                self._send_client(client, [p.CLIENT, p.C_TOKENS, p.encode_tokens([rec])])
+                return
+            req.reserve = got
+        if not ws:
             q.append(req)
         if c is None:
             c = self.clients[client] = ClientState(now + ttl, ttl)
@@ -474,7 +534,7 @@ class Broker:
         if req.cancelled:  # the CANCEL we sent found nothing running there
             self._end_cancelled(req)
             return
-        self.queues.setdefault(req.model, deque()).appendleft(req)
+        self._queue(req.model).appendleft(req)
         self._dirty_models.add(req.model)
 
     def _handle_worker_ready(
@@ -530,9 +590,11 @@ class Broker:
                 # Sent before the finals are booked: if the send fails, the
                 # client state (and the finals it is owed) still exists.
                 self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
+        # With tenants, each final's usage settles its tenant's reservation.
+        usage = self.admission.usage(frames[5]) if self.admission and finished else None
         for rid in finished:
             if stale is None or rid not in stale:
-                self._finish((client, rid), w)
+                self._finish((client, rid), w, usage.get(rid) if usage else None)
 
     def _filter(self, payload: bytes, drop: set[bytes]) -> bytes | None:
         """Drop records of requests the broker already ended, or that another
@@ -551,15 +613,19 @@ class Broker:
         w.in_flight.add(req.key)
         w.dispatched += 1
         self.counters["dispatched"] += 1
+        if req.tenant is not None:  # its expected tokens on its fair-share counter
+            self.admission.dispatched(req.tenant, req.reserve)  # type: ignore[union-attr]
         self._send_worker(
             w.identity,
             [p.WORKER, p.W_REQUEST, req.client, req.request_id, req.model.encode(), req.body],
         )
 
-    def _finish(self, key: RequestKey, w: WorkerState | None) -> None:
+    def _finish(
+        self, key: RequestKey, w: WorkerState | None, usage: dict[str, Any] | None = None
+    ) -> None:
         """Forget a finished request. ``w``: the worker whose final it was
         (None: the broker ended it); a final from any other worker is stale
-        and changes nothing."""
+        and changes nothing. ``usage``: the final's (tenants settle with it)."""
         req = self.requests.get(key)
         if req is None:
             return
@@ -567,6 +633,8 @@ class Broker:
             self.counters["stale_finals"] += 1
             return
         del self.requests[key]
+        if req.tenant is not None:
+            self.admission.finished(req.tenant, req.reserve, usage, req.started)  # type: ignore[union-attr]
         if req.worker is not None:
             req.worker.in_flight.discard(key)
             self._dirty_models.update(req.worker.info.models)
@@ -623,6 +691,15 @@ class Broker:
             if q is not None and not q:
                 del self.queues[model]
 
+    def _queue(self, model: str) -> Any:
+        """The wait queue of ``model``, made if missing: with tenants a
+        ``FairQueue`` (priority, fair share, aging), else a FIFO deque."""
+        q = self.queues.get(model)
+        if q is None:
+            adm = self.admission
+            q = self.queues[model] = adm.new_queue() if adm is not None else deque()
+        return q
+
     def _choose(self, req: PendingRequest, ws: list[WorkerState]) -> WorkerState:
         if self.cache is not None:
             return self.cache(req.model, ws, self.rng, req.session, req.chain)
@@ -659,7 +736,7 @@ class Broker:
                 self._finish(key, None)
         for req in reversed(retry):  # keep their order, ahead of newer requests
             self.counters["retried"] += 1
-            self.queues.setdefault(req.model, deque()).appendleft(req)
+            self._queue(req.model).appendleft(req)
             self._dirty_models.add(req.model)
 
     def _purge_workers(self, now: float) -> None:
@@ -675,8 +752,7 @@ class Broker:
 
     def _purge_queues(self, now: float) -> None:
         for model, q in list(self.queues.items()):
-            while q and q[0].deadline < now:
-                req = q.popleft()
+            for req in _expired(q, now):
                 self.counters["queue_timeouts"] += 1
                 self._reply_error(
                     req.client, req.request_id, "timeout", f"no free worker for {model!r} in time"
@@ -806,10 +882,16 @@ class Broker:
             "queued": {m: len(q) for m, q in self.queues.items()},
             "requests_in_flight": len(self.requests),
             "clients": len(self.clients),
-            "counters": {**self.counters, **(self.auth.counters() if self.auth else {})},
+            "counters": {
+                **self.counters,
+                **(self.auth.counters() if self.auth else {}),
+                **(self.admission.counters() if self.admission else {}),
+            },
             "curve": self.auth.status() if self.auth is not None else None,
             "dispatch": self.cfg.dispatch,
             "prefix_map": self.cache.stats() if self.cache is not None else None,
+            # {tenants: {name: {...}}, peers: [...], peer_endpoint}; None without --tenants
+            "tenants": self.admission.status() if self.admission is not None else None,
             "store": self.store.stats(),  # the gateways' stored responses
             "uptime_s": round(now - self.started_at, 3),
         }

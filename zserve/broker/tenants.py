@@ -11,8 +11,9 @@ after which it may pass (never queued without bound):
 * ``requests_per_minute`` and ``tokens_per_minute``: token buckets that hold
   a minute's worth and refill continuously (a tenant may burst its whole
   minute, then gets 1/60 of it per second). A request reserves
-  ``prompt estimate + max_tokens`` tokens at admission (the estimate: body
-  bytes / 4; ``reserve_max_tokens`` when it sets no ``max_tokens``) and is
+  ``prompt estimate + max_tokens`` tokens at admission (the estimate: the
+  prompt's characters / 4; ``reserve_max_tokens`` when it sets no
+  ``max_tokens``) and is
   settled at its final with the real ``usage``: an early stop gives the
   unused reservation back. A final without usage (cancelled, lost) keeps the
   reservation if the request had started and gives it all back if not. A
@@ -49,7 +50,7 @@ from zserve.tenants_config import SYNC_LIVENESS, TenantSpec, TenantTable
 INFLIGHT_RETRY = 1.0  # seconds suggested to a caller refused for max_inflight
 DEMAND_SMOOTHING = 0.5  # weight of the newest interval in the demand average
 DEMAND_FLOOR = 0.1  # demand every live broker is given, so shares never hit 0 together
-BYTES_PER_TOKEN = 4  # prompt estimate from the request body
+CHARS_PER_TOKEN = 4  # prompt estimate: about 4 characters a token in English text
 _FULL = 0.999  # a bucket this full lets a request larger than it pass
 
 
@@ -149,6 +150,17 @@ class Rejection:
     limit: str  # "max_inflight", "requests_per_minute" or "tokens_per_minute"
     retry_after: float  # seconds
     message: str
+    limit_value: float = 0.0  # the limit
+    remaining: float = 0.0  # what was left of it
+
+    def details(self) -> dict[str, Any]:
+        """For the ``rate_limited`` error record's map."""
+        return {
+            "retry_after": round(self.retry_after, 3),
+            "limit": self.limit,
+            "limit_value": self.limit_value,
+            "remaining": round(max(0.0, self.remaining), 1),
+        }
 
 
 @dataclass
@@ -190,6 +202,7 @@ class Tenancy:
         self.views: list[PeerView] = [PeerView() for _ in range(peers)]
         self.states: dict[str, TenantState] = {}
         self.counters: Counter[str] = Counter()
+        self._now = now  # of the admission being decided
         self.reload(table, now)
 
     # ------------------------------------------------------------ config
@@ -229,16 +242,17 @@ class Tenancy:
 
     # --------------------------------------------------------- admission
 
-    def reserve_for(self, st: TenantState, body_len: int, max_tokens: int | None) -> float:
+    def reserve_for(self, st: TenantState, prompt_chars: int, max_tokens: int | None) -> float:
         """Tokens a request is expected to use: prompt estimate + max_tokens."""
         mt = max_tokens if max_tokens is not None else self.table.reserve_max_tokens
-        return body_len / BYTES_PER_TOKEN + mt
+        return prompt_chars / CHARS_PER_TOKEN + mt
 
     def admit(self, st: TenantState, estimate: float, now: float) -> Reserve | Rejection:
         """Take one request expecting ``estimate`` tokens from ``st``'s
         limits (its reservation), or say why not. Admitted, it counts as in
         flight until ``settle``."""
         st.arrivals += 1
+        self._now = now
         spec = st.spec
         why = None
         if spec.max_inflight is not None:
@@ -274,7 +288,9 @@ class Tenancy:
             c = st.claim("max_inflight")
             if c.spent + 1 <= c.amount:
                 return None
-            retry = self.table.sync_interval if c.amount >= 1 else INFLIGHT_RETRY
+            # the set has room, only this broker's part is spent: its next tick
+            full = st.in_flight + self._peer_in_flight(st.name, self._now) >= limit
+            retry = INFLIGHT_RETRY if full else self.table.sync_interval
             where = " across the broker set"
         else:
             if st.in_flight < limit:
@@ -284,6 +300,8 @@ class Tenancy:
             "max_inflight",
             retry,
             f"tenant {st.name!r} has {limit} requests in flight{where} (max_inflight)",
+            limit,
+            0.0,
         )
 
     def _check_bucket(
@@ -301,6 +319,8 @@ class Tenancy:
             wait,
             f"tenant {st.name!r} is over its {limit} of {b.per_minute:g} {unit}"
             f" (this request: {n:g}); retry in {wait:.2f} s",
+            b.per_minute,
+            b.level,
         )
 
     def _full_share(self, st: TenantState, b: TokenBucket) -> float:
@@ -387,7 +407,13 @@ class Tenancy:
                 pt.in_flight + pt.unspent.get("max_inflight", 0.0) for pt in peers
             )
             room = limit - used - lost * limit / n
-            share = max(0.0, w * room)
+            live_n = 1 + len(live)
+            if room >= live_n:
+                # one each first (a broker with no demand yet can still admit
+                # one request a tick, and so show its demand), the rest by demand
+                share = 1 + w * (room - live_n)
+            else:
+                share = max(0.0, w * room)
             # (an epsilon: a share of 2.0000001 is 2, not 3)
             amount = math.ceil(share - 1e-6) if first else math.floor(share + 1e-6)
             st.claims["max_inflight"] = Claim(float(min(amount, max(0, math.floor(room)))))
@@ -502,6 +528,11 @@ class Tenancy:
                 "queue_wait_mean_s": round(st.wait_sum / n, 4) if n else 0.0,
                 "queue_wait_max_s": round(st.wait_max, 4),
                 "vtc": round(st.vtc, 1),
+                # with peers: this broker's part of each limit until its next sync tick
+                "claims": {
+                    k: [c.amount, c.spent] for k, c in st.claims.items() if self.peers
+                },
+                "demand": st.demand,
             }
         return out
 

@@ -67,6 +67,7 @@ from zserve.gateway.schema import dumps
 from zserve.gateway.sse import HEADERS as SSE_HEADERS
 from zserve.gateway.sse import ChunkEncoder, ClientGone, DisconnectGuard
 from zserve.gateway.store import SharedStore
+from zserve.gateway.tenants import GatewayTenants
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,13 @@ def session_header(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
-async def send_json(send: Send, body: bytes, status: int = 200) -> None:
+async def send_json(
+    send: Send, body: bytes, status: int = 200, more: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """``more``: more headers (a 429's Retry-After and x-ratelimit-*)."""
     headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
+    if more:
+        headers += more
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -146,11 +152,16 @@ class Gateway:
         heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
         curve_secret: str | None = None,
         curve_server: str | None = None,
+        tenants: str | None = None,
     ) -> None:
         self.broker = broker
         self.curve = (curve_secret, curve_server)  # key files, for the AsyncClient
         self.heartbeat = (heartbeat_interval, heartbeat_liveness)
         self.api_keys = [k.encode() for k in api_keys or [] if k]
+        # The tenants file (tenants.py): its API keys are accepted keys too.
+        self.tenants = GatewayTenants(tenants) if tenants else None
+        if self.tenants is not None:
+            self.api_keys += [k.encode() for k in self.tenants.api_keys]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.metrics = Metrics()
@@ -204,7 +215,7 @@ class Gateway:
     async def send_fail(self, send: Send, e: BaseException) -> None:
         err = self._error(e)
         self.metrics.error(err.code, err.status)
-        await send_json(send, err.body(), err.status)
+        await send_json(send, err.body(), err.status, err.headers)
 
     def has_key(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether the caller may see everything: no keys are set, or
@@ -299,7 +310,9 @@ class Gateway:
             sid = session_header(headers)
             if sid is not None:
                 req.session_id = sid
-            streams = await open_streams(self.client, req)
+            # with --tenants: the tenant of the API key shown, for the broker
+            tenant = self.tenants.tenant_of(headers) if self.tenants is not None else None
+            streams = await open_streams(self.client, req, tenant)
         except ClientGone:
             return
         except Exception as e:
@@ -346,7 +359,7 @@ class Gateway:
                 raise
             err = self._error(e)
             tracker.failed(err.code, err.status)
-            await send_json(send, err.body(), err.status)
+            await send_json(send, err.body(), err.status, err.headers)
         finally:
             if req.stream:
                 await close_all(streams)  # the body may never have started
@@ -454,12 +467,14 @@ def create_app(
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
     curve_secret: str | None = None,
     curve_server: str | None = None,
+    tenants: str | None = None,
 ) -> Starlette:
     """The ASGI app. The gateway's heartbeat interval need not match the
-    broker's: it is advertised, and the broker waits on the slower of the two."""
+    broker's: it is advertised, and the broker waits on the slower of the two.
+    ``tenants``: the tenants file (its API keys name tenants)."""
     gw = Gateway(
         broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness,
-        curve_secret, curve_server,
+        curve_secret, curve_server, tenants,
     )  # fmt: skip
     fast: dict[str, Handler] = {
         "/v1/chat/completions": gw.chat,
@@ -497,6 +512,7 @@ def serve(
     curve_secret: str | None = None,
     curve_server: str | None = None,
     server_limits: ServerLimits | None = None,
+    tenants: str | None = None,
 ) -> None:
     """Run the gateway on uvicorn until SIGINT/SIGTERM; ``server_limits``:
     how long clients may take to send a request, and how many may connect."""
@@ -506,7 +522,7 @@ def serve(
 
     app = create_app(
         broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness,
-        curve_secret, curve_server,
+        curve_secret, curve_server, tenants,
     )  # fmt: skip
     config = uvicorn.Config(
         app,

@@ -9,7 +9,7 @@ bad_request, context_overflow      400     invalid_request_error
 (bad or missing API key)           401     authentication_error
 model_not_found, not_found         404     invalid_request_error
 request_timeout (a slow client)    408     invalid_request_error
-overloaded                         429     rate_limit_error
+overloaded, rate_limited           429     rate_limit_error
 headers_too_large                  431     invalid_request_error
 worker_lost, broker_unreachable,   503     server_error
 timeout (no free worker in time,
@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zserve.errors import ZServeError
+from zserve.errors import RateLimited, ZServeError
+from zserve.gateway.tenants import rate_limit_headers
 from zserve.protocol import SamplingParams
 
 STATUS: dict[str, int] = {
@@ -43,6 +44,7 @@ STATUS: dict[str, int] = {
     "not_found": 404,  # a stored response (/v1/responses) that is not there
     "request_timeout": 408,
     "overloaded": 429,
+    "rate_limited": 429,  # a tenant over its limits: with Retry-After and x-ratelimit-*
     "headers_too_large": 431,
     "worker_lost": 503,
     "broker_unreachable": 503,
@@ -70,6 +72,7 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.status = STATUS.get(code, 500)
+        self.headers: list[tuple[bytes, bytes]] = []  # more response headers (a 429's)
 
     @property
     def type(self) -> str:
@@ -110,4 +113,7 @@ def to_api_error(e: BaseException) -> APIError:
         param = word if word in _PARAMS else None
     elif e.code == "model_not_found":
         param = "model"
-    return APIError(e.message, e.code, param)
+    err = APIError(e.message, e.code, param)
+    if isinstance(e, RateLimited):
+        err.headers = rate_limit_headers(e)
+    return err

@@ -23,7 +23,9 @@ from zserve.protocol import Delta, choice_seed, merge_tool_calls
 T = TypeVar("T")
 
 
-async def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream]:
+async def open_streams(
+    client: AsyncClient, req: GenRequest, tenant: str | None = None
+) -> list[AsyncStream]:
     """One stream per choice, index = input * n + j (nothing is sent yet);
     bad sampling parameters raise ``BadRequest`` here, and more requests
     in flight than ``limits.MAX_FANOUT_BYTES`` an ``APIError``. The choices
@@ -48,8 +50,9 @@ async def open_streams(client: AsyncClient, req: GenRequest) -> list[AsyncStream
                     s = _repeat(client, shared)
                 else:
                     s = client.stream(
-                        req.model, prompt, messages=req.messages, session_id=sid, **params
-                    )
+                        req.model, prompt, messages=req.messages, session_id=sid,
+                        tenant=tenant, **params,
+                    )  # fmt: skip
                     if params is req.params:
                         shared = s
                 streams.append(s)

@@ -33,6 +33,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from zserve.gateway.tenants import tenant_metrics
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (
@@ -84,6 +86,7 @@ class _BrokerCollector(Collector):
         for m, q in (st.get("queued") or {}).items():
             queued.add_metric([m], float(q))
         yield queued
+        yield from tenant_metrics(st)  # per tenant, with --tenants (gateway/tenants.py)
 
 
 class _Histogram:

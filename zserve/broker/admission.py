@@ -1,0 +1,206 @@
+"""The broker's tenant layer (``zserve broker --tenants FILE``): who sent a
+request, whether its tenant has room, the fair queues, the usage at each
+final, the reports to and from peer brokers. The broker's loop calls it at
+admission, at dispatch, at each final and at each sync tick; the state and
+the rules live in ``tenants.py`` and ``fair_queue.py``, the peer sockets
+in ``peers.py``.
+
+Identity: with CURVE, the key the client's connection authenticated with
+(ZAP's user id, read from the REQUEST's first frame); a tenant frame on the
+REQUEST counts only from a trusted gateway (``tenants.Tenancy.identify``).
+
+Cost: the broker reads each request body once (msgpack) for ``max_tokens``,
+and each TOKENS message that finishes requests for their ``usage``; without
+``--tenants`` it reads neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from zserve import protocol as p
+from zserve.broker.fair_queue import FairQueue
+from zserve.broker.peers import PeerLink
+from zserve.broker.tenants import Rejection, Reserve, Tenancy, TenantState
+from zserve.security import BrokerAuth
+from zserve.tenants_config import TenantTable, load_tenants
+
+log = logging.getLogger(__name__)
+
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+
+
+class Admission:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        ctx: zmq.Context,
+        auth: BrokerAuth | None = None,
+        peer_bind: str | None = None,
+        peers: Sequence[str] = (),
+    ) -> None:
+        self.path = path
+        self.auth = auth
+        table = load_tenants(path)
+        self.link: PeerLink | None = None
+        if peers:
+            if not peer_bind:
+                raise ValueError("--peer needs --peer-bind (where this broker reports)")
+            self.link = PeerLink(ctx, peer_bind, peers, auth)
+        elif peer_bind:
+            raise ValueError("--peer-bind without any --peer")
+        now = time.monotonic()
+        broker_id = self.link.broker_id if self.link is not None else b""
+        self.tenancy = Tenancy(table, now, peers=len(peers), broker_id=broker_id)
+        self.key: bytes | None = None  # CURVE key of the message being handled
+        self.next_sync = now
+        if table.trust_unauthenticated and auth is not None:
+            log.warning("tenants: trust_unauthenticated has no effect with CURVE on")
+        log.info(
+            "tenants: %d from %s%s", len(table.tenants), path,
+            f", {len(peers)} peer brokers" if peers else "",
+        )  # fmt: skip
+
+    @property
+    def table(self) -> TenantTable:
+        return self.tenancy.table
+
+    def reload(self) -> None:
+        """Read the tenants file again (SIGHUP); a bad file keeps the old table."""
+        try:
+            table = load_tenants(self.path)
+        except (OSError, ValueError) as e:
+            log.error("tenants not reloaded: %s (keeping %d tenants)", e, len(self.table.tenants))
+            return
+        self.tenancy.reload(table, time.monotonic())
+        self.tenancy.counters["tenant_reloads"] += 1
+        log.warning("tenants reloaded: %d tenants", len(table.tenants))
+
+    # ------------------------------------------------------------ frontend
+
+    def recv(self, sock: zmq.Socket) -> list[bytes]:
+        """A frontend message; with CURVE, notes the key its connection
+        authenticated with (``self.key``) from its first frame's User-Id."""
+        first = sock.recv(_NOBLOCK, copy=False)
+        try:
+            self.key = first.get("User-Id").encode()
+        except (zmq.ZMQError, AttributeError):
+            self.key = None
+        parts = [first.bytes]
+        while _get(sock, _RCVMORE):
+            parts.append(_recv(sock, _NOBLOCK))
+        return parts
+
+    def admit(
+        self, frames: list[bytes]
+    ) -> tuple[TenantState, Reserve] | tuple[TenantState, Rejection]:
+        """The tenant of a REQUEST ([client, ZSC1, REQUEST, rid, model, body,
+        hb?, routing?, tenant?]) and its reservation, or why it is refused.
+        A body that does not decode reserves as if it set no max_tokens (the
+        worker will refuse it)."""
+        named = frames[8][: p.MAX_TENANT_NAME] if len(frames) == 9 else None
+        st = self.tenancy.identify(self.key if self.auth is not None else None, named)
+        estimate = self.tenancy.reserve_for(st, *_sizes(frames[5]))
+        return st, self.tenancy.admit(st, estimate, time.monotonic())
+
+    def new_queue(self) -> FairQueue:
+        return FairQueue(self.tenancy)
+
+    def dispatched(self, st: TenantState, reserve: Reserve) -> None:
+        self.tenancy.charge(st, reserve)
+
+    def finished(
+        self, st: TenantState, reserve: Reserve, usage: dict[str, Any] | None, started: bool
+    ) -> None:
+        self.tenancy.settle(st, reserve, usage, started, time.monotonic())
+
+    @staticmethod
+    def usage(payload: bytes) -> dict[bytes, dict[str, Any] | None]:
+        """request id -> ``usage`` of each final record in a TOKENS payload."""
+        out: dict[bytes, dict[str, Any] | None] = {}
+        try:
+            recs = p.decode_tokens(payload)
+        except (ValueError, TypeError):
+            return out
+        for r in recs:
+            if r[3] is not None:
+                extra = r[4]
+                out[r[0]] = extra.get("usage") if isinstance(extra, dict) else None
+        return out
+
+    # --------------------------------------------------------------- peers
+
+    def sockets(self) -> list[zmq.Socket]:
+        return list(self.link.subs) if self.link is not None else []
+
+    def on_peer(self, sock: zmq.Socket) -> None:
+        assert self.link is not None
+        i = self.link.subs.index(sock)
+        now = time.monotonic()
+        for broker_id, report in self.link.reports(i):
+            try:
+                self.tenancy.on_report(i, broker_id, report, now)
+            except (ValueError, TypeError, AttributeError) as e:
+                self.link.malformed += 1
+                log.debug("bad peer report ignored: %s", e)
+
+    def sync(self, now: float) -> float:
+        """A sync tick when due; returns when the next one is."""
+        if now >= self.next_sync:
+            report = self.tenancy.tick(now)
+            if self.link is not None:
+                self.link.publish(report)
+            self.next_sync = now + self.table.sync_interval
+        return self.next_sync
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "tenants": self.tenancy.status(now),
+            "peers": self.tenancy.peer_status(now),
+            "peer_endpoint": self.link.endpoint if self.link is not None else None,
+        }
+
+    def counters(self) -> dict[str, int]:
+        c = dict(self.tenancy.counters)
+        if self.link is not None and self.link.malformed:
+            c["peer_reports_malformed"] = self.link.malformed
+        return c
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+
+
+def _sizes(body: bytes) -> tuple[int, int | None]:
+    """(characters of prompt, max_tokens) of a REQUEST body; an embed
+    request's texts are its prompt and it generates nothing."""
+    try:
+        req = p.unpack(body)
+    except (ValueError, TypeError):
+        return len(body), None
+    if not isinstance(req, dict):
+        return len(body), None
+    if req.get("kind") == p.KIND_EMBED:
+        texts = req.get("texts")
+        return sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0, 0
+    chars = 0
+    prompt, messages = req.get("prompt"), req.get("messages")
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    if isinstance(messages, list):
+        for m in messages:
+            c = m.get("content") if isinstance(m, dict) else None
+            chars += len(c) if isinstance(c, str) else len(str(c or ""))
+    params = req.get("params")
+    mt = params.get("max_tokens") if isinstance(params, dict) else None
+    return chars, mt if isinstance(mt, int) and not isinstance(mt, bool) and mt >= 0 else None
