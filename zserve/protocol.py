@@ -150,7 +150,7 @@ MAX_STOP_LENGTH = 256  # characters in one stop string
 MAX_STOP_TOKEN_IDS = 1024
 # repetition_penalty: 1 is off; past these the penalised logits overflow (a
 # value like 1e-40 turns every probability into NaN).
-REPETITION_PENALTY_RANGE = (0.01, 10.0)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # seed: a signed 64-bit integer, as vLLM's OpenAI server takes it.
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 FRONTEND_HWM = 10_000
