@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -28,6 +29,15 @@ SCHEMA = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The model runs in this process: one torch thread on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def g(ref: tuple[Any, Any]) -> Grammars:
     return Grammars(ref[1], ref[0].config.vocab_size, {EOS})
@@ -40,9 +50,13 @@ def decode(ref: tuple[Any, Any], st: RowState | None, n: int, *, temp: float = 0
     ids = tok(PROMPT)["input_ids"] + (prefix or [])
     gen = torch.Generator().manual_seed(seed)
     out: list[int] = []
+    past = None
     with torch.inference_mode():
         for _ in range(n):
-            logits = model(torch.tensor([ids + out])).logits[:, -1, :].float()
+            x = torch.tensor([out[-1:] if past is not None else ids])
+            step = model(input_ids=x, past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            logits = step.logits[:, -1, :].float()
             constrain_rows(logits, [st])
             if temp:
                 t = int(torch.multinomial((logits[0] / temp).softmax(-1), 1, generator=gen))
@@ -203,3 +217,12 @@ def test_only_constrained_rows_are_masked(ref, g) -> None:
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert allowed and all(ref[1].decode([t]) in ("y", "ye", "yes") for t in allowed)
+
+
+def test_the_greedy_shortcut_picks_what_the_full_mask_picks(ref, g) -> None:
+    """A greedy row is masked only when its best token is refused, and in the
+    budget window keeps only the best token that fits: the same tokens."""
+    for n in (24, 48):
+        full = decode(ref, g.row(spec("json", SCHEMA), n), n)
+        short = decode(ref, g.row(spec("json", SCHEMA), n, greedy=True), n)
+        assert short == full and full[-1] == EOS

@@ -50,12 +50,13 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
-from zserve.protocol import ParamError
+from zserve.protocol import ParamError, SamplingParams
 
 WINDOW = 8  # the budget rule looks at candidates when need + WINDOW >= tokens left
 TOP_K = 8  # candidates looked at inside the window
 MAX_CLOSING = 256  # steps of the closing search before it gives up
 CACHE_SIZE = 256  # compiled grammars kept per tokenizer
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (as in both engines)
 _NEG_INF = float("-inf")
 # xgrammar's messages start with "[12:07:39] /project/cpp/file.cc:83: "
 _XGR_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*")
@@ -101,6 +102,18 @@ def _string_bounds(schema: Any) -> Any:
     return out
 
 
+def argmax_only(params: SamplingParams) -> bool:
+    """Whether an engine reads only the argmax of this request's logits
+    (greedy, no penalties, no logprobs): ``Grammars.row``'s ``greedy``."""
+    return (
+        params.temperature < GREEDY_EPS
+        and params.repetition_penalty == 1.0
+        and not params.presence_penalty
+        and not params.frequency_penalty
+        and params.logprobs is None
+    )
+
+
 def _choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
@@ -121,7 +134,13 @@ class Grammars:
             getattr(tokenizer, "all_special_ids", None) or ()
         )
         self.banned = sorted(t for t in specials if 0 <= t < vocab_size and t not in stop_ids)
-        self._banned_t = torch.tensor(self.banned, dtype=torch.long)
+        # one bitmask row with the banned tokens' bits cleared
+        allow = torch.ones(self.bitmask_width * 32, dtype=torch.bool)
+        allow[self.banned] = False
+        weights = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
+        words = (allow.view(-1, 32).long() * weights).sum(-1)
+        self.allow_bits = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+        self._tokens: dict[bytes, list[int]] = {}
         # Text pieces: the bytes of each ordinary token, for the closing's tokens.
         self.pieces: dict[bytes, int] = {}
         self.decoded: list[bytes] = list(self.info.decoded_vocab)
@@ -189,19 +208,46 @@ class Grammars:
             if kind == "structural_tag":
                 return c.compile_structural_tag(json.dumps(value))
         except Exception as e:
-            msg = f"structured: invalid {what.get(kind, kind)}: {_message(e)}"
+            msg = f"structured {what.get(kind, kind)} does not compile: {_message(e)}"
             raise ParamError(msg, "structured") from None
-        raise ParamError(f"structured: unknown type {kind!r}", "structured")
+        raise ParamError(f"structured type {kind!r} is unknown", "structured")
 
-    def row(self, spec: dict[str, Any], max_tokens: int | None) -> RowState:
+    def tokens(self, text: bytes) -> list[int]:
+        """``text`` as ordinary tokens, longest piece first (cached). A prefix
+        of these tokens spells a prefix of ``text`` and the rest spell the
+        rest, so forcing them one by one keeps the count exact."""
+        hit = self._tokens.get(text)
+        if hit is not None:
+            return hit
+        pieces, most = self.pieces, self.max_piece
+        out: list[int] = []
+        i = 0
+        while i < len(text):
+            for n in range(min(most, len(text) - i), 0, -1):
+                t = pieces.get(text[i : i + n])
+                if t is not None:
+                    out.append(t)
+                    i += n
+                    break
+            else:  # a byte no token spells (not in byte-level vocabularies): count it
+                out.append(self.stop_ids[0] if self.stop_ids else 0)
+                i += 1
+        if len(self._tokens) >= 4096:
+            self._tokens.clear()
+        self._tokens[text] = out
+        return out
+
+    def row(self, spec: dict[str, Any], max_tokens: int | None, greedy: bool = False) -> RowState:
         """A new request's state: ``max_tokens`` is what this attempt may still
-        generate (the budget rule's horizon; None: no budget rule)."""
+        generate (the budget rule's horizon; None: no budget rule); ``greedy``:
+        the engine reads only the argmax of this row (``is_greedy``)."""
         return RowState(
             self,
             self.compile(spec),
             max_tokens,
             bool(spec.get("budget", True)),
             json_like=spec["type"] in JSON_LIKE,
+            greedy=greedy,
         )
 
 
@@ -252,7 +298,15 @@ class Lex:
 
 
 class RowState:
-    """One request's grammar: advance it with ``accept``, mask with ``constrain``."""
+    """One request's grammar: advance it with ``accept``, mask with ``constrain``
+    (or ``constrain_rows`` for a batch).
+
+    With the budget rule on it keeps ``close``, a text that completes the
+    value from the current state, and ``need``, its tokens plus EOS. After
+    each token the closing is carried forward rather than searched again: its
+    rest when the token spelled its beginning, itself when it still completes
+    the value, else a new search (``closing``). That makes it a function of
+    the tokens accepted so far, so a replay rebuilds it exactly."""
 
     def __init__(
         self,
@@ -261,6 +315,7 @@ class RowState:
         max_tokens: int | None,
         budget: bool,
         json_like: bool = True,
+        greedy: bool = False,
     ) -> None:
         self.g = g
         self.json_like = json_like  # the closing tries JSON's characters first
@@ -269,7 +324,14 @@ class RowState:
         self.max_tokens = max_tokens
         self.budget = budget and max_tokens is not None
         self.n_out = 0  # tokens accepted as this attempt's output
+        # Greedy, without penalties or logprobs: only the argmax of this row
+        # is read, so a row whose best token the grammar allows needs no mask.
+        self.greedy = greedy
         self._scratch: torch.Tensor | None = None
+        self.close: bytes | None = None
+        self.need: int | None = None
+        if self.budget:
+            self._set_close(self.closing(self.m, self.lex))
 
     @property
     def terminated(self) -> bool:
@@ -280,38 +342,76 @@ class RowState:
         """Advance with ``token``; False (state unchanged) if the grammar refuses it."""
         if not self.m.accept_token(token):
             return False
+        data = b""
         if 0 <= token < len(self.g.decoded) and token not in self.g.stop_ids:
-            self.lex.feed(self.g.decoded[token])
+            data = self.g.decoded[token]
+            self.lex.feed(data)
         if output:
             self.n_out += 1
+        if self.budget and not self.m.is_terminated():
+            self._set_close(self._carried(self.m, self.lex, data))
         return True
 
     def replay(self, ids: list[int]) -> bool:
         """A resumed request: advance through the ids an earlier attempt delivered."""
         return all(self.accept(t, output=False) for t in ids)
 
+    def _set_close(self, text: bytes | None) -> None:
+        self.close = text
+        self.need = None if text is None else len(self.g.tokens(text)) + 1
+
+    def _carried(self, m: xgr.GrammarMatcher, lex: Lex, data: bytes) -> bytes | None:
+        """The closing from ``m`` (the state after a token that spelled
+        ``data``), carried forward from ``self.close``."""
+        c = self.close
+        if c is not None:
+            if data and c.startswith(data):
+                return c[len(data) :]
+            if c:
+                f = m.fork()
+                if f.accept_string(c) and f.is_completed():
+                    return c
+        return self.closing(m, lex)
+
     # ---------------------------------------------------------------- masking
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """The grammar's allowed tokens into ``bitmask[row]`` (only EOS once
+        the grammar has taken EOS: nothing may follow)."""
+        if self.m.is_terminated():
+            bitmask[row].zero_()
+            t = (self.g.stop_ids or [0])[0]
+            bit = 1 << (t & 31)
+            bitmask[row, t >> 5] = bit - (1 << 32) if bit >= 1 << 31 else bit
+            return
+        self.m.fill_next_token_bitmask(bitmask, row)
 
     def constrain(self, logits: torch.Tensor, bitmask: torch.Tensor, row: int) -> None:
         """Mask ``logits[row]`` (``logits`` [N, V], or [V] with ``row`` 0) to
         the tokens this state allows next; ``bitmask`` [>row, ceil(V/32)] int32
         is scratch space for the grammar's mask."""
-        x = logits if logits.dim() == 1 else logits[row]
-        if self.m.is_terminated():  # nothing may follow: EOS again (the engine stops)
-            keep = self.g.stop_ids[:1] or [0]
-            _only(x, keep)
+        if logits.dim() == 1:
+            rows: list[RowState | None] = [self]
+            constrain_rows(logits.unsqueeze(0), rows, bitmask[row : row + 1])
             return
-        if self.m.fill_next_token_bitmask(bitmask, row):
-            _apply(x, bitmask[row])
-        if self.g.banned:
-            x[self.g._banned_t.to(x.device)] = _NEG_INF
-        if not self.budget:
+        rows = [None] * logits.shape[0]
+        rows[row] = self
+        constrain_rows(logits, rows, bitmask)
+
+    def in_window(self) -> bool:
+        """Whether the budget rule has a say at this step."""
+        if not self.budget or self.need is None or self.m.is_terminated():
+            return False
+        assert self.max_tokens is not None
+        return self.need + WINDOW >= self.max_tokens - self.n_out
+
+    def steer(self, x: torch.Tensor) -> None:
+        """The budget rule on one masked row of logits (see the module
+        docstring). A greedy row keeps only the best token that fits."""
+        if not self.in_window():
             return
         assert self.max_tokens is not None
         remaining = self.max_tokens - self.n_out
-        need = self.need(self.m, self.lex)
-        if need is None or need + WINDOW < remaining:
-            return
         k = min(TOP_K, x.shape[-1])
         vals, ids = torch.topk(x, k)
         keep: list[int] = []
@@ -321,32 +421,31 @@ class RowState:
                 break
             if t in stops:
                 keep.append(t)
-                continue
-            f = self.m.fork()
-            if not f.accept_token(t):
-                continue
-            lex = self.lex.copy()
-            lex.feed(self.g.decoded[t])
-            n = self.need(f, lex)
-            if n is not None and n <= remaining - 1:
-                keep.append(t)
+            else:
+                f = self.m.fork()
+                if not f.accept_token(t):
+                    continue
+                data = self.g.decoded[t]
+                lex = self.lex.copy()
+                lex.feed(data)
+                c = self._carried(f, lex, data)
+                if c is not None and len(self.g.tokens(c)) + 1 <= remaining - 1:
+                    keep.append(t)
+            if keep and self.greedy:
+                break
         if not keep:
             keep = [self.forced()]
+        if self.greedy:  # argmax is all that is read from a greedy row
+            x.fill_(_NEG_INF)
+            x[keep[0]] = 0.0
+            return
         _only(x, keep)
-
-    def need(self, m: xgr.GrammarMatcher, lex: Lex) -> int | None:
-        """Tokens to end the value from this state, EOS included; None if no
-        closing was found."""
-        text = self.closing(m, lex)
-        if text is None:
-            return None
-        return len(self.tokens(text)) + 1
 
     def forced(self) -> int:
         """The first token of the closing (EOS once the value is complete)."""
-        text = self.closing(self.m, self.lex)
+        text = self.close
         if text:
-            return self.tokens(text)[0]
+            return self.g.tokens(text)[0]
         if text == b"" and self.g.stop_ids:
             return self.g.stop_ids[0]
         # no closing known: the best we can do is any allowed token
@@ -355,27 +454,9 @@ class RowState:
         allowed = _allowed(bm[0], self.g.vocab_size)
         return allowed[0] if allowed else (self.g.stop_ids[:1] or [0])[0]
 
-    def tokens(self, text: bytes) -> list[int]:
-        """``text`` as ordinary tokens, longest piece first (a prefix of the
-        closing's tokens is the closing's prefix, so forcing them keeps the
-        count exact)."""
-        pieces, most = self.g.pieces, self.g.max_piece
-        out: list[int] = []
-        i = 0
-        while i < len(text):
-            for n in range(min(most, len(text) - i), 0, -1):
-                t = pieces.get(text[i : i + n])
-                if t is not None:
-                    out.append(t)
-                    i += n
-                    break
-            else:  # a byte no token spells (not for byte-level vocabularies)
-                return out + [self.g.stop_ids[0] if self.g.stop_ids else 0] * (len(text) - i)
-        return out
-
     def closing(self, m: xgr.GrammarMatcher, lex: Lex) -> bytes | None:
         """A short text that completes the grammar from ``m`` (b"" when it
-        is complete); None when none was found."""
+        is complete); None when none was found. Greedy, not minimal."""
         if m.is_completed():
             return b""
         f = m.fork()
@@ -426,18 +507,10 @@ class RowState:
         return self._scratch
 
 
-def _apply(x: torch.Tensor, bits: torch.Tensor) -> None:
-    """-inf where ``bits`` (one bitmask row) has a 0."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        xgr.apply_token_bitmask_inplace(x.unsqueeze(0), bits.unsqueeze(0), vocab_size=x.shape[-1])
-        return
-    allowed = _bool_mask(bits.to(x.device), x.shape[-1])
-    x.masked_fill_(~allowed, _NEG_INF)
-
-
 def _bool_mask(bits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[..., W] int32 bitmask rows as [..., vocab] booleans (True: allowed)."""
     shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
-    return (((bits.unsqueeze(-1) >> shifts) & 1) != 0).reshape(-1)[:vocab]
+    return (((bits.unsqueeze(-1) >> shifts) & 1) != 0).flatten(-2)[..., :vocab]
 
 
 def _allowed(bits: torch.Tensor, vocab: int) -> list[int]:
@@ -454,17 +527,54 @@ def _only(x: torch.Tensor, keep: list[int]) -> None:
     x.index_copy_(0, idx, vals)
 
 
-def constrain_rows(logits: torch.Tensor, rows: list[RowState | None]) -> None:
-    """Mask each constrained row of ``logits`` [N, V] (None: not constrained)."""
+def constrain_rows(
+    logits: torch.Tensor, rows: list[RowState | None], bitmask: torch.Tensor | None = None
+) -> None:
+    """Mask each constrained row of ``logits`` [N, V] (``rows[i]`` None: row
+    ``i`` is left alone): the grammars' masks in one pass over the batch,
+    then the budget rule row by row. ``bitmask``: scratch [>= N, ceil(V/32)]
+    int32, allocated when not given."""
     live = [i for i, r in enumerate(rows) if r is not None]
     if not live:
         return
-    width = (logits.shape[-1] + 31) // 32
-    bitmask = torch.full((len(rows), width), -1, dtype=torch.int32)
+    n, vocab = logits.shape
+    if bitmask is None or bitmask.shape[0] < n:
+        bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
+    grammars: dict[int, Grammars] = {}
     for i in live:
         st = rows[i]
         assert st is not None
-        st.constrain(logits, bitmask, i)
+        st.fill(bitmask, i)
+        grammars[id(st.g)] = st.g
+    for g in grammars.values():  # (one, but for a batch of several tokenizers)
+        if g.banned:
+            bitmask[:n].bitwise_and_(g.allow_bits)
+    masked: list[int] = []
+    greedy = [i for i in live if rows[i].greedy and not rows[i].in_window()]  # type: ignore[union-attr]
+    if greedy:  # the best token is allowed: nothing to mask in that row
+        best = logits[greedy].argmax(-1).tolist()
+        words = bitmask[greedy, torch.tensor(best) >> 5].tolist()
+        fine = {i for i, t, w in zip(greedy, best, words, strict=True) if (w >> (t & 31)) & 1}
+        masked = [i for i in live if i not in fine]
+    else:
+        masked = live
+    if masked:
+        _apply_rows(logits, bitmask, masked)
+    for i in live:
+        st = rows[i]
+        assert st is not None
+        if st.in_window():
+            st.steer(logits[i])
 
 
-__all__ = ["Grammars", "RowState", "constrain_rows", "spec_key"]
+def _apply_rows(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> None:
+    n, vocab = logits.shape
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        xgr.apply_token_bitmask_inplace(logits, bitmask[:n], vocab_size=vocab, indices=idx)
+    else:
+        sel = torch.tensor(idx, device=logits.device)
+        allowed = _bool_mask(bitmask[idx].to(logits.device), vocab)
+        logits[sel] = logits[sel].masked_fill(~allowed, _NEG_INF)
+
+
+__all__ = ["Grammars", "RowState", "argmax_only", "constrain_rows", "spec_key"]

@@ -70,7 +70,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from zserve.errors import BadRequest, ContextOverflow, EngineError, ModelNotFound
-from zserve.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Delta
+from zserve.protocol import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Delta, SamplingParams
 from zserve.worker.engine import Engine, GenerateRequest, plain_message, render_chat
 from zserve.worker.engines.hf_detok import IncrementalDetokenizer
 from zserve.worker.engines.hf_load import ServedModel, is_causal, load_model, resolve_model_path
@@ -281,7 +281,7 @@ class HFEngine(Engine):
             yield Delta(text, [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
             return
         max_new = min(params.max_tokens or room, room)
-        grammar = await self._grammar(sm, params.structured, max_new, cont)
+        grammar = await self._grammar(sm, params, max_new, cont)
         seq = Sequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids + cont,  # the continued tokens are prefilled with the prompt
@@ -362,22 +362,26 @@ class HFEngine(Engine):
                 sm.runner.wake()
 
     async def _grammar(
-        self, sm: ServedModel, spec: dict[str, Any] | None, max_new: int, cont: list[int]
+        self, sm: ServedModel, params: SamplingParams, max_new: int, cont: list[int]
     ) -> Any:
         """A structured request's grammar state (None without ``structured``),
         advanced through the continued ids; ``BadRequest`` when the spec does
         not compile or the continued ids do not fit it."""
+        spec = params.structured
         if spec is None:
             return None
         g = self._grammars.get(id(sm))
         if g is None:  # the tokenizer's vocabulary, read once (off the event loop)
             g = await asyncio.to_thread(_new_grammars, sm)
             g = self._grammars.setdefault(id(sm), g)
+        from zserve.worker.grammar import argmax_only
+
+        greedy = argmax_only(params)
         try:
             if g.cached(spec):
-                row = g.row(spec, max_new)
+                row = g.row(spec, max_new, greedy)
             else:
-                row = await asyncio.to_thread(g.row, spec, max_new)
+                row = await asyncio.to_thread(g.row, spec, max_new, greedy)
         except ValueError as e:
             raise BadRequest(str(e)) from e
         if cont and not row.replay(cont):

@@ -316,17 +316,20 @@ class VLLMEngine(Engine):
             )
         if self._grammars is None:
             self._grammars = await asyncio.to_thread(_new_grammars, self._tokenizer, self)
+        from zserve.worker.grammar import argmax_only
+
         g = self._grammars
         max_tokens = room if p.max_tokens is None else min(p.max_tokens, room)
+        greedy = argmax_only(p)
         try:
-            row = g.row(spec, max_tokens) if g.cached(spec) else await asyncio.to_thread(
-                g.row, spec, max_tokens
+            row = g.row(spec, max_tokens, greedy) if g.cached(spec) else await asyncio.to_thread(
+                g.row, spec, max_tokens, greedy
             )
         except ValueError as e:
             raise BadRequest(str(e)) from e
         if cont and not row.replay(cont):
             raise BadRequest("continue_ids do not follow the grammar of structured")
-        return engine_extra(spec, len(cont))
+        return engine_extra(spec, len(cont), greedy)
 
     def _sampling_params(
         self,

@@ -9,7 +9,7 @@ under way, it ignores the per-request whitespace option, and it has no budget
 rule. This processor is loaded with the engine (``logits_processors`` in the
 engine arguments, ``VLLMEngine`` adds it) and acts only on requests that opt
 in with ``SamplingParams.extra_args[EXTRA_KEY] = {"spec": structured,
-"continued": n}``: it replays the last ``n`` prompt ids (the delivered ones)
+"continued": n, "greedy": bool}``: it replays the last ``n`` prompt ids (the delivered ones)
 into the grammar before the first step.
 
 It runs in vLLM's engine-core process, where an exception would kill the
@@ -85,7 +85,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
         if zs is None:
             return None
         try:
-            st = self._g().row(check_structured(zs["spec"]), params.max_tokens)
+            greedy = bool(zs.get("greedy", False))
+            st = self._g().row(check_structured(zs["spec"]), params.max_tokens, greedy)
             n = int(zs.get("continued", 0))
             if n and not st.replay((prompt or [])[len(prompt or []) - n :]):
                 log.error("structured request: the continued ids do not fit its grammar")
@@ -109,20 +110,25 @@ class GrammarLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
+        from zserve.worker.grammar import constrain_rows
+
         self._advance()
         if self._bitmask is None:
             import xgrammar as xgr
 
             self._bitmask = xgr.allocate_token_bitmask(self._max_rows, self._g().vocab_size)
+        rows: list[RowState | None] = [None] * logits.shape[0]
         for i, (st, _) in self.rows.items():
-            if i < logits.shape[0]:
-                st.constrain(logits, self._bitmask, i)
+            if i < len(rows):
+                rows[i] = st
+        constrain_rows(logits, rows, self._bitmask)
         return logits
 
 
-def engine_extra(spec: dict[str, Any], continued: int) -> dict[str, Any]:
-    """``SamplingParams.extra_args`` for a structured request."""
-    return {EXTRA_KEY: {"spec": spec, "continued": continued}}
+def engine_extra(spec: dict[str, Any], continued: int, greedy: bool) -> dict[str, Any]:
+    """``SamplingParams.extra_args`` for a structured request (``greedy``:
+    ``grammar.argmax_only`` of its parameters)."""
+    return {EXTRA_KEY: {"spec": spec, "continued": continued, "greedy": greedy}}
 
 
 __all__ = ["EXTRA_KEY", "FQCN", "GrammarLogitsProcessor", "engine_extra"]
