@@ -93,7 +93,6 @@ class VLLMEngine(Engine):
         self._tokenizer: Any = None
         self._eos_ids: frozenset[int] = frozenset()  # what vLLM stops on unless ignore_eos
         self._grammars: Any = None  # structured outputs checked here (zserve/worker/grammar.py)
-        self._grammars: Any = None  # structured outputs checked here (zserve/worker/grammar.py)
         self._dead = False
 
     @classmethod
