@@ -12,6 +12,7 @@
     ├── Timeout             "timeout"
     ├── Cancelled           "cancelled"
     ├── BrokerUnreachable   "broker_unreachable"
+    ├── ClientExpired       "client_expired"
     ├── EngineError         "engine_error"
     └── ProtocolError       "protocol_error"
 
@@ -99,6 +100,13 @@ class BrokerUnreachable(ZServeError):
     code = "broker_unreachable"
 
 
+class ClientExpired(ZServeError):
+    """The broker heard nothing from this client for its expiry and ended its
+    requests (the client's process or its link stalled that long)."""
+
+    code = "client_expired"
+
+
 class EngineError(ZServeError):
     code = "engine_error"
 
@@ -119,6 +127,7 @@ _BY_CODE: dict[str, type[ZServeError]] = {
         Timeout,
         Cancelled,
         BrokerUnreachable,
+        ClientExpired,
         EngineError,
         ProtocolError,
     )
@@ -153,6 +162,7 @@ __all__ = [
     "BadRequest",
     "BrokerUnreachable",
     "Cancelled",
+    "ClientExpired",
     "ContextOverflow",
     "EngineError",
     "ModelNotFound",

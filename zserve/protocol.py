@@ -73,7 +73,12 @@ C_TOKENS = b"\x06"  # [ZSC1, TOKENS, payload]
 # A client HEARTBEAT may list (msgpack array of bin) the ids of its requests
 # in flight that have been quiet for a while; the broker answers each one it
 # does not hold (it restarted, or never got it) with a ``broker_unreachable``
-# final record, so such a stream ends instead of waiting out its timeout.
+# final record, so such a stream ends instead of waiting out its timeout
+# (a resumable stream continues instead: resent from the ids it received).
+# A client silent past its expiry has its requests cancelled on the workers
+# and each ended with a ``client_expired`` final record (CLIENT_EXPIRED),
+# never ``cancelled``: it did not ask for it.
+CLIENT_EXPIRED = "client_expired"
 
 # worker -> broker
 W_READY = b"\x01"  # [ZSW1, READY, info]
@@ -139,6 +144,11 @@ RECORD_BUDGET = 256 * 1024
 # What a client may send: a REQUEST body, and the inputs of one embed request.
 MAX_REQUEST_SIZE = 8 * 1024 * 1024
 MAX_EMBED_INPUTS = 2048
+# A REQUEST's request id and model name, in bytes at most; the broker answers
+# longer ones with ``bad_request``. Each travels in the request's TOKENS
+# headers and records, which must stay far inside MAX_MESSAGE_SIZE.
+MAX_REQUEST_ID = 256
+MAX_MODEL_NAME = 256
 # Quiet request ids listed on one client HEARTBEAT, at most.
 MAX_HEARTBEAT_IDS = 4096
 MAX_RETRIES = 2
@@ -153,6 +163,9 @@ MAX_STOP_TOKEN_IDS = 1024
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 # seed: a signed 64-bit integer, as vLLM's OpenAI server takes it.
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
+# max_tokens and top_k at most, and token ids (stop_token_ids) below it + 1:
+# a signed 32-bit integer, what every engine's tokenizer and sampler takes.
+INT32_MAX = (1 << 31) - 1
 FRONTEND_HWM = 10_000
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -243,6 +256,13 @@ class WorkerInfo:
         )
 
 
+def new_client_id() -> bytes:
+    """A client's routing id (ZMQ_ROUTING_ID of each of its DEALERs): 16
+    random bytes, the first never 0 (ZeroMQ's own ids start with 0). A
+    client that reconnects after a TCP reset is the same peer to its broker."""
+    return bytes((0x5A,)) + secrets.token_bytes(15)
+
+
 def new_worker_id() -> str:
     """A worker instance id for READY: 16 hex digits, random."""
     return secrets.token_hex(8)
@@ -325,6 +345,8 @@ class SamplingParams:
         mt = self.max_tokens
         if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
             raise ValueError("max_tokens must be a positive integer")
+        if mt is not None and mt > INT32_MAX:
+            raise ValueError(f"max_tokens must be at most {INT32_MAX}")
         self.temperature = _number(self.temperature, "temperature", 0.0, 2.0)  # as OpenAI
         self.top_p = _number(self.top_p, "top_p", 0.0, 1.0)
         if self.top_p == 0.0:
@@ -333,6 +355,8 @@ class SamplingParams:
             raise ValueError("top_k must be an integer")
         if self.top_k < 0:
             self.top_k = 0  # -1 (vLLM/OpenAI style) means disabled
+        elif self.top_k > INT32_MAX:
+            raise ValueError(f"top_k must be at most {INT32_MAX}")
         self.repetition_penalty = _number(
             self.repetition_penalty, "repetition_penalty", *REPETITION_PENALTY_RANGE
         )
@@ -358,6 +382,8 @@ class SamplingParams:
             raise ValueError("stop_token_ids must be a list of integers")
         if len(ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+        if not all(0 <= t <= INT32_MAX for t in ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {INT32_MAX}]")
         self.ignore_eos = bool(self.ignore_eos)
         if self.deadline is not None:
             self.deadline = _number(self.deadline, "deadline", 0.0, 86400.0 * 365)

@@ -100,6 +100,10 @@ class ClientState:
     # Final error records not yet delivered because the client's pipe was
     # full; bounded by the client's request count, retried every tick.
     undelivered: list[list[Any]] = field(default_factory=list)
+    # Silent past its expiry once: its requests were ended with
+    # ``client_expired`` finals, owed until it speaks or stays silent as long
+    # again (then it is forgotten).
+    expired: bool = False
 
 
 @dataclass
@@ -180,7 +184,12 @@ class Broker:
                 if config.tenants
                 else None
             )
-            self.frontend = self._router(config.frontend, config.frontend_hwm, DOMAIN_CLIENTS)
+            # A client keeps its routing id across reconnections (a TCP reset):
+            # its new connection takes the id over from the old one, which
+            # the broker may not have seen die yet.
+            self.frontend = self._router(
+                config.frontend, config.frontend_hwm, DOMAIN_CLIENTS, handover=True
+            )
             self.backend = self._router(config.backend, 0, DOMAIN_WORKERS)
         except BaseException:
             if self.auth is not None:
@@ -200,9 +209,13 @@ class Broker:
             )
         return BrokerAuth(self.ctx, *paths)  # type: ignore[arg-type]
 
-    def _router(self, endpoint: str, hwm: int, zap_domain: str) -> zmq.Socket:
+    def _router(
+        self, endpoint: str, hwm: int, zap_domain: str, handover: bool = False
+    ) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if handover:
+            s.setsockopt(zmq.ROUTER_HANDOVER, 1)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, self.cfg.max_message_size)
         if hwm:
@@ -317,6 +330,7 @@ class Broker:
         c = self.clients.get(client)
         if c is not None:
             c.expiry = time.monotonic() + c.ttl
+            c.expired = False
         if cmd == p.C_REQUEST:
             self._handle_client_request(client, frames, c)
         elif cmd == p.C_CANCEL:
@@ -367,6 +381,23 @@ class Broker:
         interval = max(cfg.heartbeat_interval, p.decode_heartbeat_ms(heartbeat_ms))
         return interval * cfg.heartbeat_liveness
 
+    @staticmethod
+    def _check_request(rid: bytes, model_b: bytes) -> str:
+        """The model name; ValueError for an id or a name past its limit (a
+        worker would carry them in every TOKENS header and record)."""
+        if len(rid) > p.MAX_REQUEST_ID:
+            raise ValueError(
+                f"request id of {len(rid)} bytes: at most {p.MAX_REQUEST_ID} bytes"
+            )
+        if len(model_b) > p.MAX_MODEL_NAME:
+            raise ValueError(
+                f"model name of {len(model_b)} bytes: at most {p.MAX_MODEL_NAME} bytes"
+            )
+        try:
+            return model_b.decode()
+        except UnicodeDecodeError:
+            raise ValueError("model name is not UTF-8") from None
+
     def _handle_client_request(
         self, client: bytes, frames: list[bytes], c: ClientState | None
     ) -> None:
@@ -376,15 +407,24 @@ class Broker:
         rid, model_b, body = frames[3], frames[4], frames[5]
         if not rid:
             raise ValueError("REQUEST with an empty request id")
-        model = model_b.decode()
         self.counters["requests"] += 1
-        ttl = 0.0
-        if c is None:
-            try:
-                ttl = self._client_ttl(frames[6] if len(frames) >= 7 else None)
-            except ValueError as e:
-                self._reply_error(client, rid, "bad_request", str(e))
-                return
+        try:
+            model = self._check_request(rid, model_b)
+        except ValueError as e:  # malformed, and the client is told
+            self.counters["malformed"] += 1
+            self._report_malformed(e)
+            self._reply_error(client, rid, "bad_request", str(e))
+            return
+        try:
+            # The interval the client advertises, on every REQUEST (routing
+            # frame or not): it may heartbeat slower than we do.
+            ttl = self._client_ttl(frames[6] if len(frames) >= 7 else None)
+        except ValueError as e:
+            self._reply_error(client, rid, "bad_request", str(e))
+            return
+        if c is not None and len(frames) >= 7:
+            c.ttl = ttl
+            c.expiry = time.monotonic() + ttl
         key = (client, rid)
         if key in self.requests:
             self._reply_error(client, rid, "bad_request", "duplicate request id in flight")
@@ -746,9 +786,31 @@ class Broker:
     def _purge_clients(self, now: float) -> None:
         for cid, c in list(self.clients.items()):
             if c.expiry < now:
-                self.counters["clients_expired"] += 1
-                log.info("client %s silent: cancelling %d requests", cid.hex(), len(c.requests))
-                self._forget_client(cid)
+                if c.requests and not c.expired:
+                    self._expire_client(cid, c, now)
+                else:  # nothing running, or silent on past its owed finals
+                    c.undelivered.clear()
+                    self._forget_client(cid)
+
+    def _expire_client(self, cid: bytes, c: ClientState, now: float) -> None:
+        """A client silent past its expiry: cancel its requests on the workers
+        and end each with a ``client_expired`` final (it did not cancel them),
+        owed for one more expiry in case it was only stalled."""
+        self.counters["clients_expired"] += 1
+        log.info("client %s silent: cancelling %d requests", cid.hex(), len(c.requests))
+        why = f"no word from this client for {c.ttl:g} s: the broker ended its requests"
+        for key in list(c.requests):
+            req = self.requests.get(key)
+            if req is None:
+                continue
+            if key[1] not in c.finalized:
+                c.finalized.add(key[1])  # what the worker still sends is dropped
+                c.undelivered.append(p.error_record(key[1], p.CLIENT_EXPIRED, why))
+            self._cancel(req, notify_client=False)
+        c.expired = True
+        c.expiry = now + c.ttl
+        if c.undelivered:
+            self._retry_undelivered(cid, c)
 
     def _purge_queues(self, now: float) -> None:
         for model, q in list(self.queues.items()):
@@ -768,6 +830,10 @@ class Broker:
         for key in list(c.requests):
             req = self.requests.get(key)
             if req is not None:
+                # Nothing more of it reaches the client: should it come back
+                # (a reconnection keeps its routing id), it resumes the
+                # stream from what it got, with no gap and no ``cancelled``.
+                c.finalized.add(key[1])
                 self._cancel(req, notify_client=False)
         c.undelivered.clear()
         self._gc_client(client, c)

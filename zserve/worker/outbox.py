@@ -170,16 +170,23 @@ def embeddings_per_record(vecs: list[list[float]]) -> int:
 
 def encode_message(msg: Message, limit: int = p.MAX_PAYLOAD) -> list[tuple[bytes, bytes, bytes]]:
     """``(client, header, payload)`` for the wire, split between records while
-    the payload passes ``limit``: a request is marked started with its first
-    record's part and finished with its final record's part.
+    header and payload together pass ``limit``: a request is marked started
+    with its first record's part and finished with its final record's part.
 
-    A single record over ``limit`` goes as is: sealing keeps records near
-    ``RECORD_BUDGET``, far below the broker's limit.
+    A single record over ``limit`` (one huge delta: sealing keeps merged
+    records near ``RECORD_BUDGET``) goes as several records of its text
+    (``_slices``), so no frame nears the broker's ``MAX_MESSAGE_SIZE``.
     """
     client, started, finished, records = msg
     payload = p.encode_tokens(records)
-    if len(payload) <= limit or len(records) == 1:
-        return [(client, p.encode_header(started, finished), payload)]
+    header = p.encode_header(started, finished)
+    if len(payload) + len(header) <= limit:
+        return [(client, header, payload)]
+    if len(records) == 1:
+        slices = _slices(records[0], limit)
+        if slices is None:
+            return [(client, header, payload)]
+        records = slices
     half = len(records) // 2
     head, tail = records[:half], records[half:]
     in_head = {r[0] for r in head}
@@ -201,6 +208,25 @@ def encode_message(msg: Message, limit: int = p.MAX_PAYLOAD) -> list[tuple[bytes
         ),
         limit,
     )
+
+
+def _slices(rec: list[Any], limit: int) -> list[list[Any]] | None:
+    """A record too big for one message, as several records of the same
+    request, each within ``limit``: its text in slices, the first with its
+    token ids, the last with its finish reason and extra; the others carry
+    ``[]`` for ids where it had ids, so a client still counts them for
+    resumption (every id, and the characters it got). None: its text is
+    not what makes it big."""
+    rid, text, ids, finish, extra = rec
+    step = max(1, limit // 8)  # characters: UTF-8 takes 4 bytes a character at most
+    if len(text) <= step:
+        return None
+    none_or_empty = None if ids is None else []
+    out = [[rid, text[i : i + step], none_or_empty, None, None] for i in range(0, len(text), step)]
+    out[0][2] = ids
+    out[-1][3] = finish
+    out[-1][4] = extra
+    return out
 
 
 def _merge(rec: list[Any], d: Delta) -> None:
