@@ -226,3 +226,17 @@ def test_the_greedy_shortcut_picks_what_the_full_mask_picks(ref, g) -> None:
         full = decode(ref, g.row(spec("json", SCHEMA), n), n)
         short = decode(ref, g.row(spec("json", SCHEMA), n, greedy=True), n)
         assert short == full and full[-1] == EOS
+
+
+def test_a_structural_tag_closes_within_its_budget(ref, g) -> None:
+    """What tool_choice required/named sends: a tag around a JSON schema."""
+    params = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    begin, end = '<tool_call>\n{"name": "get_weather", "arguments": ', "}\n</tool_call>"
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": begin, "end": end,
+           "content": {"type": "json_schema", "json_schema": params}}}  # fmt: skip
+    st = g.row(spec("structural_tag", tag), 64)
+    out = decode(ref, st, 64)
+    assert out[-1] == EOS and st.terminated
+    body = text(ref, out)
+    assert body.startswith(begin) and body.endswith(end)
+    jsonschema.validate(json.loads(body[len(begin) : -len(end)]), params)
