@@ -73,6 +73,10 @@ class StreamState:
     resume: Resume | None = None  # None: this stream is not resumed
     link: int = 0  # the broker (index in the client's broker list) it was sent to
     tried: int = 0  # brokers (bits) that answered model_not_found before any token
+    # The request as sent, while it can go again as it is: no Resume, and no
+    # record received yet (a query, an embed request, resume=False).
+    frames: list[bytes] | None = None
+    resent: int = 0  # times sent again after a lost link (see ClientCore.again)
 
 
 @dataclass(slots=True)
@@ -95,6 +99,14 @@ PARAMS_CACHE = 256  # distinct parameter sets remembered per client
 MAX_RESUMES = 2  # default: continuations of one request on other workers
 # Final error codes after which a stream continues on another worker.
 RESUMABLE = frozenset({"worker_lost"})
+# Final error codes that say the broker no longer holds the request (it never
+# got it, or lost its link to us, or took us for gone): the stream goes again
+# from what it received, as after a reset of our connection.
+RELINK = frozenset({"broker_unreachable", p.CLIENT_EXPIRED})
+# Times one request goes again after a lost link, at most (about one a
+# heartbeat interval while its restarted broker waits for its workers): links
+# that keep failing end it with the error they give.
+MAX_RESENDS = 8
 
 
 class ClientCore:
@@ -166,9 +178,11 @@ class ClientCore:
         if tenant_b:
             frames.append(tenant_b)
         if self.max_resumes > 0 and resume is not False:
-            self.streams[rid].resume = Resume(
+            st = self.streams[rid]
+            st.resume = Resume(
                 frames[3], prompt, messages, params, self.max_resumes, routing, tenant_b
             )
+            st.frames = None  # it goes again from the Resume
         return rid, frames
 
     def repeat_frames(self, frames: list[bytes]) -> tuple[bytes, list[bytes]]:
@@ -227,16 +241,23 @@ class ClientCore:
             raise BadRequest(
                 f"request of {len(body)} bytes exceeds the {p.MAX_REQUEST_SIZE}-byte limit"
             )
+        model_b = model.encode()
+        if len(model_b) > p.MAX_MODEL_NAME:
+            raise BadRequest(
+                f"model name of {len(model_b)} bytes: at most {p.MAX_MODEL_NAME} bytes"
+            )
         rid = self.next_id()
-        self.streams[rid] = StreamState(rid)
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
-        return rid, [p.CLIENT, p.C_REQUEST, rid, model.encode(), body, self._hb]
+        frames = [p.CLIENT, p.C_REQUEST, rid, model_b, body, self._hb]
+        self.streams[rid] = StreamState(rid, frames=frames)
+        return rid, frames
 
     def query_frames(self, service: bytes, *args: bytes) -> tuple[bytes, list[bytes]]:
         rid = self.next_id()
-        self.streams[rid] = StreamState(rid)
         # [ZSC1, QUERY, request_id, service, args...]
-        return rid, [p.CLIENT, p.C_QUERY, rid, service, *args]
+        frames = [p.CLIENT, p.C_QUERY, rid, service, *args]
+        self.streams[rid] = StreamState(rid, frames=frames)
+        return rid, frames
 
     @staticmethod
     def cancel_frames(rid: bytes) -> list[bytes]:
@@ -325,6 +346,53 @@ class ClientCore:
         self.links[link].in_flight = 0
         return ended, left
 
+    def link_reset(self, link: int, now: float) -> tuple[list[StreamState], list[bytes]]:
+        """Our connection to broker ``link`` broke (ZeroMQ makes it again, with
+        the same routing id): what was on the wire either way may be lost, so
+        every stream sent there goes again under a new id, from what it
+        received (``again``), queued in ``resends``; one that cannot ends with
+        ``broker_unreachable``. Returns the streams ended, and the old ids (to
+        cancel there: the broker may still run them)."""
+        ended: list[StreamState] = []
+        left: list[bytes] = []
+        for rid, st in list(self.streams.items()):
+            if st.link != link or not st.last:
+                continue
+            left.append(rid)
+            st.last = now  # its timeout counts afresh
+            if self.again(st, link):
+                continue
+            self._pop(rid)
+            why = (
+                "the connection to the broker was reset mid-stream, and this stream "
+                "cannot continue (resume=False, or text without token ids)"
+            )
+            st.records.append(p.error_record(rid, "broker_unreachable", why))
+            st.done = True
+            ended.append(st)
+        return ended, left
+
+    def again(self, st: StreamState, link: int) -> bool:
+        """Send ``st`` again through ``link`` under a new id, from exactly
+        what it received: a resumable stream as a continuation after its ids,
+        one that received nothing as it was sent. Not a resume (no worker
+        died), but at most MAX_RESENDS times. False: it cannot go again."""
+        if st.resent >= MAX_RESENDS:
+            return False
+        r = st.resume
+        if r is not None:
+            st.resent += 1
+            self._continue(st, r, link, bounce=True)
+            return True
+        if st.frames is None:
+            return False
+        st.resent += 1
+        frames = list(st.frames)
+        frames[2] = self._rekey(st, link)
+        st.frames = frames
+        self.resends.append((link, frames))
+        return True
+
     # ------------------------------------------------------------ incoming
 
     def on_message(self, frames: list[bytes], now: float, link: int = 0) -> None:
@@ -361,6 +429,11 @@ class ClientCore:
                         st.resume = None  # text without ids: cannot be continued
                 elif self._resume(st, rec, r):
                     continue
+            elif st.frames is not None:
+                if rec[3] is None:
+                    st.frames = None  # received something: cannot go again as it was
+                elif self._relink(st, rec):
+                    continue
             st.records.append(rec)
             if rec[3] is not None:
                 st.done = True
@@ -377,6 +450,8 @@ class ClientCore:
             return False
         err = (rec[4] or {}).get("error") or {}
         code = err.get("code")
+        if code in RELINK:
+            return self._relink(st, rec)
         if code == "model_not_found" and not r.ids and not r.chars:
             # Brokers can disagree for a moment (one just restarted, its
             # workers not back yet): ask the next live broker not yet asked.
@@ -386,6 +461,14 @@ class ClientCore:
                 if self.links[i].alive and not st.tried >> i & 1:
                     self._continue(st, r, i, bounce=True)
                     return True
+        if code == "model_not_found" and 0 < st.resent < MAX_RESENDS:
+            # Sent again after a lost link, to a broker that knows no worker
+            # for it yet (it restarted: its workers are back within seconds).
+            # The stream waits under a new id, not sent: asked about it at
+            # our next heartbeat, that broker says it never got it, and the
+            # stream goes again (``again``). (Each id gets one final.)
+            self._rekey(st, st.link)
+            return True
         if code in RESUMABLE and not r.ids and not r.chars:
             # No token yet: retrying is the broker's job, and it has given up
             # (retries exhausted: a request that kills its workers must not
@@ -402,22 +485,39 @@ class ClientCore:
         self._continue(st, r, st.link)
         return True
 
-    def _continue(self, st: StreamState, r: Resume, link: int, bounce: bool = False) -> None:
-        """Re-send ``st`` as a continuation, under a new id, through ``link``
-        (``bounce``: the same request to another broker, not a resume)."""
-        if not bounce:
-            r.left -= 1
-            self.resumes += 1
+    def _relink(self, st: StreamState, rec: list[Any]) -> bool:
+        """On a final that says the broker does not hold the request (RELINK
+        codes), send it again there from what it received. False: the final
+        stands."""
+        if rec[3] != p.FINISH_ERROR:
+            return False
+        code = ((rec[4] or {}).get("error") or {}).get("code")
+        return code in RELINK and self.again(st, st.link)
+
+    def _rekey(self, st: StreamState, link: int) -> bytes:
+        """Give ``st`` a new request id, sent through ``link``; its old id is
+        forgotten (what still comes for it is ignored)."""
         del self.streams[st.rid]
         rid = st.rid = self.next_id()
         self.streams[rid] = st
-        old = self.links[st.link]
-        new = self.links[link]
-        old.in_flight -= 1
-        if not new.in_flight:
-            new.heard = st.last
-        new.in_flight += 1
-        st.link = link
+        if link != st.link:
+            old = self.links[st.link]
+            new = self.links[link]
+            old.in_flight -= 1
+            if not new.in_flight:
+                new.heard = st.last
+            new.in_flight += 1
+            st.link = link
+        return rid
+
+    def _continue(self, st: StreamState, r: Resume, link: int, bounce: bool = False) -> None:
+        """Re-send ``st`` as a continuation, under a new id, through ``link``
+        (``bounce``: the same request again, to another broker or after a lost
+        link, not a resume)."""
+        if not bounce:
+            r.left -= 1
+            self.resumes += 1
+        rid = self._rekey(st, link)
         body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?, tenant?]
         frames = [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb]

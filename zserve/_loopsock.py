@@ -16,6 +16,7 @@ still waiting reschedules itself instead of waiting for an edge.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Callable
 
@@ -104,6 +105,11 @@ class LoopSocket:
                 return
         self._schedule()  # more waiting: give others a turn first
 
+    def read_now(self) -> None:
+        """Handle what waits now (a batch at most), without waiting for the
+        loop to notice: after a stalled loop, before judging a peer silent."""
+        self._process()
+
     def _flush_out(self) -> None:
         out = self._out
         sock = self.sock
@@ -168,3 +174,65 @@ class LoopSocket:
             self._drained.cancel()
         self._out.clear()
         self.sock.close(linger_ms)
+
+
+class LockedLoopSocket(LoopSocket):
+    """A ``LoopSocket`` that one other thread may also send on (a client's
+    heartbeats while its event loop is stalled, see ``client._keepalive``).
+
+    A ZeroMQ socket is not thread-safe, but may pass between threads through
+    a full memory barrier: every use of the socket here holds ``lock`` (the
+    loop's own uses, in a ``with``; the other thread's, only when it gets the
+    lock at once, so it never waits on the loop).
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list[bytes]], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+        batch: int = BATCH,
+    ) -> None:
+        self.lock = threading.RLock()  # before the first look at the socket
+        super().__init__(sock, on_message, loop, batch)
+
+    def _process(self) -> None:
+        with self.lock:
+            super()._process()
+
+    def send(self, frames: list[bytes]) -> asyncio.Future[None] | None:
+        with self.lock:
+            return super().send(frames)
+
+    def unsend(self, frames: list[bytes]) -> bool:
+        with self.lock:
+            return super().unsend(frames)
+
+    def send_now(self, frames: list[bytes]) -> bool:
+        with self.lock:
+            return super().send_now(frames)
+
+    def close(self, linger_ms: int = 0) -> None:
+        with self.lock:
+            super().close(linger_ms)
+
+    def send_from_thread(self, frames: list[bytes]) -> bool:
+        """From another thread: send if the socket is free and has room at
+        once, else do nothing. The loop then takes one more look at the
+        socket (the send may have eaten the edge of its FD)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if self.closed or self._out:
+                return False
+            try:
+                send_frames(self.sock, frames)
+            except zmq.ZMQError:
+                return False
+        finally:
+            self.lock.release()
+        try:
+            self.loop.call_soon_threadsafe(self._schedule)
+        except RuntimeError:  # the loop is closed
+            pass
+        return True

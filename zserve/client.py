@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -42,7 +44,7 @@ from zserve._client_core import (
     to_delta,
     wake,
 )
-from zserve._loopsock import LoopSocket, recv_frames, send_frames
+from zserve._loopsock import LockedLoopSocket, recv_frames, send_frames
 from zserve.errors import BrokerUnreachable, Cancelled, Timeout, ZServeError
 from zserve.protocol import Delta
 from zserve.security import ClientCurve, HandshakeWatch, KeySource
@@ -70,6 +72,14 @@ READ_BATCH = 16
 # of requests still running) after the socket is gone.
 CLOSE_LINGER_MS = 1000
 
+# ZeroMQ reconnects a broken connection after this (its default, set here
+# because the client counts on it), and the client looks for ended
+# connections at least every LINK_CHECK seconds while it routes messages: so
+# it always learns of the old connection's end before it routes anything
+# that came through the new one (see ``_Base._due_link_check``).
+RECONNECT_IVL_MS = 100
+LINK_CHECK = RECONNECT_IVL_MS / 4000
+
 
 def _close(sock: zmq.Socket, sent: bool) -> None:
     sock.close(CLOSE_LINGER_MS if sent else 0)
@@ -91,17 +101,40 @@ def _probe(core: ClientCore) -> list[bytes]:
 
 
 def _dealer(
-    ctx: zmq.Context, address: str, curve: ClientCurve | None = None
-) -> tuple[zmq.Socket, HandshakeWatch | None]:
+    ctx: zmq.Context, address: str, routing_id: bytes, curve: ClientCurve | None = None
+) -> tuple[zmq.Socket, HandshakeWatch | None, HandshakeWatch]:
+    """A DEALER to one broker, its CURVE handshake watch (None without
+    CURVE), and the monitor that counts its connections that ended."""
     s = ctx.socket(zmq.DEALER)
+    # One routing id on every connection: after a TCP reset, ZeroMQ's
+    # reconnection is the same peer to the broker, not a new one.
+    s.setsockopt(zmq.ROUTING_ID, routing_id)
     s.setsockopt(zmq.IMMEDIATE, 1)
     s.setsockopt(zmq.LINGER, 0)
     s.setsockopt(zmq.RCVHWM, 0)  # the broker bounds what it sends us
+    s.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     # CURVE: with ZMQ_IMMEDIATE a refused handshake means sends block, so
-    # the watch is what tells "refused" from "not there".
-    watch = curve.apply(s) if curve is not None else None
+    # the watch is what tells "refused" from "not there". One monitor per
+    # socket: the same one counts the connections that end (a reset may
+    # have lost what was on the wire, both ways).
+    if curve is not None:
+        watch = mon = curve.apply(s, zmq.EVENT_DISCONNECTED)
+    else:
+        watch, mon = None, HandshakeWatch(s, zmq.EVENT_DISCONNECTED)
     s.connect(address)
-    return s, watch
+    return s, watch, mon
+
+
+def _keepalive(ref: weakref.ref[_Base], period: float, stop: threading.Event) -> None:
+    """A client's heartbeat thread: it speaks for the client while the
+    caller (a slow reader) or the event loop (stalled) is away, so that the
+    broker does not take it for gone. It holds the client weakly."""
+    while not stop.wait(period):
+        c = ref()
+        if c is None:
+            return
+        c._keepalive(time.monotonic())
+        del c
 
 
 class _Base:
@@ -130,18 +163,66 @@ class _Base:
             raise ValueError(f"primary must index one of the {n} brokers")
         self._core = ClientCore(heartbeat_interval, max_resumes, n, primary)
         self._last_send = 0.0
+        self._sent_at = [0.0] * n  # last send, per broker
         self._closed = False
         self._last_probe = 0.0
-        # One DEALER per broker. CURVE: our .key_secret file and the broker's
-        # .key file (or z85 keys); the watch tells a refused handshake apart.
+        # One DEALER per broker, all with this client's routing id. CURVE:
+        # our .key_secret file and the broker's .key file (or z85 keys); the
+        # watch tells a refused handshake apart.
         curve = ClientCurve.load(curve_secret, curve_server)
         ctx = zmq.Context.instance()
+        self.routing_id = p.new_client_id()
         self._dealers: list[zmq.Socket] = []
         self._watches: list[HandshakeWatch | None] = []  # CURVE handshakes, per broker
+        self._monitors: list[HandshakeWatch] = []  # connections ended, per broker
         for a in self.addresses:
-            sock, watch = _dealer(ctx, a, curve)
+            sock, watch, mon = _dealer(ctx, a, self.routing_id, curve)
             self._dealers.append(sock)
             self._watches.append(watch)
+            self._monitors.append(mon)
+        self._mon_socks = [m.socket for m in self._monitors]
+        self._link_checked = 0.0  # monotonic time the monitors were last looked at
+        self._keepalive_stop = threading.Event()
+        self._keepalive_thread: threading.Thread | None = None
+
+    def _start_keepalive(self) -> None:
+        if self._keepalive_thread is None:
+            t = self._keepalive_thread = threading.Thread(
+                target=_keepalive,
+                args=(weakref.ref(self), self.heartbeat_interval / 4, self._keepalive_stop),
+                name="zserve-client-heartbeat",
+                daemon=True,
+            )
+            t.start()
+
+    def _keepalive(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _due_link_check(self, now: float) -> None:
+        """Called before routing a message (and on each turn of the client's
+        loop): at most every LINK_CHECK seconds, see whether a connection to
+        a broker ended. A monitor's news reaches us within a moment, and a
+        reconnection takes RECONNECT_IVL_MS, four LINK_CHECKs: so no message
+        of a new connection is routed before the old one's end is handled
+        (a look at ZMQ_EVENTS costs a system call: not one per message)."""
+        if now - self._link_checked >= LINK_CHECK:
+            self._link_checked = now
+            for mon in self._mon_socks:
+                if _get(mon, _EVENTS) & _POLLIN:
+                    self._check_links()
+                    return
+
+    def _check_links(self) -> None:
+        raise NotImplementedError
+
+    def _links_reset(self) -> list[int]:
+        """The brokers whose connection ended since we last looked."""
+        return [i for i, m in enumerate(self._monitors) if m.take_disconnects()]
+
+    def _close_monitors(self) -> None:
+        self._keepalive_stop.set()
+        for mon in self._monitors:
+            mon.close()
 
     def _links_to_try(self) -> list[int]:
         """The broker for a new request first, then the others."""
@@ -257,11 +338,31 @@ class Client(_Base):
         # CANCELs that found the pipe full, per broker: sent before anything
         # else, so a cancel is never lost while the request it names can run.
         self._backlogs: list[deque[list[bytes]]] = [deque() for _ in self._socks]
-        self._sent_at = [0.0] * len(self._socks)  # last send, per broker
+        # Held by whichever thread uses the sockets or the core: the caller's
+        # (in every call into the client), or the heartbeat thread (only
+        # when it gets it at once: a caller inside the client heartbeats).
+        self._lock = threading.RLock()
+
+    def _keepalive(self, now: float) -> None:
+        """The heartbeat thread's turn: while the caller is away (a slow
+        reader), heartbeat each broker with requests in flight."""
+        if not self._lock.acquire(blocking=False):
+            return  # the caller is in the client, which heartbeats as it reads
+        try:
+            if self._closed:
+                return
+            core = self._core
+            for link, lk in enumerate(core.links):
+                if lk.in_flight and now - self._sent_at[link] >= self.heartbeat_interval:
+                    self._send(core.HEARTBEAT, quiet=True, link=link)
+        finally:
+            self._lock.release()
 
     def _flush_backlog(self, link: int = 0) -> bool:
         """Send what waits; True once nothing does."""
         backlog = self._backlogs[link]
+        if not backlog:
+            return True
         sock = self._socks[link]
         while backlog:
             try:
@@ -269,6 +370,7 @@ class Client(_Base):
             except zmq.Again:
                 return False
             backlog.popleft()
+            self._sent_at[link] = time.monotonic()
         return True
 
     def _send(self, frames: list[bytes], quiet: bool = False, link: int = 0) -> None:
@@ -296,13 +398,14 @@ class Client(_Base):
     def _send_cancel(self, rid: bytes, link: int = 0) -> None:
         """A CANCEL goes out now or, if the pipe is full, before the next send."""
         frames = self._core.cancel_frames(rid)
-        if not self._flush_backlog(link):
-            self._backlogs[link].append(frames)
-            return
-        try:
-            send_frames(self._socks[link], frames)
-        except zmq.Again:
-            self._backlogs[link].append(frames)
+        with self._lock:
+            if not self._flush_backlog(link):
+                self._backlogs[link].append(frames)
+                return
+            try:
+                send_frames(self._socks[link], frames)
+            except zmq.Again:
+                self._backlogs[link].append(frames)
 
     def _read(self, timeout: float) -> None:
         """Wait up to ``timeout`` for broker messages and route them."""
@@ -340,6 +443,7 @@ class Client(_Base):
         except zmq.Again:
             return
         now = time.monotonic()
+        self._due_link_check(now)
         try:
             self._core.on_message(frames, now, link)
         except (ValueError, TypeError):
@@ -352,20 +456,42 @@ class Client(_Base):
         sock = self._socks[link]
         core = self._core
         while _get(sock, _EVENTS) & _POLLIN:
+            frames = recv_frames(sock)
+            now = time.monotonic()
+            self._due_link_check(now)
             try:
-                core.on_message(recv_frames(sock), now, link)
+                core.on_message(frames, now, link)
             except (ValueError, TypeError):
                 pass  # malformed: ignore
+
+    def _check_links(self) -> None:
+        """Before routing anything more: did a connection to a broker end?
+        What was on the wire may be lost both ways, so its streams go again
+        from what they received (ZeroMQ reconnects by itself; a broker that
+        stays silent moves them on as usual). Checked before each message is
+        routed: a reconnection takes ZeroMQ's reconnect interval (0.1 s), so
+        the news of the old connection's end is always there first."""
+        core = self._core
+        for link in self._links_reset():
+            ended, left = core.link_reset(link, time.monotonic())
+            for rid in left:
+                self._send_cancel(rid, link)  # it may still run there
+            self._resend()
 
     def _pump(self, timeout: float) -> None:
         """Wait up to ``timeout`` for broker messages and route them; then
         send what is owed (continuations, heartbeats, probes) and judge the
         brokers' silence."""
+        with self._lock:
+            self._pump_locked(timeout)
+
+    def _pump_locked(self, timeout: float) -> None:
         for link, backlog in enumerate(self._backlogs):
             if backlog:
                 self._flush_backlog(link)
         self._read(timeout)
         now = time.monotonic()
+        self._due_link_check(now)
         core = self._core
         for link, lk in enumerate(core.links):
             if lk.in_flight and now - self._sent_at[link] >= self.heartbeat_interval:
@@ -382,32 +508,30 @@ class Client(_Base):
                     self._send(_probe(core), quiet=True, link=link)
 
     def _resend(self) -> None:
-        """Send the continuations the core queued (worker or broker lost)."""
-        core = self._core
-        while core.resends:
-            for link, frames in core.take_resends():
+        """Send the continuations the core queued (worker, broker or link
+        lost), behind what already waits for that broker: never dropped, and
+        never waited on here (a broker that stays silent moves them on)."""
+        for link, frames in self._core.take_resends():
+            self._backlogs[link].append(frames)
+            self._flush_backlog(link)
+
+    def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
+        with self._lock:
+            self._start_keepalive()
+            st = self._core.streams[rid]
+            err: BrokerUnreachable | None = None
+            for link in self._links_to_try():
                 try:
                     self._send(frames, link=link)
                 except BrokerUnreachable as e:
-                    st = core.fail(frames[2], e.code, e.message)
-                    if st is not None:
-                        self._send_cancel(frames[2], link)
-
-    def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
-        st = self._core.streams[rid]
-        err: BrokerUnreachable | None = None
-        for link in self._links_to_try():
-            try:
-                self._send(frames, link=link)
-            except BrokerUnreachable as e:
-                err = err or e
-                self._core.links[link].alive = False  # probed until it answers
-                continue
-            self._core.mark_sent(rid, time.monotonic(), link)
-            return st
-        self._core.forget(rid)
-        assert err is not None
-        raise err
+                    err = err or e
+                    self._core.links[link].alive = False  # probed until it answers
+                    continue
+                self._core.mark_sent(rid, time.monotonic(), link)
+                return st
+            self._core.forget(rid)
+            assert err is not None
+            raise err
 
     def stream(
         self,
@@ -480,19 +604,18 @@ class Client(_Base):
         return self._final(*self._core.query_frames(service, *args)).result
 
     def close(self) -> None:
-        if self._closed:
-            return
-        for rid, st in list(self._core.streams.items()):
-            if st.last:
-                self._send_cancel(rid, st.link)
-        self._core.fail_all(Cancelled("client closed"))
-        self._closed = True
-        for link, sock in enumerate(self._socks):
-            self._flush_backlog(link)
-            _close(sock, self._sent_at[link] > 0)
-        for watch in self._watches:
-            if watch is not None:
-                watch.close()
+        with self._lock:
+            if self._closed:
+                return
+            for rid, st in list(self._core.streams.items()):
+                if st.last:
+                    self._send_cancel(rid, st.link)
+            self._core.fail_all(Cancelled("client closed"))
+            self._closed = True
+            self._close_monitors()  # (before the sockets: see HandshakeWatch.close)
+            for link, sock in enumerate(self._socks):
+                self._flush_backlog(link)
+                _close(sock, self._sent_at[link] > 0)
 
     def __enter__(self) -> Client:
         return self
@@ -623,21 +746,56 @@ class AsyncClient(_Base):
             max_resumes, primary, curve_secret, curve_server,
         )  # fmt: skip
         self._raws = self._dealers
-        self._socks: list[LoopSocket] | None = None  # bound to the loop on first use
+        # Bound to the loop on first use. Locked: the heartbeat thread sends
+        # on them too while the loop is stalled (see _keepalive).
+        self._socks: list[LockedLoopSocket] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _loop_socks(self) -> list[LoopSocket]:
+    def _loop_socks(self) -> list[LockedLoopSocket]:
         if self._socks is None:
             if self._closed:
                 raise Cancelled("client closed")
             loop = self._loop = asyncio.get_running_loop()
             self._socks = [
-                LoopSocket(raw, self._reader(link), loop, READ_BATCH)
+                LockedLoopSocket(raw, self._reader(link), loop, READ_BATCH)
                 for link, raw in enumerate(self._raws)
             ]
+            for mon in self._mon_socks:
+                loop.add_reader(mon.getsockopt(zmq.FD), self._check_links)
             self._ticker = asyncio.create_task(self._tick())
+            self._start_keepalive()
         return self._socks
+
+    def _keepalive(self, now: float) -> None:
+        """The heartbeat thread's turn: heartbeat a broker that has heard
+        nothing from us for longer than the ticker's beat (the loop is
+        stalled: a long callback, a blocking call, a busy gateway)."""
+        socks = self._socks
+        if socks is None or self._closed:
+            return
+        late = self.heartbeat_interval * 1.5
+        for link, lk in enumerate(self._core.links):
+            if lk.in_flight and now - self._sent_at[link] >= late:
+                if socks[link].send_from_thread(self._core.HEARTBEAT):
+                    self._sent_at[link] = now
+
+    def _check_links(self) -> None:
+        """Did a connection to a broker end? What was on the wire may be
+        lost both ways, so its streams go again from what they received
+        (ZeroMQ reconnects by itself; a broker that stays silent moves them
+        on as usual). Also checked before each message is routed: a
+        reconnection takes ZeroMQ's reconnect interval (0.1 s), so the news
+        of the old connection's end is always there first."""
+        if self._closed:
+            return
+        core = self._core
+        for link in self._links_reset():
+            ended, left = core.link_reset(link, time.monotonic())
+            for rid in left:
+                self._send_cancel(rid, link)  # it may still run there
+            self._wake(ended)
+            self._resend()
 
     def _reader(self, link: int) -> Any:
         if link == 0:
@@ -653,12 +811,12 @@ class AsyncClient(_Base):
             except TimeoutError:
                 sock.unsend(frames)
                 raise self._unreachable(link) from None
-        self._last_send = time.monotonic()
+        self._last_send = self._sent_at[link] = time.monotonic()
 
     def _send_nowait(self, frames: list[bytes], link: int = 0) -> None:
         """Best effort (heartbeats): dropped if the pipe has no room."""
-        if self._socks is not None:
-            self._socks[link].send_now(frames)
+        if self._socks is not None and self._socks[link].send_now(frames):
+            self._sent_at[link] = time.monotonic()
 
     def _send_cancel(self, rid: bytes, link: int = 0) -> None:
         """Never dropped: queued behind anything not yet sent (the REQUEST
@@ -686,8 +844,10 @@ class AsyncClient(_Base):
 
     def _on_message(self, frames: list[bytes], link: int = 0) -> None:
         core = self._core
+        now = time.monotonic()
+        self._due_link_check(now)
         try:
-            core.on_message(frames, time.monotonic(), link)
+            core.on_message(frames, now, link)
         except (ValueError, TypeError):
             return  # malformed: ignore
         if core.resends:
@@ -714,6 +874,12 @@ class AsyncClient(_Base):
                 if lk.in_flight:
                     wake = min(wake, lk.heard + self.expiry + 0.001)
             await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            if self._socks is not None:
+                # After a stalled loop, what the brokers sent meanwhile is
+                # read before their silence is judged.
+                for link, lk in enumerate(core.links):
+                    if lk.in_flight:
+                        self._socks[link].read_now()
             now = time.monotonic()
             silent = core.silent_links(now, self.expiry)
             if now < beat + interval:
@@ -847,19 +1013,22 @@ class AsyncClient(_Base):
                 self._send_cancel(rid, st.link)
         self._wake([st for _, st in self._core.fail_all(Cancelled("client closed"))])
         self._closed = True
+        self._keepalive_stop.set()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._socks is not None:
+            assert self._loop is not None
+            for mon in self._mon_socks:
+                self._loop.remove_reader(mon.getsockopt(zmq.FD))
+        self._close_monitors()  # (before the sockets: see HandshakeWatch.close)
         if self._socks is not None:
             for sock in self._socks:
                 sock.close(CLOSE_LINGER_MS)
         else:
             for raw in self._raws:
                 raw.close(0)
-        for watch in self._watches:
-            if watch is not None:
-                watch.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

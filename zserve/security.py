@@ -139,13 +139,13 @@ class ClientCurve:
         public, sec = load_keypair(secret)
         return cls(public, sec, load_public(server))
 
-    def apply(self, sock: zmq.Socket) -> HandshakeWatch:
+    def apply(self, sock: zmq.Socket, events: int = 0) -> HandshakeWatch:
         """Make ``sock`` a CURVE client (before it connects); returns the
-        watch on its handshakes, to be closed after the socket."""
+        watch on its handshakes (and ``events``), to be closed after the socket."""
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_serverkey = self.server
-        return HandshakeWatch(sock)
+        return HandshakeWatch(sock, events)
 
 
 _HANDSHAKE_EVENTS = (
@@ -168,14 +168,23 @@ class HandshakeWatch:
     a few small events a second until it is next explained or closed.
     """
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket, events: int = 0) -> None:
+        """``events``: more to watch; a client adds ``EVENT_DISCONNECTED``
+        (counted, see ``take_disconnects``). A socket has one monitor at most."""
         addr = f"inproc://zserve.handshake.{os.getpid()}.{next(_watch_ids)}"
-        sock.monitor(addr, _HANDSHAKE_EVENTS)
+        sock.monitor(addr, _HANDSHAKE_EVENTS | events)
+        self._sock = sock
         self._mon = sock.context.socket(zmq.PAIR)
         self._mon.setsockopt(zmq.RCVHWM, 0)
         self._mon.setsockopt(zmq.LINGER, 0)
         self._mon.connect(addr)
         self.last: tuple[int, int] | None = None  # (event, value) of the latest handshake
+        self.disconnects = 0  # connections ended (EVENT_DISCONNECTED), not yet taken
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The monitor's PAIR: readable (ZMQ_EVENTS) when events wait."""
+        return self._mon
 
     def _drain(self) -> None:
         if self._mon.closed:
@@ -184,6 +193,14 @@ class HandshakeWatch:
             ev = recv_monitor_message(self._mon, zmq.NOBLOCK)
             if ev["event"] & _HANDSHAKE_EVENTS:
                 self.last = (int(ev["event"]), int(ev["value"]))
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
+
+    def take_disconnects(self) -> int:
+        """Connections of the socket that ended since the last call."""
+        self._drain()
+        n, self.disconnects = self.disconnects, 0
+        return n
 
     def refused(self) -> bool:
         """The broker refused our key (ZAP said no)."""
@@ -218,6 +235,14 @@ class HandshakeWatch:
         )
 
     def close(self) -> None:
+        """Best before the socket closes: the monitor stops first. (Events a
+        socket emits once its monitor's reader is gone block ZeroMQ's I/O
+        thread, and with it every socket of the context.)"""
+        if not self._sock.closed:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
         self._mon.close(0)
 
 

@@ -209,7 +209,9 @@ def test_a_cancel_behind_a_queued_request_is_not_lost(stack):
 
 def test_streams_of_a_restarted_broker_end_at_once(make_stack):
     """Defect 6: silence was judged per client; after a broker restart, a
-    new request's heartbeats kept the old streams waiting out their timeout."""
+    new request's heartbeats kept the old streams waiting out their timeout.
+    (Now a stream that can resume continues through the restarted broker
+    from its ids, and one that cannot ends at once.)"""
     fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     stack = make_stack()
     stack.start_broker(frontend=fe, backend=be)
@@ -221,9 +223,12 @@ def test_streams_of_a_restarted_broker_end_at_once(make_stack):
         # the broker for silent; only the new broker can say it lost "old".
         async with AsyncClient(stack.frontend, timeout=600, heartbeat_liveness=15) as c:
             finals = count_finals(c)
-            old = c.stream("m", "x", max_tokens=1000)
+            old = c.stream("m", "x", max_tokens=1000, resume=False)
             await old.start()
             await old.__anext__()
+            kept = c.stream("m", "x", max_tokens=1000)
+            await kept.start()
+            await kept.__anext__()
             stack.broker.kill(signal.SIGKILL)
             stack.broker.popen.wait(5)
             stack.start_broker(frontend=fe, backend=be)
@@ -238,6 +243,9 @@ def test_streams_of_a_restarted_broker_end_at_once(make_stack):
             with pytest.raises(BrokerUnreachable):
                 await asyncio.wait_for(drain(), 30)  # not its 600 s timeout
             assert "".join([d.text async for d in new]).startswith("t0 t1 ")
+            d = await asyncio.wait_for(kept.__anext__(), 30)
+            assert d.token_ids == [1]  # where it was: the resumable stream continues
+            await kept.aclose()
             assert finals.each_once()
 
     asyncio.run(main())
