@@ -57,6 +57,11 @@ class Engine(abc.ABC):
     # Whether it offers ``GenerateRequest.tools`` to the model (through its
     # chat template); the runtime refuses tools for an engine that does not.
     takes_tools: bool = True
+    # Whether it constrains decoding by ``SamplingParams.structured`` (a
+    # grammar per request, zserve/worker/grammar.py); the runtime refuses
+    # structured requests (and tool_choice required or named, which become
+    # one) for an engine that does not, rather than answer unconstrained.
+    takes_structured: bool = False
 
     def __init__(self) -> None:
         self.models: list[str] = []  # served model names

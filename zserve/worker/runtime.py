@@ -299,6 +299,12 @@ class Worker:
                 tools = tool_plan(params, self.tool_parser)
                 if tools is not None:
                     params = tools.params
+            if params.structured is not None and not self.engine.takes_structured:
+                raise BadRequest(
+                    f"engine {self.engine.name!r} cannot constrain decoding: structured "
+                    "outputs (response_format, guided_*, tool_choice required or named) "
+                    "need the hf or vllm engine"
+                )
             limit = params.max_tokens
             # No stop strings and no limit short of it: a partial delta only
             # needs counting and queueing (the fast path below).

@@ -91,6 +91,7 @@ class HFEngine(Engine):
     name = "hf"
     resumable = True
     replays_held_text = True
+    takes_structured = True  # zserve/worker/grammar.py masks its rows
 
     def __init__(
         self,

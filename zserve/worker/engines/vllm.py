@@ -75,6 +75,7 @@ _CHAR_IDS = 8
 class VLLMEngine(Engine):
     name = "vllm"
     resumable = True
+    takes_structured = True  # zserve/worker/grammar.py, through engines/vllm_grammar.py
 
     def __init__(
         self,
