@@ -26,6 +26,8 @@ class Completion:
     logprobs: list[Any] | None = None
     # the turn's tool calls, OpenAI-shaped: [{index, id, type, function: {name, arguments}}]
     tool_calls: list[dict[str, Any]] | None = None
+    # the prompt's logprobs (prompt_logprobs=k): one entry a prompt token, the first None
+    prompt_logprobs: list[Any] | None = None
 
 
 @dataclass(slots=True)
@@ -51,7 +53,7 @@ class Resume:
     request as sent, and every token id (and character) received so far."""
 
     model: bytes
-    prompt: str | None
+    prompt: str | list[int] | None  # a list: token ids
     messages: list[dict[str, Any]] | None
     params: bytes  # encoded SamplingParams
     left: int  # resumes still allowed
@@ -149,7 +151,7 @@ class ClientCore:
     def request_frames(
         self,
         model: str,
-        prompt: str | None,
+        prompt: str | list[int] | None,
         messages: list[dict[str, Any]] | None,
         args: tuple[Any, ...],
         extra: dict[str, Any],
@@ -167,6 +169,11 @@ class ClientCore:
         client whose CURVE key its tenants file trusts (docs/tenants.md)."""
         if prompt is None and messages is None:
             raise BadRequest("give a prompt or messages")
+        if isinstance(prompt, list):  # token ids: the worker does not tokenize them
+            try:
+                p.token_ids(prompt, "prompt")
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
         if session_id is not None and not isinstance(session_id, str):
             raise BadRequest("session_id must be a string")
         params = self._params(args, extra)
@@ -224,6 +231,30 @@ class ClientCore:
                 self._params_cache.clear()
             self._params_cache[key] = b
         return b
+
+    def tokenize_frames(
+        self,
+        model: str,
+        prompt: str | None,
+        messages: list[dict[str, Any]] | None,
+        options: dict[str, Any],
+    ) -> tuple[bytes, list[bytes]]:
+        """A tokenize REQUEST: ``prompt`` or ``messages``, with ``options``
+        (``protocol.TOKENIZE_OPTIONS``)."""
+        if (prompt is None) == (messages is None):
+            raise BadRequest("give a prompt or messages")
+        unknown = set(options) - p.TOKENIZE_OPTIONS
+        if unknown:
+            raise BadRequest(f"unknown tokenize option(s): {', '.join(sorted(unknown))}")
+        req = Request(kind=p.KIND_TOKENIZE, prompt=prompt, messages=messages, options=options)
+        return self._open(model, req.encode())
+
+    def detokenize_frames(self, model: str, ids: list[int]) -> tuple[bytes, list[bytes]]:
+        try:
+            p.token_ids(ids, "ids")
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return self._open(model, Request(kind=p.KIND_DETOKENIZE, prompt_ids=list(ids)).encode())
 
     def embed_frames(self, model: str, texts: list[str]) -> tuple[bytes, list[bytes]]:
         if isinstance(texts, str):
@@ -565,7 +596,9 @@ class ClientCore:
 
 
 def routing_frame(
-    prompt: str | None, messages: list[dict[str, Any]] | None, session_id: str | None
+    prompt: str | list[int] | None,
+    messages: list[dict[str, Any]] | None,
+    session_id: str | None,
 ) -> bytes:
     """The REQUEST routing frame for this prompt (b"": none): the prefix
     hashes of its canonical form, and the session key."""
@@ -604,7 +637,8 @@ def to_delta(rec: list[Any]) -> Delta:
 class Accumulator:
     """Folds deltas into a ``Completion``."""
 
-    __slots__ = ("parts", "token_ids", "logprobs", "finish_reason", "usage", "tool_calls")
+    __slots__ = ("parts", "token_ids", "logprobs", "finish_reason", "usage", "tool_calls",
+                 "prompt_logprobs")  # fmt: skip
 
     def __init__(self) -> None:
         self.parts: list[str] = []
@@ -613,8 +647,11 @@ class Accumulator:
         self.finish_reason: str | None = None
         self.usage: dict[str, int] = {}
         self.tool_calls: list[dict[str, Any]] | None = None
+        self.prompt_logprobs: list[Any] | None = None
 
     def add(self, d: Delta) -> None:
+        if d.prompt_logprobs:  # in slices, ahead of the first token
+            self.prompt_logprobs = (self.prompt_logprobs or []) + d.prompt_logprobs
         if d.text:
             self.parts.append(d.text)
         if d.token_ids is not None:
@@ -641,6 +678,7 @@ class Accumulator:
             self.usage,
             self.logprobs,
             self.tool_calls,
+            self.prompt_logprobs,
         )
 
 

@@ -536,7 +536,7 @@ class Client(_Base):
     def stream(
         self,
         model: str,
-        prompt: str | None = None,
+        prompt: str | list[int] | None = None,
         *,
         messages: list[dict[str, Any]] | None = None,
         max_tokens: int | None = None,
@@ -567,7 +567,7 @@ class Client(_Base):
     def generate(
         self,
         model: str,
-        prompt: str | None = None,
+        prompt: str | list[int] | None = None,
         *,
         session_id: str | None = None,
         **kwargs: Any,
@@ -602,6 +602,26 @@ class Client(_Base):
         """A broker service's answer (``protocol.SERVICES``; ``args``: the
         store services' key and value)."""
         return self._final(*self._core.query_frames(service, *args)).result
+
+    def tokenize(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """``{tokens, count, max_model_len, token_strs?}`` from a worker that
+        serves ``model``, as it would tokenize the prompt (or the messages,
+        chat template and ``tools`` included); ``options``:
+        ``add_special_tokens``, ``add_generation_prompt``, ``tools``,
+        ``return_token_strs``."""
+        rid, frames = self._core.tokenize_frames(model, prompt, messages, options)
+        return dict(self._final(rid, frames).result)
+
+    def detokenize(self, model: str, ids: list[int]) -> str:
+        """The text of token ids (special tokens included), from a worker."""
+        return str(self._final(*self._core.detokenize_frames(model, ids)).result["prompt"])
 
     def close(self) -> None:
         with self._lock:
@@ -926,7 +946,7 @@ class AsyncClient(_Base):
     def stream(
         self,
         model: str,
-        prompt: str | None = None,
+        prompt: str | list[int] | None = None,
         *,
         messages: list[dict[str, Any]] | None = None,
         max_tokens: int | None = None,
@@ -957,7 +977,7 @@ class AsyncClient(_Base):
     async def generate(
         self,
         model: str,
-        prompt: str | None = None,
+        prompt: str | list[int] | None = None,
         *,
         session_id: str | None = None,
         **kwargs: Any,
@@ -1004,6 +1024,23 @@ class AsyncClient(_Base):
             raise
         async with AsyncStream(self, rid, None) as s:  # type: ignore[arg-type]  # sent
             return (await s.__anext__()).result
+
+    async def tokenize(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """As ``Client.tokenize``."""
+        rid, frames = self._core.tokenize_frames(model, prompt, messages, options)
+        return dict((await self._final(rid, frames)).result)
+
+    async def detokenize(self, model: str, ids: list[int]) -> str:
+        """As ``Client.detokenize``."""
+        d = await self._final(*self._core.detokenize_frames(model, ids))
+        return str(d.result["prompt"])
 
     async def aclose(self) -> None:
         if self._closed:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import re
 import secrets
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,15 @@ SERVICES = (SERVICE_MODELS, SERVICE_STATUS, *STORE_SERVICES)
 # Request kinds (body["kind"]).
 KIND_GENERATE = "generate"
 KIND_EMBED = "embed"
+# A prompt (or messages, through the chat template) as the model's token ids:
+# the final record's result is {tokens, count, max_model_len, token_strs?}.
+KIND_TOKENIZE = "tokenize"
+# Token ids as text: the final record's result is {prompt}.
+KIND_DETOKENIZE = "detokenize"
+# What a tokenize request may ask besides its prompt or messages.
+TOKENIZE_OPTIONS = frozenset(
+    {"add_special_tokens", "add_generation_prompt", "tools", "return_token_strs"}
+)
 
 # Finish reasons.
 FINISH_STOP = "stop"
@@ -284,6 +294,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives; None = off
+    # The prompt's own logprobs, with this many top alternatives (None = off);
+    # they come on the request's first record (Delta.prompt_logprobs). With
+    # them, max_tokens may be 0: the prompt is scored and nothing generated.
+    prompt_logprobs: int | None = None
     # Seconds the whole request may take on the worker (None: no limit); past
     # it the worker stops the engine and ends the request with ``timeout``.
     deadline: float | None = None
@@ -316,6 +330,7 @@ class SamplingParams:
         "stop_token_ids",
         "ignore_eos",
         "logprobs",
+        "prompt_logprobs",
         "deadline",
         "tools",
         "tool_choice",
@@ -343,8 +358,11 @@ class SamplingParams:
 
     def validate(self) -> None:
         mt = self.max_tokens
-        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
-            raise ValueError("max_tokens must be a positive integer")
+        least = 0 if self.prompt_logprobs is not None else 1  # 0: score the prompt only
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < least):
+            raise ValueError(
+                "max_tokens must be a positive integer (0 only with prompt_logprobs)"
+            )
         if mt is not None and mt > INT32_MAX:
             raise ValueError(f"max_tokens must be at most {INT32_MAX}")
         self.temperature = _number(self.temperature, "temperature", 0.0, 2.0)  # as OpenAI
@@ -394,6 +412,10 @@ class SamplingParams:
                 self.logprobs = 1 if self.logprobs else None
             elif not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20:
                 raise ValueError("logprobs must be an integer in [0, 20]")
+        plp = self.prompt_logprobs
+        if plp is not None and (isinstance(plp, bool) or not isinstance(plp, int)
+                                or not 0 <= plp <= 20):  # fmt: skip
+            raise ValueError("prompt_logprobs must be an integer in [0, 20]")
         if self.tools is not None or self.tool_choice is not None:
             check_tools(self.tools, self.tool_choice)
         if not isinstance(self.parallel_tool_calls, bool):
@@ -548,6 +570,10 @@ class Request:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     texts: list[str] | None = None  # embed
+    # The prompt as token ids (generate: the worker does not tokenize; the
+    # ids to turn into text (detokenize)
+    prompt_ids: list[int] | None = None
+    options: dict[str, Any] | None = None  # tokenize: TOKENIZE_OPTIONS
     params: SamplingParams = field(default_factory=SamplingParams)
     # Resumption: the token ids the caller already got from an earlier
     # attempt (they count against max_tokens), and how many characters of
@@ -558,8 +584,17 @@ class Request:
     def encode(self) -> bytes:
         if self.kind == KIND_EMBED:
             return pack({"kind": self.kind, "texts": self.texts})
+        if self.kind == KIND_DETOKENIZE:
+            return pack({"kind": self.kind, "prompt_ids": self.prompt_ids})
+        if self.kind == KIND_TOKENIZE:
+            body = {"kind": self.kind, "options": self.options or {}}
+            if self.messages is not None:
+                body["messages"] = self.messages
+            else:
+                body["prompt"] = self.prompt
+            return pack(body)
         return encode_generate(
-            self.prompt,
+            self.prompt if self.prompt_ids is None else self.prompt_ids,
             self.messages,
             self.params.encode(),
             self.continue_ids,
@@ -579,12 +614,16 @@ class Request:
             ):
                 raise ValueError("texts must be a non-empty list of strings")
             return cls(kind=kind, texts=texts)
-        if kind != KIND_GENERATE:
+        if kind == KIND_DETOKENIZE:
+            return cls(kind=kind, prompt_ids=token_ids(d.get("prompt_ids"), "prompt_ids"))
+        if kind not in (KIND_GENERATE, KIND_TOKENIZE):
             raise ValueError(f"unknown request kind {kind!r}")
         prompt = d.get("prompt")
         messages = d.get("messages")
-        if prompt is None and messages is None:
-            raise ValueError("one of prompt or messages is required")
+        ids_in = d.get("prompt_ids")
+        prompt_ids = token_ids(ids_in, "prompt_ids") if ids_in is not None else None
+        if prompt is None and messages is None and prompt_ids is None:
+            raise ValueError("one of prompt, prompt_ids or messages is required")
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError("prompt must be a string")
         if messages is not None:
@@ -592,6 +631,11 @@ class Request:
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
             ):
                 raise ValueError("messages must be a non-empty list of {role, content} maps")
+        if kind == KIND_TOKENIZE:
+            opts = d.get("options") or {}
+            if not isinstance(opts, dict) or not TOKENIZE_OPTIONS.issuperset(opts):
+                raise ValueError(f"tokenize options are {', '.join(sorted(TOKENIZE_OPTIONS))}")
+            return cls(kind=kind, prompt=prompt, messages=messages, options=opts)
         params = d.get("params") or {}
         if not isinstance(params, dict):
             raise ValueError("params must be a map")
@@ -608,6 +652,7 @@ class Request:
             kind=kind,
             prompt=prompt,
             messages=messages,
+            prompt_ids=prompt_ids,
             params=SamplingParams.from_dict(params),
             continue_ids=ids or None,
             continue_chars=chars if ids else 0,
@@ -617,21 +662,34 @@ class Request:
 # Pre-encoded pieces of a generate REQUEST body.
 _KIND_GENERATE = pack("kind") + pack(KIND_GENERATE)
 _KEY_PROMPT = pack("prompt")
+_KEY_PROMPT_IDS = pack("prompt_ids")
 _KEY_MESSAGES = pack("messages")
 _KEY_PARAMS = pack("params")
 _KEY_CONTINUE_IDS = pack("continue_ids")
 _KEY_CONTINUE_CHARS = pack("continue_chars")
 
 
+def token_ids(v: Any, name: str) -> list[int]:
+    """``v`` as a non-empty list of token ids, or ValueError naming ``name``."""
+    if (
+        not isinstance(v, list)
+        or not v
+        or not all(type(t) is int and 0 <= t <= INT32_MAX for t in v)
+    ):
+        raise ValueError(f"{name} must be a non-empty list of token ids in [0, {INT32_MAX}]")
+    return v
+
+
 def encode_generate(
-    prompt: str | None,
+    prompt: str | list[int] | None,
     messages: list[dict[str, Any]] | None,
     params: bytes,
     continue_ids: list[int] | None = None,
     continue_chars: int = 0,
 ) -> bytes:
-    """A generate REQUEST body ``{kind, prompt?, messages?, params,
-    continue_ids?, continue_chars?}`` around already encoded ``params``
+    """A generate REQUEST body ``{kind, prompt? | prompt_ids?, messages?,
+    params, continue_ids?, continue_chars?}`` (a ``prompt`` given as a list
+    of token ids goes as ``prompt_ids``) around already encoded ``params``
     (``SamplingParams.encode``): a client that sends the same parameters again
     validates and encodes them once. ``continue_ids``: resume after these
     generated ids (see docs/protocol.md, resumption)."""
@@ -639,7 +697,7 @@ def encode_generate(
     out = _KIND_GENERATE
     if prompt is not None:
         n += 1
-        out += _KEY_PROMPT + pack(prompt)
+        out += (_KEY_PROMPT if isinstance(prompt, str) else _KEY_PROMPT_IDS) + pack(prompt)
     if messages is not None:
         n += 1
         out += _KEY_MESSAGES + pack(messages)
@@ -667,6 +725,10 @@ class Delta:
     # function: {name?, arguments?}}]; a call's arguments are the
     # concatenation of its fragments (see ``merge_tool_calls``).
     tool_calls: list[dict[str, Any]] | None = None
+    # The prompt's logprobs (SamplingParams.prompt_logprobs), on a request's
+    # first record: one entry per prompt token, as ``logprobs`` entries
+    # ({token, logprob, top_logprobs}); the first token's logprob is None.
+    prompt_logprobs: list[Any] | None = None
 
     def record(self, request_id: bytes) -> list[Any]:
         extra: dict[str, Any] | None = None
@@ -677,6 +739,7 @@ class Delta:
             or self.embeddings is not None
             or self.result is not None
             or self.tool_calls is not None
+            or self.prompt_logprobs is not None
         ):
             extra = {}
             if self.usage is not None:
@@ -691,6 +754,8 @@ class Delta:
                 extra["result"] = self.result
             if self.tool_calls is not None:
                 extra["tool_calls"] = self.tool_calls
+            if self.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = self.prompt_logprobs
         return [request_id, self.text, self.token_ids, self.finish_reason, extra]
 
     @classmethod
@@ -708,6 +773,7 @@ class Delta:
             extra.get("embeddings"),
             extra.get("result"),
             extra.get("tool_calls"),
+            extra.get("prompt_logprobs"),
         )
 
 
@@ -776,10 +842,15 @@ def _h8(data: bytes, prev: bytes = b"") -> bytes:
     return hashlib.blake2b(prev + data, digest_size=ROUTE_HASH).digest()
 
 
-def canonical_prompt(prompt: str | None, messages: list[dict[str, Any]] | None) -> bytes:
-    """What the prefix chain hashes: the prompt's UTF-8, or each message as
-    ``role \\x1f content \\x1e`` (non-text content as msgpack), so that a
-    conversation's next turn starts with its previous turn's bytes."""
+def canonical_prompt(
+    prompt: str | list[int] | None, messages: list[dict[str, Any]] | None
+) -> bytes:
+    """What the prefix chain hashes: the prompt's UTF-8 (token ids: 4 bytes
+    each, little-endian), or each message as ``role \\x1f content \\x1e``
+    (non-text content as msgpack), so that a conversation's next turn starts
+    with its previous turn's bytes."""
+    if isinstance(prompt, list):
+        return struct.pack(f"<{len(prompt)}I", *prompt)
     if messages is None:
         return (prompt or "").encode("utf-8", "surrogatepass")
     parts = []

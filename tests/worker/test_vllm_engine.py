@@ -329,6 +329,46 @@ async def test_tool_calls_required_and_named(vllm_engine: VLLMEngine) -> None:
 
 
 @on_engine_loop
+async def test_token_id_prompts_and_prompt_logprobs(vllm_engine: VLLMEngine, ref: Any) -> None:
+    import torch
+
+    model, tok = ref
+    pids = tok(PROMPTS[0])["input_ids"]
+    req = request(max_tokens=8, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    req.prompt_ids = pids
+    deltas = await run(vllm_engine, req)
+    assert ids_of(deltas) == greedy_ref(ref, pids, 8, ignore_eos=True)
+    assert counts(deltas[-1].usage) == {"prompt_tokens": len(pids), "completion_tokens": 8}
+    scored = deltas[0].prompt_logprobs
+    assert scored is not None and all(d.prompt_logprobs is None for d in deltas[1:])
+    with torch.inference_mode():
+        logits = model(torch.tensor([pids])).logits[0, :-1].float()
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(pids[1:])[:, None])[:, 0]
+    assert scored[0]["logprob"] is None and len(scored) == len(pids)
+    assert [e["logprob"] for e in scored[1:]] == pytest.approx(want.tolist(), abs=1e-3)
+    assert all(len(e["top_logprobs"]) == 2 for e in scored[1:])
+    # max_tokens 0: the prompt scored, nothing generated
+    (only,) = await run(vllm_engine, request(PROMPTS[0], max_tokens=0, prompt_logprobs=0))
+    assert only.finish_reason == "length" and not only.token_ids and not only.text
+    assert counts(only.usage) == {"prompt_tokens": len(pids), "completion_tokens": 0}
+    assert [e["logprob"] for e in only.prompt_logprobs or []][1:] == pytest.approx(
+        want.tolist(), abs=1e-3
+    )
+
+
+@on_engine_loop
+async def test_tokenize_and_detokenize(vllm_engine: VLLMEngine, ref: Any) -> None:
+    _, tok = ref
+    msgs = [{"role": "user", "content": "Hi there"}]
+    ids = await vllm_engine.tokenize(request(PROMPTS[1]))
+    assert ids == tok(PROMPTS[1])["input_ids"]
+    chat = await vllm_engine.tokenize(request(messages=msgs))
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert chat == tok(text, add_special_tokens=False)["input_ids"]
+    assert await vllm_engine.detokenize("tiny", ids) == tok.decode(ids)
+
+
+@on_engine_loop
 async def test_engine_death_fails_requests_and_sets_dead(vllm_engine: VLLMEngine) -> None:
     """Last in the module: kills the engine core under the shared engine."""
     children = psutil.Process().children()  # ours only, not a stack worker's

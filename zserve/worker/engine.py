@@ -37,6 +37,9 @@ class GenerateRequest:
     # of it); the rest was held back (a stop string's possible beginning). An
     # engine with ``replays_held_text`` sends that rest itself, first.
     continue_chars: int | None = None
+    # The prompt as token ids (instead of ``prompt`` or ``messages``): the
+    # engine does not tokenize, and adds no special tokens of its own.
+    prompt_ids: list[int] | None = None
 
 
 class Engine(abc.ABC):
@@ -62,6 +65,10 @@ class Engine(abc.ABC):
     # structured requests (and tool_choice required or named, which become
     # one) for an engine that does not, rather than answer unconstrained.
     takes_structured: bool = False
+    # Whether it scores prompts (``SamplingParams.prompt_logprobs``, and
+    # ``max_tokens`` 0): the first delta of a request that asks carries
+    # ``Delta.prompt_logprobs``. The runtime refuses them otherwise.
+    prompt_logprobs: bool = False
 
     def __init__(self) -> None:
         self.models: list[str] = []  # served model names
@@ -105,6 +112,27 @@ class Engine(abc.ABC):
         Resumption uses it to restore what a stop string held back."""
         raise NotImplementedError(f"engine {self.name!r} cannot decode token ids")
 
+    async def tokenize(
+        self,
+        request: GenerateRequest,
+        add_special_tokens: bool | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """The ids ``request``'s prompt (or messages, through the chat
+        template with ``request.tools``) takes, as ``generate`` would
+        tokenize it by default. ``add_special_tokens``: None for that
+        default (on for a prompt, off for messages: the template writes
+        them); ``add_generation_prompt``: end with the assistant's turn."""
+        from zserve.errors import BadRequest
+
+        raise BadRequest(f"engine {self.name!r} has no tokenizer to serve tokenize")
+
+    async def detokenize(self, model: str, ids: list[int]) -> str:
+        """The text of ``ids``, special tokens included (``/detokenize``)."""
+        from zserve.errors import BadRequest
+
+        raise BadRequest(f"engine {self.name!r} has no tokenizer to serve detokenize")
+
     async def abort(self, request_id: str) -> None:  # noqa: B027 - optional hook
         """Stop work for ``request_id``; the runtime has already stopped reading it."""
 
@@ -113,7 +141,10 @@ class Engine(abc.ABC):
 
 
 def render_chat(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
 ) -> str:
     """``messages`` through the tokenizer's chat template, ready to generate
     from (OpenAI content parts become one string), with ``tools`` offered;
@@ -125,7 +156,7 @@ def render_chat(
         return tokenizer.apply_chat_template(
             [plain_message(m) for m in messages],
             tools=tools,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             tokenize=False,
         )
     except Exception as e:  # jinja errors, a tokenizer without a template

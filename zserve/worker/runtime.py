@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -219,6 +220,30 @@ class Worker:
                 s.put_final(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), True)
             s.release((client, rid))
 
+    async def _tokenize(self, model: str, req: Request) -> dict[str, Any]:
+        """A tokenize or detokenize request's result."""
+        e = self.engine
+        if req.kind == p.KIND_DETOKENIZE:
+            return {"prompt": await e.detokenize(model, req.prompt_ids or [])}
+        o = req.options or {}
+        tools = o.get("tools")
+        if tools is not None:
+            try:
+                p.check_tools(tools, None)
+            except ValueError as err:
+                raise BadRequest(str(err)) from None
+        special = o.get("add_special_tokens")
+        ids = await e.tokenize(
+            GenerateRequest("tokenize", model, req.prompt, req.messages, tools=tools),
+            None if special is None else bool(special),
+            o.get("add_generation_prompt") is not False,
+        )
+        out: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": e.context_length}
+        if o.get("return_token_strs"):
+            tok = e.tokenizer(model)
+            out["token_strs"] = None if tok is None else list(tok.convert_ids_to_tokens(ids))
+        return out
+
     def _final_error(self, s: BrokerSession, client: bytes, rid: bytes, e: ZServeError) -> None:
         delta = Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict())
         s.outbox.put(client, rid, delta, False)
@@ -281,12 +306,25 @@ class Worker:
                 )
                 finished = True
                 return
+            if req.kind != p.KIND_GENERATE:  # tokenize, detokenize
+                result = await self._tokenize(model, req)
+                n = len(result.get("tokens") or req.prompt_ids or ())
+                fin(client, rid, Delta(finish_reason=p.FINISH_STOP, result=result, usage={
+                    "prompt_tokens": n, "completion_tokens": 0}), first)  # fmt: skip
+                finished = engine_done = True
+                return
             params = req.params
+            if params.prompt_logprobs is not None and not self.engine.prompt_logprobs:
+                raise BadRequest(f"engine {self.engine.name!r} does not score prompts "
+                                 "(prompt_logprobs, max_tokens 0)")  # fmt: skip
             stops = StopMatcher(params.stop)
             cont = req.continue_ids or []
             resumed = len(cont)  # tokens an earlier attempt delivered
             if resumed:
                 params = await self._continuation(model, req, stops)
+                if params is not None and params.prompt_logprobs is not None:
+                    # the first attempt sent them
+                    params = dataclasses.replace(params, prompt_logprobs=None)
                 if params is None:  # nothing left to generate
                     fin(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
                         "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
@@ -328,13 +366,15 @@ class Worker:
                     GenerateRequest(
                         eid, model, req.prompt, req.messages, params, cont,
                         tools.offer if tools is not None else None,
-                        continue_chars=req.continue_chars,
+                        continue_chars=req.continue_chars, prompt_ids=req.prompt_ids,
                     )  # fmt: skip
                 )
                 if tools is not None:  # the text becomes content and tool calls
                     gen = tools.wrap(gen, self.engine.tokenizer(model), said)
                 try:
                     async for d in gen:
+                        if d.prompt_logprobs is not None:
+                            first = _put_prompt_logprobs(s, client, rid, d, first)
                         ids = d.token_ids
                         count += len(ids) if ids is not None else (1 if d.text else 0)
                         finish = d.finish_reason
@@ -422,5 +462,20 @@ class Worker:
                     await self.engine.abort(eid)
                 except Exception:
                     log.exception("engine abort failed for %s", eid)
+
+
+def _put_prompt_logprobs(
+    s: BrokerSession, client: bytes, rid: bytes, d: Delta, first: bool
+) -> bool:
+    """Send ``d``'s prompt logprobs ahead of it, as records of their own
+    that are never merged: a long prompt's, with alternatives, would pass
+    the message size limit in one. Returns ``first`` after them (False)."""
+    lps, d.prompt_logprobs = d.prompt_logprobs or [], None
+    top = max((len(e.get("top_logprobs") or ()) for e in lps if e), default=0)
+    per = max(1, p.RECORD_BUDGET // (64 + 48 * (top + 1)))  # entries within a record's budget
+    for i in range(0, len(lps), per):
+        s.outbox.put_chunk(client, rid, Delta(prompt_logprobs=lps[i : i + per]), first)
+        first = False
+    return first
 
 

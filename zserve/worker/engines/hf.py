@@ -91,6 +91,7 @@ class HFEngine(Engine):
     name = "hf"
     resumable = True
     replays_held_text = True
+    prompt_logprobs = True  # from a prefill of their own (_score_prompt)
     takes_structured = True  # zserve/worker/grammar.py masks its rows
 
     def __init__(
@@ -212,22 +213,37 @@ class HFEngine(Engine):
             raise ModelNotFound(f"this worker does not serve {name!r}")
         return sm
 
-    def _prompt_ids(self, sm: ServedModel, request: GenerateRequest) -> list[int]:
+    def _prompt_ids(
+        self,
+        sm: ServedModel,
+        request: GenerateRequest,
+        special: bool | None = None,
+        generation_prompt: bool = True,
+    ) -> list[int]:
+        """The prompt's ids; ``special`` (add the tokenizer's special
+        tokens): None for the default, on for a prompt and off for messages."""
         tok = sm.tokenizer
+        if request.prompt_ids is not None:
+            bad = [t for t in request.prompt_ids if t >= sm.vocab_size]
+            if bad:
+                raise BadRequest(f"prompt token id {bad[0]} is not below the vocabulary "
+                                 f"size {sm.vocab_size}")  # fmt: skip
+            return list(request.prompt_ids)
         if request.messages is not None:
             if getattr(tok, "chat_template", None):
-                text = render_chat(tok, request.messages, request.tools)
+                text = render_chat(tok, request.messages, request.tools, generation_prompt)
             else:
                 text = "".join(
                     f"{m['role']}: {plain_message(m)['content']}\n" for m in request.messages
                 )
                 text += "assistant:"
             _check_chars(sm, text)
-            return list(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+            return list(tok(text, add_special_tokens=bool(special), verbose=False)["input_ids"])
         if request.prompt is None:
             raise BadRequest("one of prompt or messages is required")
         _check_chars(sm, request.prompt)
-        return list(tok(request.prompt, verbose=False)["input_ids"])
+        special = special is not False
+        return list(tok(request.prompt, add_special_tokens=special, verbose=False)["input_ids"])
 
     # ------------------------------------------------------------ generate
 
@@ -281,6 +297,15 @@ class HFEngine(Engine):
             text += "" if hit else stops.flush()
             yield Delta(text, [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
             return
+        scored = None  # the prompt's logprobs, for the first delta
+        if params.prompt_logprobs is not None and not cont:
+            scored = await asyncio.to_thread(
+                _score_prompt, sm, prompt_ids, params.prompt_logprobs
+            )
+            if params.max_tokens == 0:  # the prompt scored, nothing generated
+                usage0 = {"prompt_tokens": n_prompt, "completion_tokens": 0}
+                yield Delta("", [], FINISH_LENGTH, usage0, prompt_logprobs=scored)
+                return
         max_new = min(params.max_tokens or room, room)
         grammar = await self._grammar(sm, params, max_new, cont)
         seq = Sequence(
@@ -355,8 +380,8 @@ class HFEngine(Engine):
                 if finish is not None:
                     ended = True
                     usage = {"prompt_tokens": n_prompt, "completion_tokens": count}
-                yield Delta(text, ids, finish, usage, logprobs)
-                usage = None
+                yield Delta(text, ids, finish, usage, logprobs, prompt_logprobs=scored)
+                usage = scored = None
         finally:
             if not seq.gone:
                 seq.cancelled = True
@@ -453,6 +478,24 @@ class HFEngine(Engine):
         text = self._model(model).tokenizer.decode(ids, skip_special_tokens=True)
         return text.rstrip("\ufffd")
 
+    async def tokenize(
+        self,
+        request: GenerateRequest,
+        add_special_tokens: bool | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        sm = self._model(request.model)
+        args = (sm, request, add_special_tokens, add_generation_prompt)
+        if _input_chars(request) > _TOKENIZE_INLINE_CHARS:
+            return await asyncio.to_thread(self._prompt_ids, *args)
+        return self._prompt_ids(*args)
+
+    async def detokenize(self, model: str, ids: list[int]) -> str:
+        tok = self._model(model).tokenizer
+        if len(ids) > _TOKENIZE_INLINE_CHARS:
+            return str(await asyncio.to_thread(tok.decode, ids))
+        return str(tok.decode(ids))
+
 
 def _new_grammars(sm: ServedModel) -> Any:
     from zserve.worker.grammar import Grammars
@@ -507,6 +550,44 @@ def _check_chars(sm: ServedModel, text: str) -> None:
             f"{sm.context_length} tokens can hold (at most {sm.max_token_chars} characters "
             "a token)"
         )
+
+
+PROMPT_CHUNK = 512  # prompt tokens scored per forward pass (bounds the logits held)
+
+
+def _score_prompt(sm: ServedModel, ids: list[int], top: int) -> list[dict[str, Any]]:
+    """The prompt's logprobs, as logprobs entries (the first token's logprob
+    None): the model's raw distribution at each position, from a prefill of
+    their own (in chunks over a KV cache, without touching the batch), in
+    float32 whatever the model's dtype."""
+    import torch
+
+    model = sm.model
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    out: list[dict[str, Any]] = [{"token": sm.text_of(ids[0]), "logprob": None,
+                                  "top_logprobs": None}]  # fmt: skip
+    cache = None
+    with torch.inference_mode():
+        for a in range(0, len(ids) - 1, PROMPT_CHUNK):
+            b = min(a + PROMPT_CHUNK, len(ids) - 1)  # positions a..b-1 predict a+1..b
+            res = model(input_ids=x[:, a:b], past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            lp = torch.log_softmax(res.logits[0].float(), dim=-1)
+            chosen = lp.gather(1, x[0, a + 1 : b + 1, None])[:, 0].tolist()
+            tv: list[list[float]] = []
+            ti: list[list[int]] = []
+            if top:
+                tops = lp.topk(top, dim=-1)
+                tv, ti = tops.values.tolist(), tops.indices.tolist()
+            for i in range(b - a):
+                alts = []
+                if top:
+                    alts = [{"token": sm.text_of(t), "logprob": v}
+                            for t, v in zip(ti[i], tv[i], strict=True)]  # fmt: skip
+                tid = ids[a + 1 + i]
+                out.append({"token": sm.text_of(tid), "logprob": chosen[i], "top_logprobs": alts})
+    return out
 
 
 def _lp_entry(sm: ServedModel, step: Any) -> dict[str, Any]:

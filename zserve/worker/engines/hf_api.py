@@ -176,6 +176,8 @@ class HFApiEngine(Engine):
         ep = self.endpoints.get(request.model)
         if ep is None:
             raise BadRequest(f"hf-api does not serve {request.model!r}")
+        if request.prompt_ids is not None:
+            raise BadRequest("the hf-api engine takes text, not token ids (prompt_ids)")
         p = request.params
         chunks = (
             self._chat_chunks(ep, request)

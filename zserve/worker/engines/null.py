@@ -122,7 +122,8 @@ class NullEngine(Engine):
             prompt = request.prompt
         else:
             prompt = " ".join(str(m.get("content", "")) for m in request.messages or [])
-        prompt_tokens = len(prompt.split())
+        ids_in = request.prompt_ids
+        prompt_tokens = len(prompt.split()) if ids_in is None else len(ids_in)
         # A continuation goes on counting from the ids already delivered;
         # max_tokens is what remains (None: DEFAULT_MAX_TOKENS in all).
         start = len(request.continue_ids)
@@ -200,6 +201,24 @@ class NullEngine(Engine):
 
     async def count_tokens(self, model: str, text: str) -> int:
         return len(text.split())
+
+    async def tokenize(
+        self,
+        request: GenerateRequest,
+        add_special_tokens: bool | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """One token a word: ``t{i}`` is id i (what this engine writes), any
+        other word 0; messages are their contents, in turn."""
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        text = request.prompt if request.prompt is not None else " ".join(
+            str(m.get("content", "")) for m in request.messages or []
+        )
+        return [int(w[1:]) if w[:1] == "t" and w[1:].isdigit() else 0 for w in text.split()]
+
+    async def detokenize(self, model: str, ids: list[int]) -> str:
+        return await self.decode(model, ids)
 
     async def decode(self, model: str, ids: list[int]) -> str:
         if self.script is not None:

@@ -75,6 +75,7 @@ _CHAR_IDS = 8
 class VLLMEngine(Engine):
     name = "vllm"
     resumable = True
+    prompt_logprobs = True  # vLLM's own (SamplingParams.prompt_logprobs)
     takes_structured = True  # zserve/worker/grammar.py, through engines/vllm_grammar.py
 
     def __init__(
@@ -184,6 +185,7 @@ class VLLMEngine(Engine):
         extra = await self._structured(p, room, cont)
         params = self._sampling_params(p, room, detokenize=detok is None, extra_args=extra)
         top_n = p.logprobs
+        scored = None  # the prompt's logprobs, for the first delta
         # A continuation's prompt ids are not the prompt text's alone: no text.
         inputs = tokens_input(prompt_ids + cont, prompt=None if cont else prompt_text)
         gen = llm.generate(inputs, params, request.request_id)
@@ -191,6 +193,13 @@ class VLLMEngine(Engine):
         first = True
         try:
             async for out in gen:
+                if first and out.prompt_logprobs and p.prompt_logprobs is not None:
+                    scored = _prompt_logprobs(prompt_ids, out.prompt_logprobs, p.prompt_logprobs,
+                                              self._tokenizer)  # fmt: skip
+                    if p.max_tokens == 0:  # scored; the one token vLLM made is dropped
+                        usage0 = {"prompt_tokens": n_prompt, "completion_tokens": 0}
+                        yield Delta("", [], FINISH_LENGTH, usage0, prompt_logprobs=scored)
+                        return
                 c = out.outputs[0]
                 ids = list(c.token_ids)
                 completion += len(ids)
@@ -226,7 +235,8 @@ class VLLMEngine(Engine):
                     else None
                 )
                 first = False
-                yield Delta(text, ids, finish, usage, logprobs)
+                yield Delta(text, ids, finish, usage, logprobs, prompt_logprobs=scored)
+                scored = None
                 if finish is not None:
                     return
         except EngineDeadError as e:
@@ -242,6 +252,28 @@ class VLLMEngine(Engine):
     async def abort(self, request_id: str) -> None:
         if self.llm is not None and not self.dead:
             await self.llm.abort(request_id)
+
+    async def tokenize(
+        self,
+        request: GenerateRequest,
+        add_special_tokens: bool | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        self._running()
+        tok = self._tokenizer
+        if request.messages is not None:
+            text = render_chat(tok, request.messages, request.tools, add_generation_prompt)
+            special = bool(add_special_tokens)  # the template writes its own
+        else:
+            text = request.prompt or ""
+            special = add_special_tokens is not False
+        if len(text) > _TOKENIZE_INLINE_CHARS:
+            return list(await asyncio.to_thread(tok.encode, text, add_special_tokens=special))
+        return list(tok.encode(text, add_special_tokens=special))
+
+    async def detokenize(self, model: str, ids: list[int]) -> str:
+        self._running()
+        return str(self._tokenizer.decode(ids))
 
     async def count_tokens(self, model: str, text: str) -> int:
         self._running()
@@ -261,9 +293,11 @@ class VLLMEngine(Engine):
             raise EngineError("the vLLM engine died")
         return self.llm
 
-    async def _prompt_ids(self, request: GenerateRequest) -> tuple[list[int], str]:
+    async def _prompt_ids(self, request: GenerateRequest) -> tuple[list[int], str | None]:
         """Token ids of the prompt (a chat goes through the chat template) and its text."""
         tok = self._tokenizer
+        if request.prompt_ids is not None:  # as given: vLLM checks them against its vocabulary
+            return list(request.prompt_ids), None
         if request.messages is not None:
             text = render_chat(tok, request.messages)
             special = False  # the template writes its own special tokens
@@ -360,8 +394,9 @@ class VLLMEngine(Engine):
                 detokenize=detokenize,
                 stop_token_ids=list(p.stop_token_ids) or None,
                 ignore_eos=p.ignore_eos and extra_args is None,
-                max_tokens=max_tokens,
+                max_tokens=max(1, max_tokens),  # 0 (score the prompt): one, dropped
                 logprobs=p.logprobs,
+                prompt_logprobs=p.prompt_logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args=extra_args,
             )
@@ -463,6 +498,14 @@ def _openai_logprobs(
             }
         )
     return result
+
+
+def _prompt_logprobs(
+    ids: list[int], entries: Any, top_n: int, tokenizer: Any
+) -> list[dict[str, Any]]:
+    """vLLM's prompt logprobs (None for the first token) as logprobs entries."""
+    first = {"token": str(tokenizer.decode([ids[0]])), "logprob": None, "top_logprobs": None}
+    return [first, *_openai_logprobs(ids[1:], list(entries)[1:], top_n, tokenizer)]
 
 
 def _token_text(tid: int, lp: Any, tokenizer: Any) -> str:
