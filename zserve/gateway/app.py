@@ -68,6 +68,8 @@ from zserve.gateway.sse import HEADERS as SSE_HEADERS
 from zserve.gateway.sse import ChunkEncoder, ClientGone, DisconnectGuard
 from zserve.gateway.store import SharedStore
 from zserve.gateway.tenants import GatewayTenants
+from zserve.gateway.tokens import context_lengths, version
+from zserve.gateway.tokens import handlers as token_handlers
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +281,7 @@ class Gateway:
             names = await self._query("models")
         except Exception as e:
             return self.fail(e)
-        body = schema.models_response(sorted(names), self.created)
+        body = schema.models_response(sorted(names), self.created, await context_lengths(self))
         return Response(dumps(body), media_type=JSON)
 
     async def model(self, request: Request) -> Response:
@@ -290,7 +292,8 @@ class Gateway:
                 raise APIError(f"the model {name!r} does not exist", "model_not_found", "model")
         except Exception as e:
             return self.fail(e)
-        return Response(dumps(schema.model_card(name, self.created)), media_type=JSON)
+        card = schema.model_card(name, self.created, (await context_lengths(self)).get(name))
+        return Response(dumps(card), media_type=JSON)
 
     async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._generate(scope, receive, send, True)
@@ -336,7 +339,7 @@ class Gateway:
                 rid = schema.new_id("chatcmpl-" if chat else "cmpl-")
                 enc = ChunkEncoder(
                     chat, rid, int(time.time()), req.model, req.include_usage,
-                    req.prompts if req.echo else None, req.n,
+                    req.echoed if req.echo else None, req.n,
                 )  # fmt: skip
                 chunks = stream_body(streams, firsts, req, enc, tracker)
                 started = True
@@ -481,12 +484,14 @@ def create_app(
         "/v1/completions": gw.completions,
         "/v1/embeddings": gw.embeddings,
         "/v1/responses": responses_handler(gw),
+        **token_handlers(gw),
     }
     routes = [
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.model, methods=["GET"]),
         *(Route(path, _Raw(handler), methods=["POST"]) for path, handler in fast.items()),
         *responses_routes(gw),
+        Route("/version", version, methods=["GET"]),
         Route("/health", gw.health, methods=["GET"]),
         Route("/ready", gw.ready, methods=["GET"]),
         *page.routes(),

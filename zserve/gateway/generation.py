@@ -30,6 +30,12 @@ async def open_streams(
     bad sampling parameters raise ``BadRequest`` here, and more requests
     in flight than ``limits.MAX_FANOUT_BYTES`` an ``APIError``. The choices
     of one input with the same parameters share one encoded request."""
+    if req.echo and not all(isinstance(x, str) for x in req.prompts):
+        # token-id prompts: what echo repeats is their text, from a worker
+        req.echoed = list(await asyncio.gather(*(
+            client.detokenize(req.model, x) if isinstance(x, list) else _text(x)
+            for x in req.prompts
+        )))  # fmt: skip
     sid, seed = req.session_id, req.params.get("seed")
     # Seeded: choice j gets its own seed (protocol.choice_seed), so that the
     # n choices differ and the same seed gives the same n again.
@@ -76,6 +82,10 @@ def _size(stream: AsyncStream) -> int:
     return sum(map(len, stream._frames or ()))
 
 
+async def _text(x: str) -> str:
+    return x
+
+
 async def close_all(streams: list[AsyncStream]) -> None:
     for s in streams:
         await s.aclose()
@@ -101,6 +111,8 @@ def fold(choice: Choice, batch: list[Delta]) -> None:
             parts.append(d.text)
         if d.logprobs:
             choice.logprobs = (choice.logprobs or []) + d.logprobs
+        if d.prompt_logprobs:  # in slices, ahead of the first token
+            choice.prompt_logprobs = (choice.prompt_logprobs or []) + d.prompt_logprobs
         if d.tool_calls:
             if choice.tool_calls is None:
                 choice.tool_calls = []

@@ -27,6 +27,7 @@ from zserve.protocol import (
     ParamError,
     check_structured,
     check_tools,
+    token_ids,
 )
 
 MAX_N = 128  # choices per request (OpenAI's own limit)
@@ -135,8 +136,9 @@ class GenRequest:
     """A chat or text completion request, as the gateway runs it."""
 
     model: str
-    # One entry per distinct input: a prompt (completions) or messages (chat).
-    prompts: list[str] = field(default_factory=list)
+    # One entry per distinct input: a prompt (completions: text, or token
+    # ids) or messages (chat).
+    prompts: list[Any] = field(default_factory=list)
     messages: list[dict[str, Any]] | None = None
     n: int = 1
     stream: bool = False
@@ -144,6 +146,9 @@ class GenRequest:
     params: dict[str, Any] = field(default_factory=dict)
     logprobs: int | None = None  # top alternatives per token; None = off
     echo: bool = False
+    # What ``echo`` repeats, per prompt: its text (a token-id prompt's is
+    # filled in by generation.open_streams, from a worker's detokenize).
+    echoed: list[str] = field(default_factory=list)
     # The conversation's key for session-affine dispatch: the ``X-Session-ID``
     # header, else OpenAI's ``user`` field.
     session_id: str | None = None
@@ -423,22 +428,46 @@ def parse_chat(body: dict[str, Any]) -> GenRequest:
 def parse_completion(body: dict[str, Any]) -> GenRequest:
     req = GenRequest(_model(body))
     check_fields(body, COMPLETION_FIELDS)
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        req.prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(x, str) for x in prompt):
-        req.prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(x, (int, list)) for x in prompt):
-        raise _bad("token-id prompts are not supported; send text", "prompt")
-    else:
-        raise _bad("prompt must be a string or a non-empty list of strings", "prompt")
+    req.prompts = _prompts(body.get("prompt"))
     if len(req.prompts) > MAX_PROMPTS:
         raise _bad(f"prompt has {len(req.prompts)} entries; at most {MAX_PROMPTS}", "prompt")
     if body.get("logprobs") is not None:
         req.logprobs = _int(body, "logprobs", 0, 0, 20)
     req.echo = bool(body.get("echo") or False)
     _common(body, req)
+    if req.echo:
+        req.echoed = [x if isinstance(x, str) else "" for x in req.prompts]
+        if req.logprobs is not None or req.params.get("max_tokens") == 0:
+            # the prompt's own logprobs (max_tokens 0: the prompt scored, nothing generated)
+            req.params["prompt_logprobs"] = req.logprobs or 0
+        if req.logprobs is not None and req.stream:
+            raise _bad("echo with logprobs is not supported when streaming", "echo")
+    elif req.params.get("max_tokens") == 0:
+        raise _bad("max_tokens may be 0 only with echo (to score the prompt)", "max_tokens")
     return req
+
+
+def _prompts(prompt: Any) -> list[Any]:
+    """``prompt``: a string, a list of strings, token ids (a list of ints),
+    or a list of such lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(x, str) for x in prompt):
+            return list(prompt)
+        if all(type(x) is int for x in prompt):
+            return [_ids(prompt, "prompt")]
+        if all(isinstance(x, list) for x in prompt):
+            return [_ids(x, f"prompt[{i}]") for i, x in enumerate(prompt)]
+    raise _bad("prompt must be a string, a list of strings, a list of token ids or a list "
+               "of such lists", "prompt")  # fmt: skip
+
+
+def _ids(ids: list[Any], where: str) -> list[int]:
+    try:
+        return token_ids(ids, where)
+    except ValueError as e:
+        raise _bad(str(e), where) from None
 
 
 def parse_embedding(body: dict[str, Any]) -> tuple[str, list[str], str]:
@@ -475,6 +504,7 @@ class Choice:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: list[dict[str, Any]] | None = None  # merged fragments (merge_tool_calls)
+    prompt_logprobs: list[dict[str, Any]] | None = None  # echo: the prompt's, first None
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -511,8 +541,9 @@ def completion_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[
         tok = str(e.get("token", ""))
         tokens.append(tok)
         lps.append(e.get("logprob"))
-        alts = e.get("top_logprobs") or []
-        tops.append({str(t.get("token", "")): t.get("logprob") for t in alts})
+        alts = e.get("top_logprobs")
+        tops.append(None if alts is None else {str(t.get("token", "")): t.get("logprob")
+                                               for t in alts})  # fmt: skip
         offsets.append(offset)
         offset += len(tok)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
@@ -563,9 +594,11 @@ def completion_response(
 ) -> dict[str, Any]:
     out = []
     for c in choices:
-        prefix = req.prompts[c.index // req.n] if req.echo else ""
+        prefix = req.echoed[c.index // req.n] if req.echo else ""
         lp = None
-        if c.logprobs is not None:
+        if req.echo and req.logprobs is not None:  # the prompt's tokens, then the reply's
+            lp = completion_logprobs((c.prompt_logprobs or []) + (c.logprobs or []))
+        elif c.logprobs is not None:
             lp = completion_logprobs(c.logprobs, len(prefix))
         out.append(
             {
@@ -602,12 +635,17 @@ def embedding_response(
     }
 
 
-def models_response(models: list[str], created: int) -> dict[str, Any]:
+def models_response(
+    models: list[str], created: int, lengths: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """``lengths``: each model's context (``max_model_len``; null if unknown)."""
+    lengths = lengths or {}
     return {
         "object": "list",
-        "data": [model_card(m, created) for m in models],
+        "data": [model_card(m, created, lengths.get(m)) for m in models],
     }
 
 
-def model_card(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "zserve"}
+def model_card(model: str, created: int, max_model_len: int | None = None) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "zserve",
+            "root": model, "parent": None, "max_model_len": max_model_len}  # fmt: skip
