@@ -7,8 +7,11 @@
 * Every ``python`` block compiles; every ``json`` block parses.
 * Every ``zserve ...`` command line in a shell block names a real command and
   only options that command has; every ``make`` target exists.
-* Every curl request in the docs is sent to a real gateway (a broker, a null
-  worker serving ``tiny``, ``zserve gateway``) and must be answered 200.
+* Every curl request in the docs is sent to a real gateway (a broker, an hf
+  worker serving the tiny model as ``tiny``, ``zserve gateway``) and must be
+  answered 200.
+* docs/api.md names every request field the gateway's tables list
+  (supported, no-op, or accepted at a neutral value).
 * The README stays a short front door.
 """
 
@@ -150,6 +153,16 @@ def test_zserve_command_lines_name_real_options() -> None:
     assert seen >= 20
 
 
+def test_api_page_names_every_field() -> None:
+    from zserve.gateway import schema
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    fields = schema.CHAT_FIELDS | schema.COMPLETION_FIELDS | schema.EMBEDDING_FIELDS
+    fields |= schema.MESSAGE_FIELDS | set(schema.NOOP_FIELDS) | set(schema.NEUTRAL_VALUES)
+    missing = sorted(f for f in fields if f"`{f}`" not in text)
+    assert not missing, f"docs/api.md does not name: {missing}"
+
+
 # ------------------------------------------------------------------ curl, for real
 
 
@@ -168,13 +181,16 @@ def curl_requests() -> list[tuple[str, str, dict]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def gateway(tiny_model_dir: Path) -> Iterator[str]:
     procs: list[Proc] = []
     try:
         broker, frontend, backend = start_broker(*FAST_HB)
         procs.append(broker)
-        procs.append(start_worker(backend, "--engine", "null", "--model-names", "tiny", *FAST_HB))
-        wait_models(frontend, ["tiny"], 20)
+        procs.append(start_worker(
+            backend, "--engine", "hf", "--model", str(tiny_model_dir), "--model-names", "tiny",
+            *FAST_HB,
+        ))  # fmt: skip
+        wait_models(frontend, ["tiny"], 90)
         gw, root = start_gateway(frontend)
         procs.append(gw)
         yield root
