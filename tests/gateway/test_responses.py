@@ -3,14 +3,17 @@
 real processes: two brokers, null workers registered with both, and two
 gateways that share only the brokers.
 
-The null engine's token i is ``t{i} ``; ``calls`` is scripted to write a
-``required`` tool call, which the worker's converter turns into a call
-(the grammar itself is exercised on the tiny model in test_tokens_http.py).
+The null engine's token i is ``t{i} ``; ``calls`` is scripted to write
+some text and a tool call in Hermes' format, which the worker's parser
+turns into a call (a required call, through the grammar, is exercised on
+the tiny model in test_tokens_http.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +26,13 @@ from tests.conftest import FAST_HB
 from tests.gateway.conftest import start_gateway
 from zserve import protocol as p
 from zserve.client import Client
+from zserve.gateway import responses
 from zserve.launcher import Proc, start_broker, start_worker, wait_for, wait_models
 
 STORE_MAX = 6  # stored responses per broker
-CALL = '[{"name": "get_weather", "parameters": {"city": "Paris"}}]'
+# what the scripted model writes: some text, then a call in Hermes' format
+CALL = ('Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        "\n</tool_call>")  # fmt: skip
 TOOL = {
     "type": "function",
     "name": "get_weather",
@@ -51,6 +57,17 @@ class Stack:
             return int(c.status()["store"]["count"])
 
 
+def serving(front: str, model: str) -> list[dict[str, Any]]:
+    with Client(front, timeout=10) as c:
+        return [w for w in c.status()["workers"] if model in w["models"]]
+
+
+def events(r: httpx.Response) -> Iterator[dict[str, Any]]:
+    for line in r.iter_lines():
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
+
+
 @pytest.fixture(scope="module")
 def st() -> Iterator[Stack]:
     s = Stack()
@@ -65,12 +82,17 @@ def st() -> Iterator[Stack]:
         s.procs["m"] = start_worker(both, "--engine", "null", "--model", "m", *FAST_HB)
         script = f"script={json.dumps(CALL)}"
         s.procs["calls"] = start_worker(both, "--engine", "null", "--model", "calls",
-                                        "--engine-arg", script, *FAST_HB)  # fmt: skip
+                                        "--engine-arg", script, "--tool-call-parser", "hermes",
+                                        *FAST_HB)  # fmt: skip
+        for i in range(2):  # two, so that a stream whose worker dies goes on
+            s.procs[f"slow{i}"] = start_worker(both, "--engine", "null", "--model", "slow",
+                                               "--token-delay", "0.05", *FAST_HB)  # fmt: skip
         for name, fronts in (("gwA", s.fronts), ("gwB", s.fronts[::-1])):
             proc, root = start_gateway(",".join(fronts), *FAST_HB)
             s.procs[name] = proc
             s.roots.append(root)
         for fe in s.fronts:
+            wait_for(lambda fe=fe: len(serving(fe, "slow")) == 2, 30, "two slow workers")
             wait_models(fe, ["m", "calls"], 30)
         yield s
     finally:
@@ -117,27 +139,35 @@ def test_stream_emits_the_full_event_sequence(st: Stack) -> None:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_a_required_function_call(st: Stack, streamed: bool) -> None:
+def test_text_then_a_function_call(st: Stack, streamed: bool) -> None:
     kw: dict[str, Any] = dict(model="calls", input="weather in Paris?", tools=[TOOL],
-                              tool_choice="required", store=False)  # fmt: skip
+                              store=False)  # fmt: skip
     if streamed:
         with st.sdk().responses.stream(**kw) as stream:
             events = list(stream)
             r = stream.get_final_response()
         kinds = [e.type for e in events]
-        assert kinds[2] == "response.output_item.added"
-        assert "response.function_call_arguments.delta" in kinds
-        assert kinds[-3:] == ["response.function_call_arguments.done",
-                              "response.output_item.done", "response.completed"]  # fmt: skip
+        message = kinds.index("response.output_text.done")
+        call = kinds.index("response.function_call_arguments.done")
+        assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
+        assert kinds[message:message + 3] == ["response.output_text.done",
+                                              "response.content_part.done",
+                                              "response.output_item.done"]  # fmt: skip
+        assert kinds[message + 3] == "response.output_item.added"  # the call, after the text
+        assert "response.function_call_arguments.delta" in kinds[message + 3 : call]
+        assert kinds[call:] == ["response.function_call_arguments.done",
+                                "response.output_item.done", "response.completed"]  # fmt: skip
         args = "".join(e.delta for e in events if e.type.endswith("arguments.delta"))
         assert json.loads(args) == {"city": "Paris"}
+        assert [e.sequence_number for e in events] == list(range(len(events)))
     else:
         r = st.sdk().responses.create(**kw)
     assert r.status == "completed"
-    (call,) = r.output
+    text, call = r.output
+    assert text.type == "message" and r.output_text == "Let me check."
     assert call.type == "function_call" and call.name == "get_weather"
     assert call.call_id.startswith("call_") and json.loads(call.arguments) == {"city": "Paris"}
-    assert r.tool_choice == "required" and r.tools[0].name == "get_weather"
+    assert r.tool_choice == "auto" and r.tools[0].name == "get_weather"
 
 
 def test_stored_responses_are_shared_by_the_gateways(st: Stack) -> None:
@@ -221,11 +251,14 @@ def test_the_neutral_values_and_input_items_are_taken(st: Stack) -> None:
              "arguments": '{"city": "Oslo"}'},
             {"type": "function_call_output", "call_id": "call_1", "output": "rain"},
         ],
-        "tool_choice": {"type": "function", "name": "get_weather"},
+        "tool_choice": "auto",
     }  # fmt: skip
     r = httpx.post(st.roots[0] + "/v1/responses", json=body, timeout=10)
     assert r.status_code == 200, r.text
-    assert r.json()["tool_choice"] == {"type": "function", "name": "get_weather"}
+    assert r.json()["tool_choice"] == "auto"
+    named = {"type": "function", "name": "get_weather"}
+    assert responses.chat_tool_choice(named) == {"type": "function",
+                                                  "function": {"name": "get_weather"}}  # fmt: skip
 
 
 def test_the_store_protocol_on_the_broker(st: Stack) -> None:
@@ -236,6 +269,37 @@ def test_the_store_protocol_on_the_broker(st: Stack) -> None:
         assert c.query(p.SERVICE_STORE_GET, b"k1") is None
         with pytest.raises(Exception, match="takes 2 frame"):
             c.query(p.SERVICE_STORE_PUT, b"k1")
+
+
+def test_a_client_that_leaves_cancels_the_generation(st: Stack) -> None:
+    body = {"model": "slow", "input": "x", "stream": True, "max_output_tokens": 200,
+            "store": False}  # fmt: skip
+    with httpx.stream("POST", st.roots[0] + "/v1/responses", json=body, timeout=30) as r:
+        deltas = 0
+        for e in events(r):
+            deltas += e["type"] == "response.output_text.delta"
+            if deltas == 3:
+                break  # and hang up
+    busy = lambda: sum(w["in_flight"] for fe in st.fronts for w in serving(fe, "slow"))  # noqa: E731
+    wait_for(lambda: busy() == 0, 10, "the slow workers to be free")
+
+
+def test_a_stream_whose_worker_dies_resumes_exactly(st: Stack) -> None:
+    n = 30
+    body = {"model": "slow", "input": "x", "stream": True, "max_output_tokens": n,
+            "store": False}  # fmt: skip
+    got: list[dict[str, Any]] = []
+    with httpx.stream("POST", st.roots[0] + "/v1/responses", json=body, timeout=30) as r:
+        for e in events(r):
+            got.append(e)
+            if sum(x["type"] == "response.output_text.delta" for x in got) == 5:
+                (w,) = [w for fe in st.fronts for w in serving(fe, "slow") if w["in_flight"]]
+                os.kill(w["pid"], signal.SIGKILL)
+    text = "".join(e["delta"] for e in got if e["type"] == "response.output_text.delta")
+    assert text == "".join(f"t{i} " for i in range(n))  # no token lost or sent twice
+    assert got[-1]["type"] == "response.incomplete"
+    assert got[-1]["response"]["output"][0]["content"][0]["text"] == text
+    assert [e["sequence_number"] for e in got] == list(range(len(got)))
 
 
 def test_a_restarted_gateway_or_a_lost_broker_loses_nothing(st: Stack) -> None:

@@ -402,8 +402,10 @@ def stored_blob(response: dict[str, Any], context: list[Any]) -> bytes:
 # ------------------------------------------------------------------ handlers
 
 
-async def send_json(send: Send, body: bytes, status: int = 200) -> None:
-    headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body))]
+async def send_json(
+    send: Send, body: bytes, status: int = 200, more: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(body)), *(more or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -436,7 +438,9 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
         if sid is not None:
             req.session_id = sid
         with renamed():
-            streams = await open_streams(gw.client, req)
+            # with --tenants: the tenant of the API key shown, for the broker
+            tenant = gw.tenants.tenant_of(headers) if gw.tenants is not None else None
+            streams = await open_streams(gw.client, req, tenant)
     except ClientGone:
         return
     except Exception as e:
@@ -474,7 +478,7 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
             raise
         err = gw._error(e)
         tracker.failed(err.code, err.status)
-        await send_json(send, err.body(), err.status)
+        await send_json(send, err.body(), err.status, err.headers)
     finally:
         await close_all(streams)
         tracker.failed("client_gone", 499)  # a no-op once done or failed
