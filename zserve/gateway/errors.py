@@ -48,6 +48,7 @@ STATUS: dict[str, int] = {
     "headers_too_large": 431,
     "worker_lost": 503,
     "broker_unreachable": 503,
+    "client_expired": 503,  # the broker heard nothing from the gateway's client in time
     "timeout": 503,
     "cancelled": 503,  # the gateway is shutting down
     "too_many_connections": 503,

@@ -124,12 +124,15 @@ class BrokerSession:
             # Stop reading before anything else is awaited: a REQUEST read
             # now would run on into the next connection, unknown to its broker.
             self.outbox.attach(None)
-            sock.close()
-            self.sock = None
+            # The handshake watch first: an event the socket emits once the
+            # monitor's reader is gone blocks ZeroMQ's I/O thread, and with
+            # it every socket of the process (HandshakeWatch.close).
             if watch is not None:
                 if not self._heard and not w.stopping.is_set():
                     log.warning("%s", watch.explain(self.endpoint))  # a refused key, say
                 watch.close()
+            sock.close()
+            self.sock = None
             await self._abort_all()
             # Every task of this connection has ended: none of its records
             # may reach the next one, and none holds a slot.
