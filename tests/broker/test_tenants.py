@@ -123,7 +123,7 @@ def test_tokens_reserved_then_settled_with_real_usage() -> None:
     # it stopped early: 100 prompt + 20 completion tokens; 480 come back
     t.settle(a, res, {"prompt_tokens": 100, "completion_tokens": 20}, True, 0.0)
     assert a.tokens.level == pytest.approx(880)
-    assert a.counters["tokens_returned"] == 480 and a.counters["tokens_served"] == 120
+    assert a.tokens_returned == 480 and a.tokens_served == 120
     assert isinstance(t.admit(a, 600, 0.0), Reserve)
 
 
@@ -341,3 +341,29 @@ def test_two_brokers_share_a_rate_and_a_lost_peer_leaves_a_share() -> None:
         x.tick(now)
     assert got / 20.0 == pytest.approx(5.0, rel=0.15)
     assert not x.peer_status(now)[0]["live"]
+
+
+def test_an_idle_broker_leaves_the_room_and_gets_a_part_soon_after_asking() -> None:
+    x, y = pair({"max_inflight": 10})
+    sync(x, y, 0.0)
+    for step in range(1, 12):  # all the demand at x: it gets the whole limit
+        admitted(x, 20, step * 0.25)
+        sync(x, y, step * 0.25)
+    ax, ay = x.states["a"], y.states["a"]
+    assert ax.in_flight == 10
+    for _ in range(4):  # x's requests end: room again
+        x.settle(ax, Reserve(), None, True, 3.0)
+    sync(x, y, 3.0)
+    # y, asked for the first time, is told to come back after one sync tick ...
+    r = y.admit(ay, 1, 3.0)
+    assert isinstance(r, Rejection) and r.retry_after == y.table.sync_interval
+    # ... and, asking each tick, has its part within a few ticks (x's claims,
+    # made before it heard of y's demand, hold the room until they lapse)
+    for step in range(1, 5):
+        now = 3.0 + step * 0.25
+        sync(x, y, now)
+        admitted(x, 1, now)
+        if admitted(y, 1, now):
+            break
+    assert ay.in_flight == 1 and step <= 3
+    assert ax.in_flight + ay.in_flight <= 10

@@ -9,9 +9,9 @@ Identity: with CURVE, the key the client's connection authenticated with
 (ZAP's user id, read from the REQUEST's first frame); a tenant frame on the
 REQUEST counts only from a trusted gateway (``tenants.Tenancy.identify``).
 
-Cost: the broker reads each request body once (msgpack) for ``max_tokens``,
-and each TOKENS message that finishes requests for their ``usage``; without
-``--tenants`` it reads neither.
+Cost: the broker finds ``max_tokens`` in each request body by its key (no
+decoding, see ``_sizes``), and decodes each TOKENS message that finishes
+requests for their ``usage``; without ``--tenants`` it does neither.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 
 from zserve import protocol as p
+from zserve._loopsock import recv_frames
 from zserve.broker.fair_queue import FairQueue
 from zserve.broker.peers import PeerLink
 from zserve.broker.tenants import Rejection, Reserve, Tenancy, TenantState
@@ -62,6 +63,11 @@ class Admission:
         broker_id = self.link.broker_id if self.link is not None else b""
         self.tenancy = Tenancy(table, now, peers=len(peers), broker_id=broker_id)
         self.key: bytes | None = None  # CURVE key of the message being handled
+        # How the broker reads its frontend: with CURVE, each message with
+        # its connection's key; without, as it always does (no key to read).
+        self.recv: Callable[[zmq.Socket], list[bytes]] = (
+            self._recv_keyed if auth is not None else recv_frames
+        )
         self.next_sync = now
         if table.trust_unauthenticated and auth is not None:
             log.warning("tenants: trust_unauthenticated has no effect with CURVE on")
@@ -87,8 +93,8 @@ class Admission:
 
     # ------------------------------------------------------------ frontend
 
-    def recv(self, sock: zmq.Socket) -> list[bytes]:
-        """A frontend message; with CURVE, notes the key its connection
+    def _recv_keyed(self, sock: zmq.Socket) -> list[bytes]:
+        """A frontend message, noting the CURVE key its connection
         authenticated with (``self.key``) from its first frame's User-Id."""
         first = sock.recv(_NOBLOCK, copy=False)
         try:
@@ -181,9 +187,36 @@ class Admission:
             self.link.close()
 
 
+_PARAMS_KEY = p.pack("params")
+_MAX_TOKENS_KEY = p.pack("max_tokens")
+_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack unsigned ints: bytes that follow
+
+
 def _sizes(body: bytes) -> tuple[int, int | None]:
-    """(characters of prompt, max_tokens) of a REQUEST body; an embed
-    request's texts are its prompt and it generates nothing."""
+    """(prompt size, max_tokens) of a REQUEST body, for its reservation.
+
+    Estimated without decoding a generate body (the broker stays nearly
+    payload-opaque): the prompt is the bytes before its ``params`` map
+    (``protocol.encode_generate`` writes kind, prompt or messages, then
+    params), ``max_tokens`` the integer after that key. Whatever the
+    estimate, the final's real usage settles the reservation. Any other body
+    (an embed request: its texts) is decoded."""
+    i = body.rfind(_PARAMS_KEY)
+    j = body.find(_MAX_TOKENS_KEY, i) if i >= 0 else -1
+    if j >= 0:
+        k = j + len(_MAX_TOKENS_KEY)
+        if k < len(body):
+            b = body[k]
+            if b < 0x80:
+                return i, b
+            n = _UINT.get(b)
+            if n is not None:
+                return i, int.from_bytes(body[k + 1 : k + 1 + n], "big")
+            return i, None  # nil: no max_tokens
+    return _decoded_sizes(body)
+
+
+def _decoded_sizes(body: bytes) -> tuple[int, int | None]:
     try:
         req = p.unpack(body)
     except (ValueError, TypeError):

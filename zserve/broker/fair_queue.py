@@ -15,7 +15,9 @@ The rule, each time a worker has room for this model:
    dispatch adds the request's expected tokens / the tenant's ``weight``
    to its counter, corrected at the final with its real usage
    (``Tenancy.settle``). Tenants that stay backlogged are thus served tokens
-   in proportion to their weights. Ties: the request that waited longest.
+   in proportion to their weights. Ties: the tenant with fewer requests
+   running (one just lifted to the others' counter goes first), then the
+   request that waited longest.
 3. Counters cannot bank idle time: a tenant that starts waiting while
    others wait is lifted to the lowest counter among them, and one that
    starts waiting in an empty queue to the highest counter of all, so every
@@ -86,12 +88,12 @@ class FairQueue:
             raise IndexError("pop from an empty FairQueue")
         now = self.clock()
         aging = self.tenancy.table.aging_seconds
-        best: tuple[float, float, float] | None = None
+        best: tuple[float, float, int, float] | None = None
         pick: TenantState | None = None
         for st, q in self._fifos.items():
             head = q[0]
             cls = st.spec.priority + math.floor((now - head.queued_at) / aging)
-            key = (-cls, st.vtc, head.queued_at)
+            key = (-cls, st.vtc, st.in_flight - st.queued, head.queued_at)
             if best is None or key < best:
                 best, pick = key, st
         assert pick is not None

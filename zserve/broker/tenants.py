@@ -50,6 +50,7 @@ from zserve.tenants_config import SYNC_LIVENESS, TenantSpec, TenantTable
 INFLIGHT_RETRY = 1.0  # seconds suggested to a caller refused for max_inflight
 DEMAND_SMOOTHING = 0.5  # weight of the newest interval in the demand average
 DEMAND_FLOOR = 0.1  # demand every live broker is given, so shares never hit 0 together
+ACTIVE_DEMAND = 0.01  # a broker asked less than this per interval (smoothed) is idle
 CHARS_PER_TOKEN = 4  # prompt estimate: about 4 characters a token in English text
 _FULL = 0.999  # a bucket this full lets a request larger than it pass
 
@@ -58,34 +59,30 @@ class TokenBucket:
     """``per_minute`` units a minute: holds a minute's worth, refills
     continuously; ``scale`` < 1 shrinks both (peers lost)."""
 
-    __slots__ = ("per_minute", "scale", "level", "stamp")
+    __slots__ = ("per_minute", "scale", "capacity", "rate", "level", "stamp")
 
     def __init__(self, per_minute: float, now: float) -> None:
         self.per_minute = per_minute
         self.scale = 1.0
+        self.capacity = per_minute  # per_minute x scale
+        self.rate = per_minute / 60.0  # refill per second
         self.level = per_minute
         self.stamp = now
 
-    @property
-    def capacity(self) -> float:
-        return self.per_minute * self.scale
-
-    @property
-    def rate(self) -> float:
-        """Refill per second."""
-        return self.capacity / 60.0
-
     def refill(self, now: float) -> float:
         if now > self.stamp:
-            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+            level = self.level + (now - self.stamp) * self.rate
+            self.level = level if level < self.capacity else self.capacity
             self.stamp = now
         return self.level
 
     def wait(self, n: float, now: float) -> float:
         """Seconds until ``n`` may be taken (0: now); a request larger than
         the bucket waits for it to be full."""
-        need = min(n, self.capacity * _FULL)
         level = self.refill(now)
+        if level >= n:
+            return 0.0
+        need = min(n, self.capacity * _FULL)
         return 0.0 if level >= need else (need - level) / self.rate
 
     def take(self, n: float, now: float) -> None:
@@ -93,9 +90,13 @@ class TokenBucket:
         self.refill(now)
         self.level = min(self.capacity, self.level - n)
 
-    def rescale(self, scale: float, now: float) -> None:
+    def rescale(self, scale: float, now: float, per_minute: float | None = None) -> None:
         self.refill(now)
+        if per_minute is not None:
+            self.per_minute = per_minute
         self.scale = scale
+        self.capacity = self.per_minute * scale
+        self.rate = self.capacity / 60.0
         self.level = min(self.level, self.capacity)
 
 
@@ -117,11 +118,18 @@ class TenantState:
 
     spec: TenantSpec
     in_flight: int = 0  # admitted here, not ended
+    reported_in_flight: int = 0  # as in the last report to the peers
     requests: TokenBucket | None = None  # requests_per_minute, mirrored for the set
     tokens: TokenBucket | None = None  # tokens_per_minute, mirrored for the set
     vtc: float = 0.0  # virtual token counter (fair_queue.py): tokens served / weight
     queued: int = 0  # waiting in the broker's queues now
-    counters: Counter[str] = field(default_factory=Counter)
+    counters: Counter[str] = field(default_factory=Counter)  # throttled, by limit
+    admitted: int = 0
+    finished: int = 0
+    tokens_served: int = 0  # prompt + completion, from the finals' usage
+    completion_tokens: int = 0
+    tokens_returned: int = 0  # reserved and given back at the final
+    dispatched_from_queue: int = 0
     wait_sum: float = 0.0  # seconds queued, summed over dispatched requests
     wait_max: float = 0.0
     # Sharing with peers: cumulative takes (net of settlement), what was
@@ -267,19 +275,22 @@ class Tenancy:
             self.counters["rate_limited"] += 1
             return why
         st.in_flight += 1
-        st.counters["admitted"] += 1
-        if spec.max_inflight is not None:
+        st.admitted += 1
+        peers = self.peers
+        if peers and spec.max_inflight is not None:
             st.claim("max_inflight").spent += 1
         if st.requests is not None:
-            st.requests.take(1.0, now)
+            st.requests.level -= 1.0  # (refilled by its check just now)
             st.taken_requests += 1.0
-            st.claim("requests_per_minute").spent += 1.0
+            if peers:
+                st.claim("requests_per_minute").spent += 1.0
         reserved = 0.0
         if st.tokens is not None:
             reserved = estimate
-            st.tokens.take(estimate, now)
+            st.tokens.level -= estimate
             st.taken_tokens += estimate
-            st.claim("tokens_per_minute").spent += estimate
+            if peers:
+                st.claim("tokens_per_minute").spent += estimate
         return Reserve(estimate, reserved)
 
     def _check_inflight(self, st: TenantState, limit: int) -> Rejection | None:
@@ -310,6 +321,8 @@ class Tenancy:
         unit = "requests" if limit == "requests_per_minute" else "tokens"
         wait = b.wait(n, now)
         if wait == 0.0:
+            if not self.peers:
+                return None
             c = st.claim(limit)
             if c.spent + n <= c.amount or (c.spent == 0 and c.amount >= self._full_share(st, b)):
                 return None
@@ -337,24 +350,24 @@ class Tenancy:
         """A request ended: it leaves the in-flight count, and its token
         reservation is settled with its real usage."""
         st.in_flight -= 1
+        st.finished += 1
         used: float | None = None
         if isinstance(usage, dict):
             pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(pt, int) and isinstance(ct, int):
+            if type(pt) is int and type(ct) is int:
                 used = float(pt + ct)
-        if used is not None:
-            st.counters["tokens_served"] += int(used)
-            st.counters["completion_tokens"] += int(usage["completion_tokens"])  # type: ignore[index]
-        elif not started:
+                st.tokens_served += pt + ct
+                st.completion_tokens += ct
+        if used is None and not started:
             used = 0.0
-        st.counters["finished"] += 1
         if used is not None:
             st.vtc += (used - reserve.cost) / st.spec.weight
         if st.tokens is not None and reserve.tokens and used is not None:
             back = reserve.tokens - used
             st.tokens.take(-back, now)
             st.taken_tokens -= back
-            st.counters["tokens_returned"] += max(0, int(back))
+            if back > 0:
+                st.tokens_returned += int(back)
 
     def charge(self, st: TenantState, reserve: Reserve) -> None:
         """A request dispatched (once, whatever retries follow): its expected
@@ -364,7 +377,7 @@ class Tenancy:
             st.vtc += reserve.cost / st.spec.weight
 
     def queue_wait(self, st: TenantState, seconds: float) -> None:
-        st.counters["dispatched_from_queue"] += 1
+        st.dispatched_from_queue += 1
         st.wait_sum += seconds
         st.wait_max = max(st.wait_max, seconds)
 
@@ -381,6 +394,7 @@ class Tenancy:
                 # from the demands last reported (ours included): every
                 # broker splits the room on the same numbers
                 self._claim(st, live, now)
+                st.reported_in_flight = st.in_flight
             # rounded as reported, so that our own number is the peers' too
             d = (1 - DEMAND_SMOOTHING) * st.demand + DEMAND_SMOOTHING * st.arrivals
             st.demand = round(d, 4)
@@ -400,22 +414,29 @@ class Tenancy:
         n = self.peers + 1
         peers = [v.tenants.get(st.name) or PeerTenant() for v in live]
         w = self._weight(st, live)
-        first = self._first(st, live)
         if spec.max_inflight is not None:
             limit = spec.max_inflight
             used = st.in_flight + sum(
                 pt.in_flight + pt.unspent.get("max_inflight", 0.0) for pt in peers
             )
             room = limit - used - lost * limit / n
-            live_n = 1 + len(live)
-            if room >= live_n:
-                # one each first (a broker with no demand yet can still admit
-                # one request a tick, and so show its demand), the rest by demand
-                share = 1 + w * (room - live_n)
+            # one each for the brokers with demand first (so that one whose
+            # demand is small still admits a request a tick), the rest by
+            # demand. This broker counts the requests it was asked since its
+            # last report too: one asked for the first time admits at its next
+            # tick (its peers learn of it a tick later: the one request a
+            # broker may take beyond the limit, see the module's docstring).
+            mine = st.demand > ACTIVE_DEMAND or st.arrivals > 0
+            active = mine + sum(1 for pt in peers if pt.demand > ACTIVE_DEMAND)
+            if mine and room >= active:
+                share = 1 + w * (room - active)
             else:
                 share = max(0.0, w * room)
             # (an epsilon: a share of 2.0000001 is 2, not 3)
-            amount = math.ceil(share - 1e-6) if first else math.floor(share + 1e-6)
+            if self._first(st, live, mine):
+                amount = math.ceil(share - 1e-6)
+            else:
+                amount = math.floor(share + 1e-6)
             st.claims["max_inflight"] = Claim(float(min(amount, max(0, math.floor(room)))))
         for limit, b in (("requests_per_minute", st.requests), ("tokens_per_minute", st.tokens)):
             if b is None:
@@ -472,13 +493,20 @@ class Tenancy:
         )
         return mine / total
 
-    def _first(self, st: TenantState, live: list[PeerView]) -> bool:
-        """Does this broker have the highest demand (ties: the lowest id)?
-        It rounds its in-flight claim up, the others down."""
-        mine = (-st.demand, self.broker_id)
+    def _first(self, st: TenantState, live: list[PeerView], mine: bool) -> bool:
+        """Is this broker the one that rounds its in-flight claim up (the
+        others round down)? Among the brokers with demand, the one with the
+        fewest in flight as last reported (ties: more demand, then the lower
+        id), so that the unit left over at the margin goes round the set
+        rather than to the busiest broker every tick."""
+        if not mine:
+            return False
+        key = (st.reported_in_flight, -st.demand, self.broker_id)
         for v in live:
             pt = v.tenants.get(st.name)
-            if (-(pt.demand if pt else 0.0), v.broker_id) < mine:
+            if pt is None or pt.demand <= ACTIVE_DEMAND:
+                continue
+            if (pt.in_flight, -pt.demand, v.broker_id) < key:
                 return False
         return True
 
@@ -502,7 +530,7 @@ class Tenancy:
         for name, st in self.states.items():
             spec = st.spec
             c = st.counters
-            n = c["dispatched_from_queue"]
+            n = st.dispatched_from_queue
             out[name] = {
                 "priority": spec.priority,
                 "weight": spec.weight,
@@ -514,15 +542,15 @@ class Tenancy:
                 "in_flight": st.in_flight,
                 "in_flight_set": st.in_flight + self._peer_in_flight(name, now),
                 "queued": st.queued,
-                "admitted": c["admitted"],
+                "admitted": st.admitted,
                 "throttled": c["throttled"],
                 "throttled_by": {
                     k.split(".", 1)[1]: v for k, v in c.items() if k.startswith("throttled.")
                 },
-                "finished": c["finished"],
-                "tokens_served": c["tokens_served"],
-                "completion_tokens": c["completion_tokens"],
-                "tokens_returned": c["tokens_returned"],
+                "finished": st.finished,
+                "tokens_served": st.tokens_served,
+                "completion_tokens": st.completion_tokens,
+                "tokens_returned": st.tokens_returned,
                 "requests_left": _left(st.requests, now),
                 "tokens_left": _left(st.tokens, now),
                 "queue_wait_mean_s": round(st.wait_sum / n, 4) if n else 0.0,
@@ -549,9 +577,7 @@ def _bucket(old: TokenBucket | None, per_minute: float | None, now: float) -> To
         return None
     if old is None:
         return TokenBucket(per_minute, now)
-    old.refill(now)
-    old.per_minute = per_minute
-    old.level = min(old.level, old.capacity)
+    old.rescale(old.scale, now, per_minute)
     return old
 
 
