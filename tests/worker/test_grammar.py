@@ -240,3 +240,15 @@ def test_a_structural_tag_closes_within_its_budget(ref, g) -> None:
     body = text(ref, out)
     assert body.startswith(begin) and body.endswith(end)
     jsonschema.validate(json.loads(body[len(begin) : -len(end)]), params)
+
+
+def test_the_closing_is_trusted_inside_plain_strings_only(ref, g) -> None:
+    """A token inside a string keeps the closing unchecked only where no
+    string's content is constrained (an enum would make it wrong)."""
+    assert g.row(spec("json", SCHEMA), 64).plain_strings is False  # maxLength in notes
+    assert g.row(spec("json_object"), 64).plain_strings is True
+    enum = {"type": "object", "properties": {"k": {"enum": ["abc", "abd"]}}, "required": ["k"]}
+    st = g.row(spec("json", enum), 64)
+    assert st.plain_strings is False
+    out = decode(ref, st, 64)
+    assert json.loads(text(ref, out))["k"] in ("abc", "abd") and out[-1] == EOS

@@ -62,6 +62,10 @@ _NEG_INF = float("-inf")
 _XGR_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*")
 _STRING_CHARS = '[^"\\\\\\x00-\\x1f]'  # a JSON string character, escapes left out
 _DIGITS = frozenset(b"0123456789")
+# Schema keys that constrain a string's content (or may: a key named so counts too).
+_CONSTRAINED_STRINGS = re.compile(
+    r'"(pattern|format|enum|const|minLength|maxLength|propertyNames|patternProperties|regex)"'
+)
 # Spec types whose closing tries JSON's characters first (``Lex.guesses``);
 # the others (regex, choice, EBNF) search the allowed characters alone.
 JSON_LIKE = frozenset({"json", "json_object", "structural_tag"})
@@ -134,6 +138,7 @@ class Grammars:
             getattr(tokenizer, "all_special_ids", None) or ()
         )
         self.banned = sorted(t for t in specials if 0 <= t < vocab_size and t not in stop_ids)
+        self.banned_set = frozenset(self.banned)
         # one bitmask row with the banned tokens' bits cleared
         allow = torch.ones(self.bitmask_width * 32, dtype=torch.bool)
         allow[self.banned] = False
@@ -248,6 +253,8 @@ class Grammars:
             bool(spec.get("budget", True)),
             json_like=spec["type"] in JSON_LIKE,
             greedy=greedy,
+            plain_strings=spec["type"] in ("json", "json_object")
+            and not _CONSTRAINED_STRINGS.search(json.dumps(spec.get("value"))),
         )
 
 
@@ -316,9 +323,13 @@ class RowState:
         budget: bool,
         json_like: bool = True,
         greedy: bool = False,
+        plain_strings: bool = False,
     ) -> None:
         self.g = g
         self.json_like = json_like  # the closing tries JSON's characters first
+        # No string of the grammar has constrained content (no pattern, format,
+        # enum, const or length): a token inside one keeps the closing valid.
+        self.plain_strings = plain_strings
         self.m = xgr.GrammarMatcher(compiled, override_stop_tokens=g.stop_ids or None)
         self.lex = Lex()
         self.max_tokens = max_tokens
@@ -345,12 +356,24 @@ class RowState:
         data = b""
         if 0 <= token < len(self.g.decoded) and token not in self.g.stop_ids:
             data = self.g.decoded[token]
-            self.lex.feed(data)
+        inside = self._inside(self.lex, data)
+        self.lex.feed(data)
         if output:
             self.n_out += 1
         if self.budget and not self.m.is_terminated():
-            self._set_close(self._carried(self.m, self.lex, data))
+            self._set_close(self._carried(self.m, self.lex, data, inside))
         return True
+
+    def _inside(self, lex: Lex, data: bytes) -> bool:
+        """Whether ``data`` stays inside a JSON string whose content nothing
+        constrains (its closing then still closes, unchecked)."""
+        return (
+            self.plain_strings
+            and lex.in_str
+            and not lex.esc
+            and b'"' not in data
+            and b"\\" not in data
+        )
 
     def replay(self, ids: list[int]) -> bool:
         """A resumed request: advance through the ids an earlier attempt delivered."""
@@ -360,13 +383,18 @@ class RowState:
         self.close = text
         self.need = None if text is None else len(self.g.tokens(text)) + 1
 
-    def _carried(self, m: xgr.GrammarMatcher, lex: Lex, data: bytes) -> bytes | None:
+    def _carried(
+        self, m: xgr.GrammarMatcher, lex: Lex, data: bytes, inside: bool
+    ) -> bytes | None:
         """The closing from ``m`` (the state after a token that spelled
-        ``data``), carried forward from ``self.close``."""
+        ``data``; ``inside``: one that stayed inside a plain string), carried
+        forward from ``self.close``."""
         c = self.close
         if c is not None:
             if data and c.startswith(data):
                 return c[len(data) :]
+            if inside and c:
+                return c
             if c:
                 f = m.fork()
                 if f.accept_string(c) and f.is_completed():
@@ -398,6 +426,14 @@ class RowState:
         rows[row] = self
         constrain_rows(logits, rows, bitmask)
 
+    def argmax_ok(self) -> bool:
+        """Whether this row may skip its mask when the grammar takes its best token."""
+        return self.greedy and not self.in_window() and not self.m.is_terminated()
+
+    def takes(self, token: int) -> bool:
+        """Whether the grammar (and the ban on special tokens) allows ``token`` next."""
+        return token not in self.g.banned_set and self.m.fork().accept_token(token)
+
     def in_window(self) -> bool:
         """Whether the budget rule has a say at this step."""
         if not self.budget or self.need is None or self.m.is_terminated():
@@ -425,10 +461,11 @@ class RowState:
                 f = self.m.fork()
                 if not f.accept_token(t):
                     continue
-                data = self.g.decoded[t]
+                data = self.g.decoded[t] if t < len(self.g.decoded) else b""
+                inside = self._inside(self.lex, data)
                 lex = self.lex.copy()
                 lex.feed(data)
-                c = self._carried(f, lex, data)
+                c = self._carried(f, lex, data, inside)
                 if c is not None and len(self.g.tokens(c)) + 1 <= remaining - 1:
                     keep.append(t)
             if keep and self.greedy:
@@ -538,27 +575,24 @@ def constrain_rows(
     if not live:
         return
     n, vocab = logits.shape
-    if bitmask is None or bitmask.shape[0] < n:
-        bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
-    grammars: dict[int, Grammars] = {}
-    for i in live:
-        st = rows[i]
-        assert st is not None
-        st.fill(bitmask, i)
-        grammars[id(st.g)] = st.g
-    for g in grammars.values():  # (one, but for a batch of several tokenizers)
-        if g.banned:
-            bitmask[:n].bitwise_and_(g.allow_bits)
-    masked: list[int] = []
-    greedy = [i for i in live if rows[i].greedy and not rows[i].in_window()]  # type: ignore[union-attr]
-    if greedy:  # the best token is allowed: nothing to mask in that row
-        best = logits[greedy].argmax(-1).tolist()
-        words = bitmask[greedy, torch.tensor(best) >> 5].tolist()
-        fine = {i for i, t, w in zip(greedy, best, words, strict=True) if (w >> (t & 31)) & 1}
-        masked = [i for i in live if i not in fine]
-    else:
-        masked = live
+    states = [(i, st) for i, st in enumerate(rows) if st is not None]
+    # A greedy row whose best token the grammar takes needs no mask at all.
+    best = logits.argmax(-1).tolist() if any(st.argmax_ok() for _, st in states) else None
+    masked = [
+        i for i, st in states if best is None or not (st.argmax_ok() and st.takes(best[i]))
+    ]
     if masked:
+        if bitmask is None or bitmask.shape[0] < n:
+            bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
+        grammars: dict[int, Grammars] = {}
+        for i in masked:
+            st = rows[i]
+            assert st is not None
+            st.fill(bitmask, i)
+            grammars[id(st.g)] = st.g
+        for g in grammars.values():  # (one, but for a batch of several tokenizers)
+            if g.banned:
+                bitmask[:n].bitwise_and_(g.allow_bits)
         _apply_rows(logits, bitmask, masked)
     for i in live:
         st = rows[i]
