@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,7 @@ class StreamState:
     # record received yet (a query, an embed request, resume=False).
     frames: list[bytes] | None = None
     resent: int = 0  # times sent again after a lost link (see ClientCore.again)
+    moved: float = 0.0  # when it last moved (resume, hand-over, broker lost); 0: not since a token
 
 
 @dataclass(slots=True)
@@ -125,6 +127,11 @@ class ClientCore:
         # the broker to send it to; and how many there have been.
         self.resends: list[tuple[int, list[bytes]]] = []
         self.resumes = 0
+        # Streams moved on purpose: handed over by a draining worker, or
+        # away from a broker that said GOODBYE (not resumes: nothing died).
+        self.handovers = 0
+        # Called with the seconds from a stream's move (any) to its next token.
+        self.on_stall: Callable[[float], None] | None = None
         # One Link per broker: new requests go to the primary while it lives,
         # else to the next live one.
         self.links = [Link() for _ in range(brokers)]
@@ -386,12 +393,16 @@ class ClientCore:
         cancel there: the broker may still run them)."""
         ended: list[StreamState] = []
         left: list[bytes] = []
+        # New requests and these streams go to another live broker, if any,
+        # until this one answers again (a probe): it may have died.
+        self.links[link].alive = False
+        target = self._other_link(link)
         for rid, st in list(self.streams.items()):
             if st.link != link or not st.last:
                 continue
             left.append(rid)
             st.last = now  # its timeout counts afresh
-            if self.again(st, link):
+            if self.again(st, target):
                 continue
             self._pop(rid)
             why = (
@@ -402,6 +413,42 @@ class ClientCore:
             st.done = True
             ended.append(st)
         return ended, left
+
+    def goodbye(self, link: int, now: float) -> list[StreamState]:
+        """Broker ``link`` said GOODBYE (it is stopping on purpose): it is gone
+        now, no liveness wait. Every stream sent there goes again through
+        another live broker from exactly what it received (``again``); with
+        none live, or one that cannot go again, it ends with
+        ``broker_unreachable``. Returns the streams ended. (That broker
+        cancels what it ran itself.)"""
+        self.links[link].alive = False
+        target = self._other_link(link)
+        ended: list[StreamState] = []
+        for rid, st in list(self.streams.items()):
+            if st.link != link or not st.last:
+                continue
+            st.last = now  # its timeout counts afresh
+            if target != link and self.again(st, target):
+                self.handovers += 1
+                continue
+            self._pop(rid)
+            why = "the broker is stopping (it said goodbye) and " + (
+                "no other broker is live" if target == link else "this stream cannot go again"
+            )
+            st.records.append(p.error_record(rid, "broker_unreachable", why))
+            st.done = True
+            ended.append(st)
+        return ended
+
+    def _other_link(self, link: int, tried: int = 0) -> int:
+        """A live broker other than ``link`` (and those in ``tried``, bits), in
+        the order new requests take them; ``link`` itself if none."""
+        n = len(self.links)
+        for k in range(n):
+            i = (self.primary + k) % n
+            if i != link and self.links[i].alive and not tried >> i & 1:
+                return i
+        return link
 
     def again(self, st: StreamState, link: int) -> bool:
         """Send ``st`` again through ``link`` under a new id, from exactly
@@ -438,6 +485,9 @@ class ClientCore:
         lk.heard = now
         lk.alive = True
         if len(frames) != 3 or frames[1] != p.C_TOKENS or frames[0] != p.CLIENT:
+            if len(frames) == 2 and frames[1] == p.C_GOODBYE and frames[0] == p.CLIENT:
+                for st in self.goodbye(link, now):
+                    wake(st)
             return  # HEARTBEAT, or something this version does not know
         recs = p.unpack(frames[2])
         if type(recs) is not list:
@@ -453,6 +503,8 @@ class ClientCore:
             r = st.resume
             if r is not None:
                 if rec[3] is None:
+                    if st.moved:
+                        self._stalled(st, now)
                     if rec[2] is not None:
                         r.ids.extend(rec[2])
                         r.chars += len(rec[1])
@@ -498,8 +550,20 @@ class ClientCore:
             # The stream waits under a new id, not sent: asked about it at
             # our next heartbeat, that broker says it never got it, and the
             # stream goes again (``again``). (Each id gets one final.)
+            # Another live broker that has not said so goes at once.
+            st.tried |= 1 << st.link
+            other = self._other_link(st.link, st.tried)
+            if other != st.link:
+                return self.again(st, other)
             self._rekey(st, st.link)
             return True
+        if code in RESUMABLE and err.get(p.HANDOVER):
+            # A draining worker handed it over at its deadline: nothing
+            # failed, and it goes on elsewhere from what it received.
+            if self.again(st, st.link):
+                self.handovers += 1
+                return True
+            return False
         if code in RESUMABLE and not r.ids and not r.chars:
             # No token yet: retrying is the broker's job, and it has given up
             # (retries exhausted: a request that kills its workers must not
@@ -523,7 +587,9 @@ class ClientCore:
         if rec[3] != p.FINISH_ERROR:
             return False
         code = ((rec[4] or {}).get("error") or {}).get("code")
-        return code in RELINK and self.again(st, st.link)
+        # (through another live broker if there is one: this one restarted,
+        # or took us for gone)
+        return code in RELINK and self.again(st, self._other_link(st.link))
 
     def _rekey(self, st: StreamState, link: int) -> bytes:
         """Give ``st`` a new request id, sent through ``link``; its old id is
@@ -548,6 +614,8 @@ class ClientCore:
         if not bounce:
             r.left -= 1
             self.resumes += 1
+        if not st.moved:
+            st.moved = st.last  # (its callers set it to now)
         rid = self._rekey(st, link)
         body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?, tenant?]
@@ -557,6 +625,12 @@ class ClientCore:
         if r.tenant:
             frames.append(r.tenant)
         self.resends.append((link, frames))
+
+    def _stalled(self, st: StreamState, now: float) -> None:
+        """The first token of a stream after it moved."""
+        stall, st.moved = now - st.moved, 0.0
+        if self.on_stall is not None:
+            self.on_stall(stall)
 
     def take_resends(self) -> list[tuple[int, list[bytes]]]:
         out, self.resends = self.resends, []

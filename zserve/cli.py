@@ -236,7 +236,16 @@ def broker(
         import os
 
         os.replace(ready_file + ".tmp", ready_file)
-    signal.signal(signal.SIGTERM, _raise_terminate)
+
+    def _goodbye(signum: int, frame: Any) -> None:
+        # A planned stop: GOODBYE to clients, DISCONNECT to workers, then
+        # close. A second signal: out at once.
+        if b.stopping:
+            raise _Terminate
+        b.stop(goodbye=True)
+
+    signal.signal(signal.SIGTERM, _goodbye)
+    signal.signal(signal.SIGINT, _goodbye)
     try:
         b.run()
     except (KeyboardInterrupt, _Terminate):
@@ -286,13 +295,23 @@ def worker(
     ] = None,
     heartbeat_interval: float = p.HEARTBEAT_INTERVAL,
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            help="on SIGTERM/SIGINT or zserve drain: seconds running streams may go on "
+            "before they are handed to other workers (a second signal: at once)"
+        ),
+    ] = p.DRAIN_TIMEOUT,
     curve_secret: CurveSecret = None,
     curve_server: CurveServer = None,
     log_level: LogLevel = "info",
 ) -> None:
     """Run a model worker on one engine, for one broker backend or several
     (--broker repeated or comma-separated: it registers with each, and its
-    capacity is shared by all of them)."""
+    capacity is shared by all of them). SIGTERM or SIGINT drains it: it
+    takes nothing new, lets its streams finish within --drain-timeout, hands
+    the rest to other workers (their callers see one unbroken stream), and
+    exits."""
     import asyncio
 
     from zserve.worker.engines import load_engine
@@ -304,6 +323,8 @@ def worker(
         raise typer.BadParameter("--capacity must be >= 1")
     if speed <= 0:
         raise typer.BadParameter("--speed must be > 0")
+    if drain_timeout < 0:
+        raise typer.BadParameter("--drain-timeout must be >= 0")
     extra: dict[str, Any] = {}
     for kv in engine_arg or []:
         k, sep, v = kv.partition("=")
@@ -352,6 +373,7 @@ def worker(
         curve_secret=curve_secret,
         curve_server=curve_server,
         tool_call_parser=tool_call_parser,
+        drain_timeout=drain_timeout,
     )
     with _exit_on_bad_input():  # a key file, a tool parser's name
         w = Worker(eng, wcfg)
@@ -359,7 +381,7 @@ def worker(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, w.stop)
+            loop.add_signal_handler(sig, w.drain)  # again: hand over at once
         await w.run()
 
     with _exit_on_bad_input():
@@ -407,7 +429,7 @@ def status(
                     k: w[k]
                     for k in (
                         "id", "models", "capacity", "in_flight", "queue_length", "speed",
-                        "last_seen_s",
+                        "last_seen_s", "draining",
                     )
                 }
                 for w in st["workers"]
@@ -425,11 +447,14 @@ def status(
     from rich.table import Table
 
     t = Table(title=f"zserve broker {address}")
-    for col in ("worker", "models", "engine", "capacity", "in flight", "queue", "speed", "seen"):
+    cols = ("worker", "state", "models", "engine", "capacity", "in flight", "queue", "speed",
+            "seen")  # fmt: skip
+    for col in cols:
         t.add_column(col)
     for w in st["workers"]:
         t.add_row(
             w["id"],
+            "draining" if w.get("draining") else "serving",
             ",".join(w["models"]),
             w["engine"],
             str(w["capacity"]),
@@ -495,13 +520,15 @@ def _status_of_several(
                 err = b["error"]
                 bt.add_row(b["broker"], f"unreachable [{err['code']}]", "-", "-", "-", "-")
         wt = Table(title="workers (each once, on every broker it serves)")
-        cols = ("worker", "models", "engine", "capacity", "in flight", "queue", "brokers", "seen")
+        cols = ("worker", "state", "models", "engine", "capacity", "in flight", "queue",
+                "brokers", "seen")  # fmt: skip
         for col in cols:
             wt.add_column(col)
         index = {a: str(i + 1) for i, a in enumerate(addresses)}
         for w in st["workers"]:
             wt.add_row(
-                w["id"], ",".join(w["models"]), w["engine"], str(w["capacity"]),
+                w["id"], "draining" if w.get("draining") else "serving",
+                ",".join(w["models"]), w["engine"], str(w["capacity"]),
                 str(w["in_flight"]), str(w["queue_length"]),
                 ",".join(index.get(b, b) for b in w["brokers"]),
                 f"{w['last_seen_s']:.1f}s ago",
@@ -525,6 +552,41 @@ def _status_of_several(
             typer.echo(f"error [{err['code']}] {b['broker']}: {err['message']}", err=True)
     if not up:
         raise typer.Exit(_EXIT["broker_unreachable"])
+
+
+@app.command()
+def drain(
+    worker: Annotated[
+        str, typer.Argument(help="the worker: its id as zserve status shows it")
+    ],
+    broker: Frontends = None,
+    timeout: float = 5.0,
+    curve_secret: CurveSecret = None,
+    curve_server: CurveServer = None,
+) -> None:
+    """Drain a worker through a broker, as SIGTERM would: it takes nothing
+    new (every broker stops dispatching to it), lets its streams finish
+    within its --drain-timeout, hands the rest to other workers, and exits.
+    With several brokers, the first that knows the worker tells it."""
+    from zserve.client import Client
+    from zserve.errors import ZServeError
+
+    errors: list[tuple[str, ZServeError]] = []
+    for address in _addresses(broker, p.DEFAULT_FRONTEND):
+        try:
+            with _exit_on_bad_input(), Client(
+                address, timeout=timeout, connect_timeout=timeout,
+                curve_secret=curve_secret, curve_server=curve_server,
+            ) as c:  # fmt: skip
+                told = c.query(p.SERVICE_DRAIN, worker.encode())
+        except ZServeError as e:
+            errors.append((address, e))
+            continue
+        typer.echo(f"draining: {', '.join(told['draining'])} (told by {address})")
+        return
+    for address, e in errors:
+        typer.echo(f"error [{e.code}] {address}: {e.message}", err=True)
+    raise typer.Exit(_EXIT.get(errors[-1][1].code, 1))
 
 
 @app.command()

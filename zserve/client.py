@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -234,6 +234,18 @@ class _Base:
     def resumes(self) -> int:
         """Streams continued on another worker after theirs died, so far."""
         return self._core.resumes
+
+    @property
+    def handovers(self) -> int:
+        """Streams moved on purpose so far: handed over by a draining worker,
+        or away from a broker that said goodbye (it was stopping)."""
+        return self._core.handovers
+
+    def watch_moves(self, callback: Callable[[float], None] | None) -> None:
+        """Call ``callback(seconds)`` for every stream that moves (resumed,
+        handed over, or away from a broker lost or stopping): the seconds
+        from the move to its next token (the gateway's metrics)."""
+        self._core.on_stall = callback
 
     def _unreachable(self, link: int = 0) -> BrokerUnreachable:
         """Nothing could be sent within ``connect_timeout``."""
@@ -473,6 +485,8 @@ class Client(_Base):
         the news of the old connection's end is always there first."""
         core = self._core
         for link in self._links_reset():
+            # What came before the end is routed first (a GOODBYE, tokens).
+            self._read_ready(link, time.monotonic())
             ended, left = core.link_reset(link, time.monotonic())
             for rid in left:
                 self._send_cancel(rid, link)  # it may still run there
@@ -518,6 +532,9 @@ class Client(_Base):
     def _open(self, rid: bytes, frames: list[bytes]) -> StreamState:
         with self._lock:
             self._start_keepalive()
+            # a connection that ended while we were idle (a broker stopped):
+            # its broker is passed over until it answers again
+            self._due_link_check(time.monotonic())
             st = self._core.streams[rid]
             err: BrokerUnreachable | None = None
             for link in self._links_to_try():
@@ -811,6 +828,13 @@ class AsyncClient(_Base):
             return
         core = self._core
         for link in self._links_reset():
+            # What came before the end is routed first (a GOODBYE, tokens).
+            if self._socks is not None:
+                sock = self._socks[link]
+                for _ in range(64):
+                    if sock.closed or not _get(sock.sock, _EVENTS) & _POLLIN:
+                        break
+                    sock.read_now()
             ended, left = core.link_reset(link, time.monotonic())
             for rid in left:
                 self._send_cancel(rid, link)  # it may still run there

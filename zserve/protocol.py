@@ -69,6 +69,15 @@ C_DISCONNECT = b"\x04"  # [ZSC1, DISCONNECT]
 C_QUERY = b"\x05"  # [ZSC1, QUERY, request_id, service, args...]  (args: store services)
 # broker -> client
 C_TOKENS = b"\x06"  # [ZSC1, TOKENS, payload]
+C_GOODBYE = b"\x07"  # [ZSC1, GOODBYE]
+# A broker that stops on purpose (SIGTERM, SIGINT) sends GOODBYE to every
+# client it holds requests for, and DISCONNECT to every worker, before it
+# closes: it answers nothing more. A client takes that broker for gone at
+# once (no liveness wait): every stream it sent there goes again through
+# another live broker from what it received (a continuation after its ids,
+# or the request as sent if nothing came), or, with none live, ends with
+# ``broker_unreachable``. New requests go elsewhere until the broker answers
+# a probe again.
 # (HEARTBEAT is also sent broker -> client while the client has requests in flight:
 # every broker interval, and in answer to each client HEARTBEAT)
 # A client HEARTBEAT may list (msgpack array of bin) the ids of its requests
@@ -85,7 +94,9 @@ CLIENT_EXPIRED = "client_expired"
 W_READY = b"\x01"  # [ZSW1, READY, info]
 W_HEARTBEAT = b"\x02"  # [ZSW1, HEARTBEAT, state]   (broker -> worker: [ZSW1, HEARTBEAT])
 # state: {queue_length: requests the worker runs, from every broker,
-#         peak_queue_length: the most it has run at once since it started}
+#         peak_queue_length: the most it has run at once since it started,
+#         draining: it is draining (W_DRAIN; absent: false),
+#         handed_over: streams it handed over at a drain deadline so far}
 W_TOKENS = b"\x03"  # [ZSW1, TOKENS, client_id, header, payload]
 W_DISCONNECT = b"\x04"  # [ZSW1, DISCONNECT]      (both ways)
 W_REFUSE = b"\x07"  # [ZSW1, REFUSE, client_id, request_id]
@@ -96,6 +107,24 @@ W_REFUSE = b"\x07"  # [ZSW1, REFUSE, client_id, request_id]
 # broker -> worker
 W_REQUEST = b"\x05"  # [ZSW1, REQUEST, client_id, request_id, model, body]
 W_CANCEL = b"\x06"  # [ZSW1, CANCEL, client_id, request_id]
+# both ways
+W_DRAIN = b"\x08"  # [ZSW1, DRAIN]
+# Worker -> broker: the worker is draining (it was told to stop): dispatch
+# nothing more to it; what it runs goes on. It REFUSEs any REQUEST that
+# crosses this on the wire, ends each stream still running at its drain
+# deadline with a HANDOVER error record (or REFUSEs it where nothing was sent
+# yet), sends a last HEARTBEAT and DISCONNECT, and exits. Its HEARTBEAT state
+# says ``draining`` too (a broker that missed DRAIN learns it there).
+# Broker -> worker: drain (an operator asked, QUERY ``drain``).
+# A stream a draining worker hands over at its deadline ends with a
+# ``worker_lost`` error record whose error map holds ``handover: true``: the
+# client continues it elsewhere from what it received, as after a worker's
+# death, but it is not a failure (no resume is counted or spent).
+HANDOVER = "handover"
+# Default seconds a draining worker lets its streams run before handing
+# them over (``zserve worker --drain-timeout``), and a draining gateway
+# lets its open responses finish (``zserve gateway --drain-timeout``).
+DRAIN_TIMEOUT = 30.0
 
 # Service names for C_QUERY.
 SERVICE_MODELS = b"models"
@@ -103,12 +132,18 @@ SERVICE_STATUS = b"status"
 # The response store the gateways share through every broker (broker/store.py),
 # a bounded map of opaque values: put [key, value] -> true (false: it cannot
 # fit), get [key] -> the value or nil, delete [key] -> whether it was there.
+# A store QUERY with an empty request id gets no answer: a write that needs
+# none (what the gateways send for each stored response).
 SERVICE_STORE_PUT = b"store.put"
 SERVICE_STORE_GET = b"store.get"
 SERVICE_STORE_DELETE = b"store.delete"
 STORE_SERVICES = (SERVICE_STORE_PUT, SERVICE_STORE_GET, SERVICE_STORE_DELETE)
 MAX_STORE_KEY = 256  # bytes
-SERVICES = (SERVICE_MODELS, SERVICE_STATUS, *STORE_SERVICES)
+# drain [worker]: tell a worker (its worker_id, or its routing id at this
+# broker, in hex) to drain; -> {"draining": [worker_id, ...]}; an unknown
+# worker is a ``bad_request``.
+SERVICE_DRAIN = b"drain"
+SERVICES = (SERVICE_MODELS, SERVICE_STATUS, *STORE_SERVICES, SERVICE_DRAIN)
 
 # Request kinds (body["kind"]).
 KIND_GENERATE = "generate"

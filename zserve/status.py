@@ -69,6 +69,7 @@ def union_workers(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "queue_length": w["queue_length"],
                     "peak_queue_length": w.get("peak_queue_length", 0),
                     "refused": w.get("refused", 0),
+                    "draining": bool(w.get("draining")),
                     "speed": w["speed"],
                     "last_seen_s": w["last_seen_s"],
                     "brokers": [r["broker"]],
@@ -76,6 +77,7 @@ def union_workers(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             u["in_flight"] += w["in_flight"]
             u["refused"] += w.get("refused", 0)
+            u["draining"] = u["draining"] or bool(w.get("draining"))
             u["queue_length"] = max(u["queue_length"], w["queue_length"])
             u["peak_queue_length"] = max(u["peak_queue_length"], w.get("peak_queue_length", 0))
             u["last_seen_s"] = min(u["last_seen_s"], w["last_seen_s"])

@@ -22,8 +22,10 @@ def test_status_json_shape(stack):
     assert out["models"] == ["a", "b"]
     (w,) = out["workers"]
     assert set(w) == {
-        "id", "models", "capacity", "in_flight", "queue_length", "speed", "last_seen_s"
+        "id", "models", "capacity", "in_flight", "queue_length", "speed", "last_seen_s",
+        "draining",
     }
+    assert w["draining"] is False
     assert w["capacity"] == 2 and w["speed"] == 1.5 and sorted(w["models"]) == ["a", "b"]
 
 

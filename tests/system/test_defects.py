@@ -272,9 +272,11 @@ def test_workers_and_brokers_with_different_heartbeat_intervals_keep_each_other(
 def test_a_worker_stopped_gracefully_hands_back_what_it_has_not_started(stack):
     """Defect 5: on shutdown the worker drained first and said DISCONNECT
     last, so its requests ended ``cancelled`` (and new ones could be sent
-    into the drain); now it says DISCONNECT first and the broker retries."""
+    into the drain). Now (issue 23) it says DRAIN first, and at its drain
+    deadline gives back what has sent nothing yet (REFUSE): the broker
+    dispatches it elsewhere, unseen, and not as a retry."""
     stack.start_broker()
-    leaving = stack.worker("--model", "m", "--token-delay", "3")
+    leaving = stack.worker("--model", "m", "--token-delay", "3", "--drain-timeout", "0")
     stack.wait_workers(1)
     with stack.client() as c:
         finals = count_finals(c)
@@ -285,4 +287,5 @@ def test_a_worker_stopped_gracefully_hands_back_what_it_has_not_started(stack):
         leaving.kill(signal.SIGTERM)
         assert "".join(d.text for d in s) == "t0 t1 "
         assert finals.each_once()
-    assert stack.status()["counters"]["retried"] == 1
+    counters = stack.status()["counters"]
+    assert counters.get("retried", 0) == 0 and counters["refused"] == 1

@@ -97,7 +97,9 @@ def test_a_stream_moves_to_another_broker_when_its_broker_dies() -> None:
             assert "".join(d.text for d in got) == "".join(f"t{i} " for i in range(60))
             assert [t for d in got for t in d.token_ids] == list(range(60))
             assert got[-1].usage["completion_tokens"] == 60
-            assert c.resumes == 1
+            # Its connection ended (the killed broker's socket closed): the
+            # stream moved at once, not as a resume after interval x liveness.
+            assert c.resumes == 0
             # New requests go on through the live broker meanwhile...
             assert c.generate("m", "y", max_tokens=3).text == "t0 t1 t2 "
             # ...and the restarted one is used again once it answers (this

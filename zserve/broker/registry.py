@@ -43,6 +43,10 @@ class WorkerState:
     full: bool = False
     refused: int = 0  # requests it refused, ever
     peak_queue_length: int = 0  # the most it ran at once, as it last reported
+    # It is draining (W_DRAIN, or its HEARTBEAT state says so): nothing more
+    # is dispatched to it; what it runs goes on until it hands it over.
+    draining: bool = False
+    handed_over: int = 0  # streams it handed over at its drain deadline, as it last reported
 
     @property
     def load(self) -> float:
@@ -52,7 +56,11 @@ class WorkerState:
 
     @property
     def has_room(self) -> bool:
-        return not self.full and len(self.in_flight) + self.others < self.info.capacity
+        return (
+            not self.full
+            and not self.draining
+            and len(self.in_flight) + self.others < self.info.capacity
+        )
 
     @property
     def id_hex(self) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter, deque
@@ -46,6 +47,8 @@ from zserve.security import DOMAIN_CLIENTS, DOMAIN_WORKERS, BrokerAuth
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
+# After GOODBYE, how long closing sockets may go on delivering it (ms).
+GOODBYE_LINGER_MS = 1000
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -175,6 +178,11 @@ class Broker:
         self.started_at = time.monotonic()
         self._dirty_models: set[str] = set()  # models whose queue may now dispatch
         self._running = False
+        self._goodbye = False  # stopping on purpose: say GOODBYE before closing
+        # stop() wakes the loop through this pipe (a signal handler may call it)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.auth = self._start_auth()  # None: no CURVE
         try:
             # Tenants (None: every caller alike); with CURVE, its peer link
@@ -242,6 +250,7 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         adm = self.admission
         peers = adm.sockets() if adm is not None else []  # SUBs to peer brokers
         for s in peers:
@@ -255,6 +264,11 @@ class Broker:
         while self._running:
             timeout_ms = max(0.0, (min(next_tick, next_sync) - time.monotonic()) * 1000)
             events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                try:
+                    os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    pass
             if self.backend in events:
                 self._drain(self.backend, self._on_backend)
             if self.frontend in events:
@@ -270,13 +284,54 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
+        if self._goodbye:
+            self._say_goodbye()
 
-    def stop(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        """A planned stop is under way (``stop(goodbye=True)`` was called)."""
+        return self._goodbye
+
+    def stop(self, goodbye: bool = False) -> None:
+        """End ``run`` (safe from a signal handler or another thread).
+        ``goodbye``: a planned stop; before ``run`` returns, every worker and
+        every client with requests here is told (``_say_goodbye``)."""
+        self._goodbye = self._goodbye or goodbye
         self._running = False
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # full (it will wake anyway) or closed
+
+    def _say_goodbye(self) -> None:
+        """A planned stop: DISCONNECT to every worker (it ends what we gave
+        it and reconnects with backoff, to us restarted or to nobody) and
+        GOODBYE to every client we hold requests for (it moves them to
+        another broker at once, from what it received, instead of waiting
+        out our liveness). Nothing is read or answered after this."""
+        workers = list(self.registry.workers.values())
+        for w in workers:
+            # [worker, ZSW1, DISCONNECT]
+            self._send_worker(w.identity, [p.WORKER, p.W_DISCONNECT])
+        clients = list(self.clients)
+        for cid in clients:
+            # [client, ZSC1, GOODBYE]
+            self._send_client(cid, [p.CLIENT, p.C_GOODBYE])
+        log.info(
+            "goodbye: %d workers, %d clients with %d requests told",
+            len(workers), len(clients), len(self.requests),
+        )  # fmt: skip
 
     def close(self) -> None:
-        self.frontend.close(0)
-        self.backend.close(0)
+        # after a GOODBYE, let ZeroMQ deliver it: the closing sockets linger
+        linger = GOODBYE_LINGER_MS if self._goodbye else 0
+        self.frontend.close(linger)
+        self.backend.close(linger)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         if self.admission is not None:
             self.admission.close()
         if self.auth is not None:
@@ -499,17 +554,47 @@ class Broker:
             result: Any = self.registry.models()
         elif service == p.SERVICE_STATUS:
             result = self.status()
+        elif service == p.SERVICE_DRAIN:
+            try:
+                result = self._drain_workers(frames[5:])
+            except ValueError as e:
+                self._reply_error(client, rid, "bad_request", str(e))
+                return
         elif service in p.STORE_SERVICES:
             try:
                 result = self.store.handle(service, frames[5:])
             except ValueError as e:
-                self._reply_error(client, rid, "bad_request", str(e))
+                if rid:
+                    self._reply_error(client, rid, "bad_request", str(e))
+                else:
+                    self.counters["malformed"] += 1
                 return
+            if not rid:
+                return  # a write that wants no answer (an empty request id)
         else:
             self._reply_error(client, rid, "bad_request", f"unknown service {service!r}")
             return
         rec = p.Delta(finish_reason=p.FINISH_STOP, result=result).record(rid)
         self._send_client(client, [p.CLIENT, p.C_TOKENS, p.encode_tokens([rec])])
+
+    def _drain_workers(self, args: list[bytes]) -> dict[str, Any]:
+        """QUERY drain [worker]: tell the worker (its worker_id, or its
+        routing id here, in hex) to drain, as SIGTERM would; dispatch to it
+        stops at once. ValueError: no such worker here."""
+        if len(args) != 1:
+            raise ValueError("drain takes one worker id")
+        name = args[0].decode("utf-8", "replace").strip().lower()
+        found = [
+            w for w in self.registry.workers.values()
+            if name and name in (w.info.worker_id.lower(), w.id_hex)
+        ]  # fmt: skip
+        if not found:
+            raise ValueError(f"no worker {name!r} at this broker (zserve status lists them)")
+        for w in found:
+            # [worker, ZSW1, DRAIN]
+            self._send_worker(w.identity, [p.WORKER, p.W_DRAIN])
+            self._handle_worker_drain(w)
+        return {"draining": [w.info.worker_id or w.id_hex for w in found]}
 
     # -------------------------------------------------------------- backend
 
@@ -535,8 +620,19 @@ class Broker:
             self._handle_worker_refuse(w, frames)
         elif cmd == p.W_DISCONNECT:
             self._remove_worker(w, "worker disconnected")
+        elif cmd == p.W_DRAIN:
+            self._handle_worker_drain(w)
         else:
             raise ValueError(f"backend: unknown command {cmd!r}")
+
+    def _handle_worker_drain(self, w: WorkerState) -> None:
+        # [worker, ZSW1, DRAIN]: it was told to stop. Nothing more is
+        # dispatched to it; what it runs goes on (it hands over what is
+        # left at its deadline, and REFUSEs what crossed this on the wire).
+        if not w.draining:
+            w.draining = True
+            self.counters["drains"] += 1
+            log.info("worker %s draining (%d in flight)", w.id_hex, len(w.in_flight))
 
     def _handle_worker_heartbeat(self, w: WorkerState, frames: list[bytes]) -> None:
         # [worker, ZSW1, HEARTBEAT, state?]
@@ -545,6 +641,12 @@ class Broker:
             if isinstance(state, dict):
                 ql = state.get("queue_length")
                 peak = state.get("peak_queue_length", 0)
+                if state.get("draining") is True:
+                    self._handle_worker_drain(w)
+                handed = state.get("handed_over", 0)
+                if isinstance(handed, int) and handed > w.handed_over:
+                    self.counters["handovers"] += handed - w.handed_over
+                    w.handed_over = handed
                 if isinstance(ql, int) and not isinstance(ql, bool) and ql >= 0:
                     self.registry.heartbeat(w, ql, peak if isinstance(peak, int) else 0)
                     if w.has_room:
@@ -935,6 +1037,8 @@ class Broker:
                     "in_flight": len(w.in_flight),
                     "others": w.others,
                     "refused": w.refused,
+                    "draining": w.draining,
+                    "handed_over": w.handed_over,
                     "dispatched": w.dispatched,
                     "speed": w.info.speed,
                     "engine": w.info.engine,

@@ -12,6 +12,15 @@ elsewhere. Every broker hears the real queue length in each HEARTBEAT, so
 dispatch stays balanced; while one broker has more than the worker took
 (it was refused), the others keep to an equal share of the capacity, so
 that no broker's requests wait behind another's for long.
+
+Told to stop (SIGTERM, SIGINT, or DRAIN from a broker: ``zserve drain``), a
+worker drains (``drain``): it tells every broker (DRAIN: they dispatch
+nothing more to it), refuses what crosses that on the wire, lets what runs
+finish within ``drain_timeout``, then hands every stream still running over
+(a HANDOVER final: its client continues it elsewhere from the ids it got;
+one that has sent nothing yet is REFUSEd, and its broker sends it on
+unseen), says a last HEARTBEAT and DISCONNECT, and stops. Asked again, it
+hands over at once.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from zserve.worker.tools import plan as tool_plan
 log = logging.getLogger(__name__)
 
 _no_deadline = contextlib.nullcontext()
+# A stream's end at its worker's drain deadline (the HANDOVER final's message).
+HANDOVER_REASON = "the worker is stopping: this stream goes on elsewhere"
 
 
 def broker_list(broker: str | list[str]) -> list[str]:
@@ -77,6 +88,9 @@ class WorkerConfig:
     # vLLM's tool parser for tool_choice "auto" (``hermes``, ...; None: auto
     # is refused). See zserve/worker/tools.py.
     tool_call_parser: str | None = None
+    # Told to stop, how long running streams may go on before they are
+    # handed over to other workers (``drain``).
+    drain_timeout: float = p.DRAIN_TIMEOUT
 
     @property
     def brokers(self) -> list[str]:
@@ -96,6 +110,13 @@ class Worker:
         self.refused = 0  # REQUESTs refused for want of room
         self._contended_until = 0.0  # a session was refused; see ``_has_room``
         self._seq = 0
+        # Draining (``drain``): no new requests; at the deadline (or when
+        # asked again: ``_drain_now``) what runs is handed over.
+        self.draining = False
+        self.handed_over = 0  # streams handed over at a drain deadline
+        self._drain_task: asyncio.Task[None] | None = None
+        self._drain_now = asyncio.Event()
+        self._idle = asyncio.Event()  # draining, and nothing runs
         # the tool parser's class (imports vLLM: the first request should not wait)
         name = config.tool_call_parser
         self.tool_parser = tool_parser_class(name) if name else None
@@ -112,10 +133,71 @@ class Worker:
         try:
             await asyncio.gather(*(s.run() for s in self.brokers))
         finally:
+            if self._drain_task is not None:
+                self._drain_task.cancel()  # (every broker gone meanwhile)
             await self.engine.close()
 
     def stop(self) -> None:
+        """Stop now: what runs ends ``cancelled`` (``drain`` is the planned stop)."""
         self.stopping.set()
+
+    def drain(self) -> None:
+        """The planned stop (SIGTERM, SIGINT, a broker's DRAIN): take nothing
+        new, let what runs finish within ``drain_timeout``, hand the rest
+        over, then stop. Called again: hand over now."""
+        if self.stopping.is_set():
+            return
+        if self._drain_task is not None:
+            self._drain_now.set()
+            return
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        self.draining = True
+        for s in self.brokers:
+            s.send_drain()
+        timeout = self.cfg.drain_timeout
+        log.info("draining: %d running, %g s to finish them", self.queue_length, timeout)
+        if self.queue_length == 0:
+            self._idle.set()
+        idle = asyncio.ensure_future(self._idle.wait())
+        now = asyncio.ensure_future(self._drain_now.wait())
+        await asyncio.wait({idle, now}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        now.cancel()
+        tasks = []
+        for s in self.brokers:
+            for key, task in list(s.active.items()):
+                s.handing_over.add(key)
+                task.cancel(HANDOVER_REASON)
+                tasks.append(task)
+        if tasks:
+            log.info("drain deadline: handing %d streams over", len(tasks))
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # Every final and REFUSE out before DISCONNECT: a broker that read
+        # DISCONNECT first would end those streams ``worker_lost`` itself.
+        for _ in range(2000):
+            if all(s.outbox.empty for s in self.brokers):
+                break
+            await asyncio.sleep(0.001)
+        for s in self.brokers:
+            s.send_state()  # the last tally (handed_over)
+        log.info("drained (%d handed over): stopping", self.handed_over)
+        self.stop()
+
+    def _hand_over(self, s: BrokerSession, client: bytes, rid: bytes, first: bool) -> None:
+        """At the drain deadline: a stream that has sent something ends with
+        a HANDOVER final (its client continues it elsewhere); one that has
+        sent nothing is REFUSEd (its broker dispatches it elsewhere, unseen,
+        not as a retry)."""
+        s.handing_over.discard((client, rid))
+        self.handed_over += 1
+        if first:
+            s.send_refuse(client, rid)
+            s.release((client, rid))
+            return
+        err = {"code": "worker_lost", "message": HANDOVER_REASON, p.HANDOVER: True}
+        s.put_final(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -131,9 +213,11 @@ class Worker:
 
     def state(self) -> bytes:
         """A HEARTBEAT's state frame."""
-        return p.pack(
-            {"queue_length": self.queue_length, "peak_queue_length": self.peak_queue_length}
-        )
+        state = {"queue_length": self.queue_length, "peak_queue_length": self.peak_queue_length}
+        if self.draining:
+            state["draining"] = True
+            state["handed_over"] = self.handed_over
+        return p.pack(state)
 
     # ------------------------------------------------------------- capacity
 
@@ -156,6 +240,8 @@ class Worker:
         until then); its request gets the slot, as ``_has_room`` refuses the
         others theirs while they hold their share."""
         self.queue_length -= 1
+        if self.draining and self.queue_length == 0:
+            self._idle.set()
         if self._contended_until > 0.0:
             now = time.monotonic()
             if self._contended_until <= now:
@@ -180,6 +266,9 @@ class Worker:
         key = (client, rid)
         if key in s.active:
             return  # duplicate delivery
+        if self.draining:  # it crossed our DRAIN on the wire: back to the broker
+            s.send_refuse(client, rid)
+            return
         try:
             model = model_b.decode()
             req = Request.decode(body)
@@ -216,7 +305,9 @@ class Worker:
         cleanup (REQUEST and CANCEL in one batch): end the request here."""
         if s.active.get((client, rid)) is task:
             del s.active[(client, rid)]
-            if s.sock is not None:
+            if (client, rid) in s.handing_over:
+                self._hand_over(s, client, rid, True)
+            elif s.sock is not None:
                 s.put_final(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), True)
             s.release((client, rid))
 
@@ -441,7 +532,10 @@ class Worker:
         except asyncio.CancelledError:
             # (a CANCEL can land while ``gen.aclose()`` runs after the final)
             if not finished and s.sock is not None:
-                fin(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
+                if (client, rid) in s.handing_over:  # a drain's deadline
+                    self._hand_over(s, client, rid, first)
+                else:
+                    fin(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
             finished = True
             raise
         except ZServeError as e:
@@ -477,5 +571,4 @@ def _put_prompt_logprobs(
         s.outbox.put_chunk(client, rid, Delta(prompt_logprobs=lps[i : i + per]), first)
         first = False
     return first
-
 

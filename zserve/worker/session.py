@@ -49,6 +49,9 @@ class BrokerSession:
         # admission until their final record is queued (the moment the
         # broker, reading that final, frees its own count).
         self.running: set[RequestKey] = set()
+        # Requests being handed over at the worker's drain deadline (their
+        # tasks are cancelled; see Worker._hand_over).
+        self.handing_over: set[RequestKey] = set()
         # This broker has more for us than we took: the worker refused it a
         # request; until then the others keep to their share (Worker.admit).
         self.wanting_until = 0.0
@@ -65,8 +68,8 @@ class BrokerSession:
         delay = cfg.reconnect_initial
         while not w.stopping.is_set():
             heard = await self._connection()
-            if w.stopping.is_set() or getattr(w.engine, "dead", False):
-                break
+            if w.stopping.is_set() or w.draining or getattr(w.engine, "dead", False):
+                break  # (a draining worker registers nowhere again)
             if heard:
                 delay = cfg.reconnect_initial
             log.warning("broker lost: reconnecting in %.1f s (%s)", delay, self.endpoint)
@@ -92,7 +95,10 @@ class BrokerSession:
             self._heard = True
             self._last_recv = time.monotonic()
             if not self._handle(frames) and not ended.done():
-                ended.set_result(None)  # the broker told us to reconnect
+                # the broker told us to reconnect (it is stopping, or does
+                # not know us: each message of ours may be answered so)
+                log.warning("broker %s asked us to reconnect", self.endpoint)
+                ended.set_result(None)
 
         sock = self.sock = LoopSocket(raw, on_message)
         sock.send([p.WORKER, p.W_READY, w.info().encode()])
@@ -195,11 +201,25 @@ class BrokerSession:
         elif cmd == p.W_HEARTBEAT:
             pass
         elif cmd == p.W_DISCONNECT:
-            log.warning("broker %s asked us to reconnect", self.endpoint)
             return False
+        elif cmd == p.W_DRAIN:
+            log.warning("broker %s asked us to drain", self.endpoint)
+            self.worker.drain()
         else:
             log.warning("unknown or malformed command %r from broker ignored", cmd)
         return True
+
+    def send_drain(self) -> None:
+        """Tell the broker we drain: it dispatches nothing more to us."""
+        if self.sock is not None:
+            # [ZSW1, DRAIN]
+            self.sock.send([p.WORKER, p.W_DRAIN])
+
+    def send_refuse(self, client: bytes, rid: bytes) -> None:
+        """Give a REQUEST back unstarted (draining): the broker sends it on."""
+        if self.sock is not None:
+            # [ZSW1, REFUSE, client_id, request_id]
+            self.sock.send([p.WORKER, p.W_REFUSE, client, rid])
 
     def refuse(self, client: bytes, rid: bytes, now: float) -> None:
         """Give a REQUEST back unstarted: the worker is full."""
