@@ -722,14 +722,31 @@ def gateway(
         str | None,
         typer.Option(help="the broker's tenants file: its API keys run as their tenants"),
     ] = None,
+    drain_delay: Annotated[
+        float,
+        typer.Option(
+            help="on SIGTERM/SIGINT: seconds /ready fails while requests are still taken "
+            "(a load balancer's time to notice), before the listener closes"
+        ),
+    ] = 0.0,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            help="then, seconds open responses may take to finish (a second signal: none)"
+        ),
+    ] = p.DRAIN_TIMEOUT,
     log_level: LogLevel = "info",
 ) -> None:
-    """Run the OpenAI-compatible HTTP gateway (a broker client)."""
+    """Run the OpenAI-compatible HTTP gateway (a broker client). SIGTERM or
+    SIGINT drains it: /ready fails at once (/health stays), then the listener
+    closes and open responses finish within --drain-timeout."""
     from zserve.gateway.app import serve
     from zserve.gateway.keys import api_keys as gather_keys
     from zserve.security import ClientCurve
 
     _logging(log_level)
+    if drain_delay < 0 or drain_timeout < 0:
+        raise typer.BadParameter("--drain-delay and --drain-timeout must be >= 0")
     with _exit_on_bad_input():
         keys = gather_keys(api_keys, api_keys_file)
         limits = ServerLimits(header_timeout, body_timeout, max_connections)
@@ -742,7 +759,7 @@ def gateway(
         broker, host, port, keys, timeout, connect_timeout,
         heartbeat_interval, heartbeat_liveness, log_level.lower(),
         curve_secret=curve_secret, curve_server=curve_server, server_limits=limits,
-        tenants=tenants,
+        tenants=tenants, drain_delay=drain_delay, drain_timeout=drain_timeout,
     )  # fmt: skip
 
 

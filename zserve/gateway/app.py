@@ -170,6 +170,10 @@ class Gateway:
         # Stored responses (/v1/responses), held by the brokers.
         self.store = SharedStore(lambda: self.client)
         self.metrics.resumes = lambda: self._client.resumes if self._client is not None else 0
+        self.metrics.handovers = lambda: self._client.handovers if self._client is not None else 0
+        # Stopping (SIGTERM: server.DrainingServer): /ready fails, /health stays.
+        self.draining = False
+        self.metrics.draining = lambda: self.draining
         self.created = int(time.time())
         self._client: AsyncClient | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -197,6 +201,7 @@ class Gateway:
             curve_secret=self.curve[0],
             curve_server=self.curve[1],
         )
+        self._client.watch_moves(self.metrics.moved)
         log.info("gateway up, broker %s", self.broker)
         try:
             yield
@@ -422,8 +427,12 @@ class Gateway:
 
     async def ready(self, request: Request) -> Response:
         """For load balancers and readiness probes: 503 until at least one
-        worker serves through a reachable broker, then 200."""
+        worker serves through a reachable broker, then 200; 503 again from
+        the moment the gateway is told to stop (it drains)."""
         keyed = self.has_key(request.scope["headers"])
+        if self.draining:
+            body = {"ready": False, "reason": "the gateway is stopping (draining)"}
+            return Response(dumps(body), status_code=503, media_type=JSON)
         try:
             st = await self.broker_status()
         except Exception as e:
@@ -518,9 +527,14 @@ def serve(
     curve_server: str | None = None,
     server_limits: ServerLimits | None = None,
     tenants: str | None = None,
+    drain_delay: float = 0.0,
+    drain_timeout: float = p.DRAIN_TIMEOUT,
 ) -> None:
     """Run the gateway on uvicorn until SIGINT/SIGTERM; ``server_limits``:
-    how long clients may take to send a request, and how many may connect."""
+    how long clients may take to send a request, and how many may connect.
+    A signal drains it (``server.DrainingServer``): ``/ready`` fails at once,
+    new connections are taken for ``drain_delay`` more seconds, then the
+    open responses have ``drain_timeout`` seconds to finish."""
     import uvicorn
 
     from zserve.gateway import server
@@ -529,17 +543,22 @@ def serve(
         broker, api_keys, timeout, connect_timeout, heartbeat_interval, heartbeat_liveness,
         curve_secret, curve_server, tenants,
     )  # fmt: skip
+    gw: Gateway = app.state.gateway
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=server.protocol(server_limits or ServerLimits()),
+        http=server.protocol(server_limits or ServerLimits(), lambda: gw.draining),
         ws="none",
         timeout_keep_alive=limits.KEEP_ALIVE_TIMEOUT,
         log_config=None,  # the CLI configures logging
         log_level=log_level,
         access_log=log_level == "debug",
         lifespan="on",
-        timeout_graceful_shutdown=3,
+        timeout_graceful_shutdown=drain_timeout,
     )
-    uvicorn.Server(config).run()
+
+    def on_drain() -> None:
+        gw.draining = True
+
+    server.DrainingServer(config, on_drain, drain_delay).run()

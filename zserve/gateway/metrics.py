@@ -67,6 +67,7 @@ class _BrokerCollector(Collector):
                 ("capacity", "concurrent requests the worker accepts"),
                 ("in_flight", "requests the broker has dispatched to the worker"),
                 ("queue_length", "the worker's own queue length (last heartbeat)"),
+                ("draining", "1 while the worker drains (it takes nothing new)"),
             )
         }
         for w in workers:
@@ -173,6 +174,23 @@ class _GatewayCollector(Collector):
             "streams continued on another worker after theirs died mid-stream",
             value=m.resumes(),
         )
+        yield CounterMetricFamily(
+            "zserve_gateway_stream_handovers",
+            "streams moved on purpose: handed over by a draining worker, or away "
+            "from a broker that said goodbye",
+            value=m.handovers(),
+        )
+        moves = HistogramMetricFamily(
+            "zserve_gateway_stream_move_stall_seconds",
+            "a stream's move (resume, hand-over, broker lost or gone) to its next token",
+        )
+        les = [floatToGoString(b) for b in _LATENCY_BUCKETS] + ["+Inf"]
+        cum = list(itertools.accumulate(m.moves.counts))
+        moves.add_metric([], list(zip(les, cum, strict=True)), m.moves.sum)
+        yield moves
+        drain = GaugeMetricFamily("zserve_gateway_draining", "1 while the gateway drains")
+        drain.add_metric([], 1.0 if m.draining() else 0.0)
+        yield drain
         inf = GaugeMetricFamily("zserve_gateway_requests_in_flight", "requests being served")
         inf.add_metric([], m.in_flight)
         yield inf
@@ -206,6 +224,13 @@ class Metrics:
         self.in_flight = 0
         # streams continued on another worker so far (read from the client)
         self.resumes: Callable[[], int] = lambda: 0
+        self.handovers: Callable[[], int] = lambda: 0  # and moved on purpose
+        self.moves = _Histogram(len(_LATENCY_BUCKETS))  # their stalls
+        self.draining: Callable[[], bool] = lambda: False
+
+    def moved(self, stall: float) -> None:
+        """A stream that moved got its next token ``stall`` seconds later."""
+        _observe(self.moves, _LATENCY_BUCKETS, stall)
 
     def model(self, model: str) -> ModelStats:
         st = self.models.get(model)

@@ -19,18 +19,32 @@ protocol) adds, per connection:
 
 A missed deadline is answered 408 ``request_timeout`` where no response has
 begun, and the connection closed. Each refusal is an OpenAI-shaped error.
+
+``DrainingServer`` is the planned stop: on SIGTERM (or SIGINT) the gateway
+fails ``/ready`` at once (``/health`` stays), serves on for ``drain_delay``
+seconds (a load balancer's time to notice; each response closes its
+connection), then closes its listener (new connections are refused) and
+lets the open responses finish within ``drain_timeout``; a second signal
+ends them at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import time
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from zserve.gateway.errors import APIError
 from zserve.gateway.limits import ServerLimits
+
+log = logging.getLogger(__name__)
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
@@ -58,9 +72,16 @@ class GuardedHttp(HttpToolsProtocol):
     """uvicorn's httptools protocol with a header deadline and size cap, a
     body deadline and a connection cap (the module's docstring)."""
 
-    def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        limits: ServerLimits,
+        draining: Callable[[], bool] = lambda: False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.draining = draining  # the gateway is stopping: no keep-alive
         self._app = self.app
         self._deadline: asyncio.TimerHandle | None = None
         # Bytes of the current request's headers so far; -1: not reading headers.
@@ -140,6 +161,8 @@ class GuardedHttp(HttpToolsProtocol):
         over = len(self.connections) > self.limits.max_connections
         self.app = _busy if over else self._app
         super().on_headers_complete()
+        if self.draining() and self.cycle is not None:
+            self.cycle.keep_alive = False  # its next request goes elsewhere
 
     def on_message_complete(self) -> None:
         if self._header_bytes < 0:
@@ -152,6 +175,39 @@ class GuardedHttp(HttpToolsProtocol):
         super().on_message_complete()
 
 
-def protocol(limits: ServerLimits) -> Any:
-    """The ``http`` protocol factory for ``uvicorn.Config``."""
-    return functools.partial(GuardedHttp, limits=limits)
+def protocol(limits: ServerLimits, draining: Callable[[], bool] = lambda: False) -> Any:
+    """The ``http`` protocol factory for ``uvicorn.Config``; ``draining``:
+    whether the gateway is stopping (responses then close their connection)."""
+    return functools.partial(GuardedHttp, limits=limits, draining=draining)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with the gateway's drain (the module's docstring).
+    ``on_drain`` is called at the first signal (the app fails ``/ready``
+    from then on); the drain's grace is the config's
+    ``timeout_graceful_shutdown``."""
+
+    def __init__(
+        self, config: uvicorn.Config, on_drain: Callable[[], None], drain_delay: float
+    ) -> None:
+        super().__init__(config)
+        self.on_drain = on_drain
+        self.drain_delay = drain_delay
+        self._close_at: float | None = None  # when the listener closes
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._close_at is None and not self.should_exit:
+            self._close_at = time.monotonic() + self.drain_delay
+            self.on_drain()
+            log.info(
+                "draining: /ready fails now, the listener closes in %g s, open responses "
+                "then have %g s", self.drain_delay, self.config.timeout_graceful_shutdown,
+            )  # fmt: skip
+            return
+        log.info("stopping now")
+        self.should_exit = self.force_exit = True  # again: now
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._close_at is not None and time.monotonic() >= self._close_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
