@@ -9,11 +9,13 @@ without one:
   (``kubernetes-validate``, strict: unknown fields fail);
 * every ``zserve`` command line in a container names real options, each
   workload has a PodDisruptionBudget, the gateway's readiness is ``/ready``,
-  and the workers and gateways know every broker the StatefulSet runs;
+  the workers and gateways know every broker the StatefulSet runs, and each
+  grace period outlasts the drain it must hold (worker, gateway);
 * a rehearsal: the rendered containers' own command lines run here as real
   processes (two brokers, a worker, a gateway), their volumes written from
   the rendered Secrets and ConfigMaps and the pod DNS names mapped to
-  loopback ports, and a chat completion with the API key goes through;
+  loopback ports, and a chat completion with the API key goes through; then
+  the gateway, SIGTERMed, fails ``/ready`` at once and exits cleanly;
 * the image recipe parses, has its two targets, and copies only what exists.
 """
 
@@ -23,6 +25,7 @@ import base64
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -131,6 +134,34 @@ def test_workers_and_gateways_know_every_broker(rendered: list[dict[str, Any]]) 
             if words[0] in ("worker", "gateway"):
                 hosts = set(re.findall(r"tcp://([\w.-]+):\d+", " ".join(words)))
                 assert hosts == want, (o["metadata"]["name"], hosts, want)
+
+
+def flag(words: list[str], name: str) -> float | None:
+    """The value of ``--name`` in a command line (``--name=v`` or ``--name v``)."""
+    for i, w in enumerate(words):
+        if w.startswith(f"--{name}="):
+            return float(w.split("=", 1)[1])
+        if w == f"--{name}" and i + 1 < len(words):
+            return float(words[i + 1])
+    return None
+
+
+def test_the_grace_period_outlasts_the_drain(rendered: list[dict[str, Any]]) -> None:
+    """SIGKILL must never cut a drain short: a worker's grace outlasts its
+    --drain-timeout, a gateway's its --drain-delay plus --drain-timeout."""
+    seen = set()
+    for o, c in containers(rendered):
+        grace = o["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+        for words in zserve_lines(c):
+            if words[0] == "worker":
+                drain = flag(words, "drain-timeout")
+                assert drain is not None and grace >= drain + 10, (o["metadata"]["name"], grace)
+                seen.add("worker")
+            if words[0] == "gateway":
+                drain = (flag(words, "drain-delay") or 0) + (flag(words, "drain-timeout") or 30)
+                assert grace >= drain + 5, (o["metadata"]["name"], grace)
+                seen.add("gateway")
+    assert seen == {"worker", "gateway"}
 
 
 def test_gateway_readiness_is_ready(rendered: list[dict[str, Any]]) -> None:
@@ -265,5 +296,11 @@ def test_rehearsal_serves_a_request(deploy_dir: Path, tmp_path: Path) -> None:
                         curve_secret=str(keys / "gateway" / "gateway.key_secret"),
                         curve_server=str(keys / "broker" / "broker.key")) as c:  # fmt: skip
                 assert wait_for(lambda c=c: c.models() == ["tiny"], 30, f"{b} to hold tiny")
+        # Terminated as the kubelet does it (SIGTERM): the gateway fails
+        # /ready at once, drains, and exits well within its grace.
+        (gw,) = [pr for pr in r.procs if pr.name.endswith(":gateway")]
+        gw.kill(signal.SIGTERM)
+        wait_for(lambda: httpx.get(root + "/ready", timeout=5).status_code == 503, 2, "503")
+        assert gw.popen.wait(30) == 0
     finally:
         r.stop()
