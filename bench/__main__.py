@@ -1,7 +1,7 @@
 """``make bench``: every benchmark in turn, then one summary table.
 
     python -m bench [--quick] [--only overhead,http,engines,serving,vllm_server,scale,failover,
-                                      affinity,soak]
+                                      rolling,affinity,soak]
 
 Each benchmark measures zserve side by side with its baseline in the same
 run and writes ``bench/results/<name>.json``; this runner reads those files
@@ -26,8 +26,8 @@ from typing import Any
 from bench.common import RESULTS_DIR, cell, machine_info
 
 BENCHES = (
-    "overhead", "http", "engines", "serving", "vllm_server", "scale", "failover", "affinity",
-    "soak",
+    "overhead", "http", "engines", "serving", "vllm_server", "scale", "failover", "rolling",
+    "affinity", "soak",
 )  # fmt: skip
 Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
@@ -127,6 +127,7 @@ SUMMARIZE: dict[str, Summarizer] = {
     ),
     "scale": _target_rows("scale", "base", lambda w: "-"),
     "failover": _target_rows("failover", "base", lambda w: "-"),
+    "rolling": _target_rows("rolling", "base", lambda w: "-"),
     "affinity": _target_rows("affinity", "base", lambda w: "shortest_queue, same run"),
     "soak": _soak_rows,
 }  # fmt: skip

@@ -40,6 +40,10 @@ ABOUT = {
     "added per token, broker CPU per token and memory per 1000 requests in flight.",
     "failover": "A broker killed under 32 streams with a second one up (longest stall, "
     "errors), and what a second broker costs a client.",
+    "rolling": "A rolling upgrade under 32 streams through the gateway (2 brokers, 3 paced "
+    "null workers): every process SIGTERMed and restarted in turn, against a worker "
+    "SIGKILLed, a broker SIGKILLed and a broker SIGSTOPped (silent) in the same run: errors, "
+    "exact texts, the longest stall per stop.",
     "affinity": "`cache_aware` against `shortest_queue` dispatch on two vLLM workers with "
     "prefix caching: 32 conversations of 6 turns on a shared ~1,000-token system prompt.",
     "soak": "Steady load through the gateway for 10 minutes (1 with `--quick`) while a worker "
