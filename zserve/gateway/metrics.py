@@ -87,6 +87,14 @@ class _BrokerCollector(Collector):
         for m, q in (st.get("queued") or {}).items():
             queued.add_metric([m], float(q))
         yield queued
+        counters = st.get("counters") or {}
+        for key, doc in (
+            ("drains", "workers that began draining at this broker (since it started)"),
+            ("handovers", "streams draining workers handed over (since it started)"),
+        ):
+            fam = GaugeMetricFamily(f"zserve_broker_{key}", doc)
+            fam.add_metric([], float(counters.get(key, 0)))
+            yield fam
         yield from tenant_metrics(st)  # per tenant, with --tenants (gateway/tenants.py)
 
 
