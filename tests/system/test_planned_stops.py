@@ -12,11 +12,13 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.finals import count_finals
+from tests.system.test_resume import PROMPT, _greedy_stack, read
 from zserve import AsyncClient, BrokerUnreachable, Client
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
 
@@ -309,3 +311,41 @@ def test_status_json_says_draining(stack) -> None:
         (ws,) = json.loads(out.stdout)["workers"]
         assert ws["draining"] is True
         assert "".join(d.text for d in s) == want(30)[3:]
+
+
+# ------------------------------------------------------------ hf, greedy
+
+
+@pytest.fixture(scope="module")
+def medium_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 7.5 M random model: the tiny one streams 64 tokens faster than a
+    test can signal its worker on a loaded machine (see test_resume)."""
+    from zserve.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("medium-model"), size="medium")
+
+
+def test_an_hf_stream_handed_over_by_a_drain_equals_the_uninterrupted_one(
+    stack, medium_model_dir
+) -> None:
+    """Two hf workers (the 7.5 M random model, greedy): the one serving a
+    stream is SIGTERMed with no grace; the stream is handed over after its
+    first token and goes on, id for id, as an uninterrupted run."""
+    _greedy_stack(stack, "hf", medium_model_dir, "--engine-arg", "threads=1",
+                  "--drain-timeout", "0")  # fmt: skip
+    kw = {"max_tokens": 64, "temperature": 0, "ignore_eos": True}
+    with stack.client(timeout=120) as c:
+        whole = c.generate("tiny", PROMPT, **kw)
+        # round robin: the next request goes to the worker that has had none
+        (pid,) = [w["pid"] for w in stack.status()["workers"] if w["dispatched"] == 0]
+        s = c.stream("tiny", PROMPT, **kw)
+        head, head_ids, head_text = read(s, 1)
+        (proc,) = [pr for pr in stack.procs if pr.pid == pid]
+        proc.kill(signal.SIGTERM)
+        tail, tail_ids, tail_text = read(s)
+        assert c.handovers == 1, f"the worker finished before it drained ({len(head_ids)} read)"
+        assert c.resumes == 0
+        assert head_ids + tail_ids == whole.token_ids
+        assert head_text + tail_text == whole.text
+        assert tail[-1].usage["completion_tokens"] == 64
+        assert proc.popen.wait(30) == 0
