@@ -66,7 +66,7 @@ class BrokerSession:
         w = self.worker
         cfg = w.cfg
         delay = cfg.reconnect_initial
-        while not w.stopping.is_set():
+        while not w.stopping.is_set() and not w.draining:
             heard = await self._connection()
             if w.stopping.is_set() or w.draining or getattr(w.engine, "dead", False):
                 break  # (a draining worker registers nowhere again)
