@@ -93,7 +93,7 @@ def st() -> Iterator[Stack]:
             s.roots.append(root)
         for fe in s.fronts:
             wait_for(lambda fe=fe: len(serving(fe, "slow")) == 2, 30, "two slow workers")
-            wait_models(fe, ["m", "calls"], 30)
+            wait_models(fe, ["m", "calls"], 90)  # calls imports vLLM for its parser
         yield s
     finally:
         for proc in reversed(s.procs.values()):
@@ -122,12 +122,15 @@ def test_stream_emits_the_full_event_sequence(st: Stack) -> None:
         events = list(stream)
         final = stream.get_final_response() if events[-1].type == "response.completed" else None
     kinds = [e.type for e in events]
+    deltas = kinds.count("response.output_text.delta")  # 1 to 3: tokens read together share one
+    assert 1 <= deltas <= 3
     assert kinds == [
         "response.created", "response.in_progress", "response.output_item.added",
-        "response.content_part.added", *["response.output_text.delta"] * 3,
+        "response.content_part.added", *["response.output_text.delta"] * deltas,
         "response.output_text.done", "response.content_part.done",
         "response.output_item.done", "response.incomplete",
     ]  # fmt: skip
+    assert "".join(e.delta for e in events if e.type.endswith("text.delta")) == "t0 t1 t2 "
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert final is None  # incomplete: the SDK has no completed response to give
     assert events[-1].response.output[0].content[0].text == "t0 t1 t2 "

@@ -56,7 +56,7 @@ from zserve.gateway.metrics import Tracker
 from zserve.gateway.response_events import (
     Events,
     output_items,
-    response_object,
+    response_json,
     status_of,
     usage_of,
 )
@@ -120,7 +120,7 @@ class Turn:
     response echoes back."""
 
     __slots__ = ("model", "chat", "messages", "context", "instructions", "previous", "store",
-                 "stream", "echo", "req")  # fmt: skip
+                 "stream", "echo", "echo_json", "req")  # fmt: skip
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.model: str = body["model"]
@@ -133,6 +133,7 @@ class Turn:
         self.store = True
         self.stream = False
         self.echo: dict[str, Any] = {}  # request fields the response object repeats
+        self.echo_json: bytes | None = None  # them as JSON fields, once encoded
         self.req: GenRequest | None = None
 
 
@@ -395,8 +396,10 @@ def context_after(messages: list[dict[str, Any]], output: list[dict[str, Any]]) 
     return out
 
 
-def stored_blob(response: dict[str, Any], context: list[Any]) -> bytes:
-    return dumps({"response": response, "context": context})
+def stored_blob(response: bytes, context: list[Any]) -> bytes:
+    """What the store keeps: the response (its JSON, as sent) and the
+    conversation a continuation starts from."""
+    return b'{"response":' + response + b',"context":' + dumps(context) + b"}"
 
 
 # ------------------------------------------------------------------ handlers
@@ -458,12 +461,12 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
                 status, incomplete = status_of(c.finish_reason)
                 usage = usage_of(c.prompt_tokens, c.completion_tokens)
                 out = output_items(c, status)
-                resp = response_object(rid, created, t, status, out, usage, incomplete)
+                reply = response_json(rid, created, t, status, dumps(out), usage, incomplete)
                 tracker.done(c.prompt_tokens, c.completion_tokens)
                 if t.store:
-                    await gw.store.put(rid, stored_blob(resp, context_after(t.context, out)))
+                    gw.store.put(rid, stored_blob(reply, context_after(t.context, out)))
                 started = True
-                await send_json(send, dumps(resp))
+                await send_json(send, reply)
                 return
             with renamed():
                 firsts = await first_batches(streams, tracker)
@@ -513,7 +516,7 @@ async def _stream(
         tracker.failed(err.code, err.status)
         out += ev.failed(err)
     if t.store:
-        await gw.store.put(ev.rid, stored_blob(ev.final, context_after(t.context, ev.items)))
+        gw.store.put(ev.rid, stored_blob(ev.final_json, context_after(t.context, ev.items)))
     await send({**body, "body": out})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
