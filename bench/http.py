@@ -27,6 +27,13 @@ One load generator (``bench/loadgen.py``, httpx) drives all four through
   much of the floor is httpx's own;
 * 32 concurrent streams x 128 tokens: tokens/s.
 
+On zserve, the Responses API beside chat completions in the same rounds
+(``POST /v1/responses``, stored as by default, against ``POST
+/v1/chat/completions``, both streamed, alternating which goes first): a
+1-token stream's p50, and 32 x 128 tokens/s. Targets (issue 22): the
+Responses p50 <= 1.1x chat's, its tokens/s >= 0.95x chat's.
+``--responses-only`` runs just that comparison.
+
 Systems alternate round by round so drift on a shared machine hits each
 alike. Targets: zserve's 1-token p50 >= 20x lower than FastChat's, its
 32 x 128 tokens/s >= 10x FastChat's, and its 1-token p50 <= 1.6x the bare
@@ -46,13 +53,15 @@ from typing import Any
 import httpx
 
 from bench.common import format_table, latency_summary_ms, result_record, write_json
-from bench.loadgen import latency, raw_latency, stream_throughput
+from bench.loadgen import latency, raw_latency, stream_latency, stream_throughput
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
 
 MODEL = "null"
 TARGET_P50_RATIO = 20.0  # FastChat p50 / zserve p50
 TARGET_TOKS_RATIO = 10.0  # zserve tok/s / FastChat tok/s
 TARGET_FLOOR_RATIO = 1.6  # zserve p50 / bare Starlette p50 (issue 11)
+TARGET_RESPONSES_P50 = 1.1  # Responses API streamed 1-token p50 / chat's (issue 22)
+TARGET_RESPONSES_TOKS = 0.95  # Responses API 32 x 128 tok/s / chat's
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,65 @@ def _measure(base: str, s: Settings) -> tuple[list[float], list[float], dict[str
 
     lat, tput = asyncio.run(go())
     return lat, raw_latency(base, MODEL, s.latency_n), tput
+
+
+APIS = ("chat", "responses")
+
+
+def _measure_apis(base: str, s: Settings, first: int) -> dict[str, Any]:
+    """Chat completions and the Responses API on one gateway, streamed:
+    1-token latencies and 32 x 128 tokens, ``first`` (0 or 1) going first."""
+
+    async def go() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for api in APIS[first:] + APIS[:first]:
+            lat = await stream_latency(base, MODEL, s.latency_n, api=api)
+            tp = await stream_throughput(base, MODEL, s.concurrency, s.max_tokens,
+                                         rounds=s.stream_rounds, api=api)  # fmt: skip
+            out[api] = (lat, tp)
+        return out
+
+    return asyncio.run(go())
+
+
+def run_apis(s: Settings, base: str) -> dict[str, Any]:
+    """The Responses API beside chat completions on ``base``, over the rounds."""
+    lat: dict[str, list[float]] = {a: [] for a in APIS}
+    tput = {a: {"tokens": 0, "seconds": 0.0} for a in APIS}
+    for r in range(s.rounds):
+        t0 = time.monotonic()
+        for api, (samples, tp) in _measure_apis(base, s, r % 2).items():
+            lat[api] += samples
+            tput[api]["tokens"] += tp["tokens"]
+            tput[api]["seconds"] += tp["seconds"]
+        print(f"  round {r + 1}/{s.rounds} chat vs responses: {time.monotonic() - t0:.1f} s",
+              flush=True)  # fmt: skip
+    out: dict[str, Any] = {}
+    for api in APIS:
+        t = tput[api]
+        out[api] = {"stream_1_token": latency_summary_ms(lat[api]),
+                    "stream": {**t, "tok_s": round(t["tokens"] / t["seconds"], 1)}}  # fmt: skip
+    c, r_ = out["chat"], out["responses"]
+    p50 = r_["stream_1_token"]["p50_ms"] / c["stream_1_token"]["p50_ms"]
+    toks = r_["stream"]["tok_s"] / c["stream"]["tok_s"]
+    out["verdict"] = {
+        "p50_ratio": round(p50, 3), "p50_target": TARGET_RESPONSES_P50,
+        "tok_s_ratio": round(toks, 3), "tok_s_target": TARGET_RESPONSES_TOKS,
+        "pass": p50 <= TARGET_RESPONSES_P50 and toks >= TARGET_RESPONSES_TOKS,
+    }  # fmt: skip
+    return out
+
+
+def render_apis(m: dict[str, Any], s: Settings) -> str:
+    rows = [[api, m[api]["stream_1_token"]["p50_ms"], m[api]["stream_1_token"]["p99_ms"],
+             m[api]["stream"]["tok_s"]] for api in APIS]  # fmt: skip
+    v = m["verdict"]
+    return format_table(
+        ["zserve API (streamed)", "1-token p50 ms", "1-token p99 ms",
+         f"{s.concurrency}x{s.max_tokens} tok/s"], rows,
+    ) + (f"\n\nResponses vs chat: 1-token p50 {v['p50_ratio']}x (target <= "
+         f"{TARGET_RESPONSES_P50:g}x), tokens/s {v['tok_s_ratio']}x (target >= "
+         f"{TARGET_RESPONSES_TOKS:g}x): {'met' if v['pass'] else 'NOT met'}")  # fmt: skip
 
 
 def run(s: Settings, systems: dict[str, Callable[[], Any]]) -> dict[str, Any]:
@@ -234,11 +302,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
     ap.add_argument("--no-fastchat", action="store_true", help="skip FastChat (no ratios)")
     ap.add_argument("--out", default="http.json", help="file name under bench/results/")
+    ap.add_argument("--responses-only", action="store_true",
+                    help="only the Responses API beside chat completions, on zserve")  # fmt: skip
     a = ap.parse_args(argv)
     s = QUICK if a.quick else FULL
     from bench.starlette_floor import starlette_floor
 
     t0 = time.monotonic()
+    if a.responses_only:
+        with null_backend() as fe, zserve_gateway(fe) as base:
+            apis = run_apis(s, base)
+        result = result_record("http_responses", a.quick, t0,
+                               {"settings": asdict(s), "responses_vs_chat": apis})  # fmt: skip
+        path = write_json(a.out if a.out != "http.json" else "http_responses.json", result)
+        print(render_apis(apis, s))
+        print(f"\n({result['wall_s']} s, {path})")
+        return result
     with null_backend() as fe:  # the gateway and the floor with a broker share it
         systems: dict[str, Callable[[], Any]] = {"zserve": lambda: zserve_gateway(fe)}
         if not a.no_fastchat:
@@ -248,11 +327,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         systems["starlette_floor"] = starlette_floor
         systems["starlette_broker"] = lambda: starlette_floor(broker=fe)
         measured = run(s, systems)
+        with zserve_gateway(fe) as base:
+            apis = run_apis(s, base)
     verdict = evaluate(measured)
-    result = result_record("http", a.quick, t0, {"settings": asdict(s), "measured": measured,
-                                                  **verdict})  # fmt: skip
+    body = {"settings": asdict(s), "measured": measured, **verdict, "responses_vs_chat": apis}
+    result = result_record("http", a.quick, t0, body)
     path = write_json(a.out, result)
     print(render(measured, verdict, s))
+    print("\n" + render_apis(apis, s))
     print(f"\ntargets met: {'-' if verdict['pass'] is None else 'yes' if verdict['pass'] else 'NO'}"
           f"   ({result['wall_s']} s, {path})")  # fmt: skip
     return result

@@ -13,6 +13,12 @@ exact text ``t0 t1 ... t{n-1}`` (whitespace aside), ``finish_reason ==
   its SSE stream to the end; tokens are counted from the content deltas.
 * `stream_one`: one such stream, read and checked; bench/soak.py counts the
   `LoadGenError` codes it raises.
+* `stream_latency`: sequential streams of one token, read to their end,
+  through chat completions or the Responses API (``api``), one sample each.
+* The streaming workloads take ``api="responses"`` to speak
+  ``POST {base_url}/responses`` instead (``stream_one_response``: the
+  text from ``response.output_text.delta`` events, the end an
+  ``incomplete`` response for ``max_output_tokens``).
 * `raw_latency`: like `latency`, from a bare blocking socket that writes each
   request (headers and body) in one ``send`` and reads the response by its
   ``content-length``: next to nothing on the client side, so what it
@@ -209,6 +215,72 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
     return max_tokens, len(parts)
 
 
+def responses_body(model: str, max_tokens: int) -> dict[str, Any]:
+    """A greedy streamed Responses API request of `max_tokens` on `PROMPT`
+    (stored, as the API does by default)."""
+    return {
+        "model": model,
+        "input": PROMPT[0]["content"],
+        "max_output_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+    }
+
+
+async def stream_one_response(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[int, int]:
+    """As `stream_one`, for a Responses API stream."""
+    parts: list[str] = []
+    final: dict[str, Any] | None = None
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            raise _http_error(resp.status_code, await resp.aread())
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line[5:])
+            kind = event.get("type")
+            if kind == "response.output_text.delta":
+                parts.append(event["delta"])
+            elif kind in ("response.completed", "response.incomplete", "response.failed"):
+                final = event["response"]
+                break  # the last event (as stream_one stops at [DONE])
+    if final is None:
+        raise LoadGenError("stream ended without its response", "no_done")
+    if final.get("status") == "failed":
+        raise LoadGenError(f"response failed: {final.get('error')}", "error")
+    reason = (final.get("incomplete_details") or {}).get("reason")
+    max_tokens = body["max_output_tokens"]
+    _check_text("".join(parts), max_tokens, "length" if reason == "max_output_tokens" else
+                final.get("status"), "response stream")  # fmt: skip
+    return max_tokens, len(parts)
+
+
+def _stream_call(base_url: str, model: str, max_tokens: int, api: str) -> tuple[str, Any, Any]:
+    """(url, body, reader) of one streamed request through ``api``."""
+    if api == "responses":
+        url = base_url.rstrip("/") + "/responses"
+        return url, responses_body(model, max_tokens), stream_one_response
+    url = base_url.rstrip("/") + "/chat/completions"
+    return url, chat_body(model, max_tokens, stream=True), stream_one
+
+
+async def stream_latency(
+    base_url: str, model: str, n: int, *, api: str = "chat", warmup: int = 20
+) -> list[float]:
+    """Time `n` sequential one-token streams, each read to its end."""
+    url, body, one = _stream_call(base_url, model, 1, api)
+    samples: list[float] = []
+    async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        for i in range(warmup + n):
+            t0 = time.perf_counter()
+            await one(client, url, body)
+            if i >= warmup:
+                samples.append(time.perf_counter() - t0)
+    return samples
+
+
 async def stream_throughput(
     base_url: str,
     model: str,
@@ -217,6 +289,7 @@ async def stream_throughput(
     *,
     rounds: int = 1,
     warmup: bool = True,
+    api: str = "chat",
 ) -> dict[str, float]:
     """Run `concurrency` streaming requests at once, `rounds` times back to back per slot.
 
@@ -226,18 +299,17 @@ async def stream_throughput(
     `warmup`, one untimed round of `concurrency` short streams opens the
     connections first.
     """
-    url = base_url.rstrip("/") + "/chat/completions"
-    body = chat_body(model, max_tokens, stream=True)
+    url, body, one = _stream_call(base_url, model, max_tokens, api)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=TIMEOUT, limits=limits) as client:
         if warmup:
-            short = chat_body(model, 2, stream=True)
-            await asyncio.gather(*(stream_one(client, url, short) for _ in range(concurrency)))
+            short = _stream_call(base_url, model, 2, api)[1]
+            await asyncio.gather(*(one(client, url, short) for _ in range(concurrency)))
 
         async def slot() -> tuple[int, int]:
             tokens = chunks = 0
             for _ in range(rounds):
-                t, c = await stream_one(client, url, body)
+                t, c = await one(client, url, body)
                 tokens += t
                 chunks += c
             return tokens, chunks
