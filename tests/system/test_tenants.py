@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -267,9 +268,7 @@ def test_the_tenant_is_the_key_s_not_the_claim(stack: Stack, curve_tenants: Any)
     assert st["counters"]["tenant_claims_ignored"] == 1
 
     # The gateway: bob's API key runs as bob, and bob's limit is a 429 with headers.
-    proc, root = start_gateway(
-        stack.frontend, "--tenants", f, *ks.peer_args("gw"), *FAST_HB
-    )
+    proc, root = start_gateway(stack.frontend, "--tenants", f, *ks.peer_args("gw"), *FAST_HB)
     stack.procs.append(proc)
     body = {"model": "m", "prompt": "x", "max_tokens": 1}
     url, auth = root + "/v1/completions", {"Authorization": "Bearer sk-bob"}
@@ -292,3 +291,31 @@ def test_the_tenant_is_the_key_s_not_the_claim(stack: Stack, curve_tenants: Any)
     assert "sk-bob" not in metrics
     with Client(stack.frontend, timeout=10, **kw, curve_secret=ks.path("gw", True)) as c:
         assert c.status()["tenants"]["tenants"]["bob"]["admitted"] == 3
+
+
+def test_sighup_reloads_the_tenants_file(stack: Stack, tmp_path: Path) -> None:
+    f = tenants_file(
+        tmp_path, "[gateways]\ntrust_unauthenticated = true\n[tenants.r]\nrequests_per_minute = 1\n"
+    )
+    broker = stack.start_broker("--tenants", f, *FAST_HB)
+    stack.worker("--model", "m")
+    stack.wait_workers(1)
+    with stack.client() as c:
+        c.generate("m", "x", max_tokens=1, tenant="r")
+        with pytest.raises(RateLimited):
+            c.generate("m", "x", max_tokens=1, tenant="r")
+        Path(f).write_text(
+            "[gateways]\ntrust_unauthenticated = true\n[tenants.r]\nrequests_per_minute = 6000\n"
+        )
+        broker.kill(signal.SIGHUP)
+        wait_for(lambda: c.status()["counters"].get("tenant_reloads") == 1, 10, "the reload")
+
+        def passes() -> bool:  # the bucket now refills at 100 a second
+            try:
+                c.generate("m", "x", max_tokens=1, tenant="r")
+            except RateLimited:
+                return False
+            return True
+
+        wait_for(passes, 10, "a request within the new limit")
+        assert c.status()["tenants"]["tenants"]["r"]["limits"]["requests_per_minute"] == 6000

@@ -130,8 +130,15 @@ class Admission:
         self.tenancy.settle(st, reserve, usage, started, time.monotonic())
 
     @staticmethod
-    def usage(payload: bytes) -> dict[bytes, dict[str, Any] | None]:
-        """request id -> ``usage`` of each final record in a TOKENS payload."""
+    def usage(payload: bytes, finished: list[bytes]) -> dict[bytes, dict[str, Any] | None]:
+        """request id -> ``usage`` of each final record in a TOKENS payload
+        that finishes ``finished``. One request finishing, with one usage map
+        in the payload (the common case: usage travels on final records only),
+        is read by its keys without decoding the payload."""
+        if len(finished) == 1 and payload.count(_USAGE_KEY) == 1:
+            u = _usage_at(payload, payload.find(_USAGE_KEY) + len(_USAGE_KEY))
+            if u is not None:
+                return {finished[0]: u}
         out: dict[bytes, dict[str, Any] | None] = {}
         try:
             recs = p.decode_tokens(payload)
@@ -187,9 +194,47 @@ class Admission:
             self.link.close()
 
 
+_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack unsigned ints: bytes that follow
+_USAGE_KEY = p.pack("usage")
+_USAGE_FIELDS = {p.pack(k): k for k in ("prompt_tokens", "completion_tokens", "cached_tokens")}
+
+
+def _usage_at(data: bytes, k: int) -> dict[str, int] | None:
+    """The usage map at ``data[k:]`` (a fixmap of the usage fields to
+    unsigned ints), or None for anything else (then the payload is decoded)."""
+    if k >= len(data) or not 0x81 <= data[k] <= 0x83:
+        return None
+    out = {}
+    k += 1
+    for _ in range(data[k - 1] - 0x80):
+        if k >= len(data):
+            return None
+        n = (data[k] & 0x1F) + 1  # a fixstr key: its header and bytes
+        name = _USAGE_FIELDS.get(data[k : k + n])
+        if name is None:
+            return None
+        v, k = _uint_at(data, k + n)
+        if v is None:
+            return None
+        out[name] = v
+    return out
+
+
+def _uint_at(data: bytes, k: int) -> tuple[int | None, int]:
+    """The msgpack unsigned int at ``data[k]`` and the index after it."""
+    if k >= len(data):
+        return None, k
+    b = data[k]
+    if b < 0x80:
+        return b, k + 1
+    n = _UINT.get(b)
+    if n is None or k + 1 + n > len(data):
+        return None, k
+    return int.from_bytes(data[k + 1 : k + 1 + n], "big"), k + 1 + n
+
+
 _PARAMS_KEY = p.pack("params")
 _MAX_TOKENS_KEY = p.pack("max_tokens")
-_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}  # msgpack unsigned ints: bytes that follow
 
 
 def _sizes(body: bytes) -> tuple[int, int | None]:
@@ -204,15 +249,8 @@ def _sizes(body: bytes) -> tuple[int, int | None]:
     i = body.rfind(_PARAMS_KEY)
     j = body.find(_MAX_TOKENS_KEY, i) if i >= 0 else -1
     if j >= 0:
-        k = j + len(_MAX_TOKENS_KEY)
-        if k < len(body):
-            b = body[k]
-            if b < 0x80:
-                return i, b
-            n = _UINT.get(b)
-            if n is not None:
-                return i, int.from_bytes(body[k + 1 : k + 1 + n], "big")
-            return i, None  # nil: no max_tokens
+        mt, _ = _uint_at(body, j + len(_MAX_TOKENS_KEY))
+        return i, mt  # (None: nil, no max_tokens)
     return _decoded_sizes(body)
 
 

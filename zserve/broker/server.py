@@ -733,7 +733,7 @@ class Broker:
                 # client state (and the finals it is owed) still exists.
                 self._send_client(client, [p.CLIENT, p.C_TOKENS, payload])
         # With tenants, each final's usage settles its tenant's reservation.
-        usage = self.admission.usage(frames[5]) if self.admission and finished else None
+        usage = self.admission.usage(frames[5], finished) if self.admission and finished else None
         for rid in finished:
             if stale is None or rid not in stale:
                 self._finish((client, rid), w, usage.get(rid) if usage else None)
