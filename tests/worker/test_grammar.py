@@ -252,3 +252,19 @@ def test_the_closing_is_trusted_inside_plain_strings_only(ref, g) -> None:
     assert st.plain_strings is False
     out = decode(ref, st, 64)
     assert json.loads(text(ref, out))["k"] in ("abc", "abd") and out[-1] == EOS
+
+
+def test_a_character_split_across_tokens_is_finished_before_closing(ref, g) -> None:
+    """A token that ends inside a UTF-8 character (byte-level vocabularies
+    have them): the closing first finishes the character, and the budget
+    rule still ends the value in time."""
+    st = g.row(spec("json_object"), 12)
+    for t in ref[1].encode('{"a":"', add_special_tokens=False):
+        assert st.accept(t)
+    lead = g.pieces[b"\xe4"]  # the first of a 3-byte character
+    assert st.accept(lead) and st.lex.utf8 == 2
+    assert st.close is not None and st.close.startswith(b"\x80\x80")
+    f = st.m.fork()
+    assert f.accept_string(st.close) and f.is_completed()
+    out = decode(ref, st, 12 - st.n_out, prefix=[])
+    assert out[-1] == EOS

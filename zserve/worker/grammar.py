@@ -261,21 +261,27 @@ class Grammars:
 class Lex:
     """A small JSON lexical state, enough to order the closing's guesses."""
 
-    __slots__ = ("in_str", "esc", "stack", "digit")
+    __slots__ = ("in_str", "esc", "stack", "digit", "utf8")
 
     def __init__(self) -> None:
         self.in_str = False
         self.esc = False
         self.stack: list[int] = []
         self.digit = False
+        self.utf8 = 0  # continuation bytes still due in a multi-byte character
 
     def copy(self) -> Lex:
         n = Lex()
         n.in_str, n.esc, n.stack, n.digit = self.in_str, self.esc, list(self.stack), self.digit
+        n.utf8 = self.utf8
         return n
 
     def feed(self, data: bytes) -> None:
         for c in data:
+            if 0x80 <= c < 0xC0:
+                self.utf8 = max(0, self.utf8 - 1)
+            else:
+                self.utf8 = 0 if c < 0x80 else 1 if c < 0xE0 else 2 if c < 0xF0 else 3
             if self.in_str:
                 if self.esc:
                     self.esc = False
@@ -371,8 +377,10 @@ class RowState:
             self.plain_strings
             and lex.in_str
             and not lex.esc
+            and not lex.utf8
             and b'"' not in data
             and b"\\" not in data
+            and _whole_utf8(data)
         )
 
     def replay(self, ids: list[int]) -> bool:
@@ -471,7 +479,12 @@ class RowState:
             if keep and self.greedy:
                 break
         if not keep:
-            keep = [self.forced()]
+            forced = self.forced()
+            if not self.m.fork().accept_token(forced):  # never a token the grammar refuses
+                allowed = [t for v, t in zip(vals.tolist(), ids.tolist(), strict=True)
+                           if v != _NEG_INF and v == v]  # fmt: skip
+                forced = allowed[0] if allowed else forced
+            keep = [forced]
         if self.greedy:  # argmax is all that is read from a greedy row
             x.fill_(_NEG_INF)
             x[keep[0]] = 0.0
@@ -511,6 +524,13 @@ class RowState:
                 out += b
                 lex.feed(b)
                 continue
+            if lex.utf8:  # inside a multi-byte character: finish it first
+                tail = next((b for b in _CONTINUATIONS if f.accept_string(b)), None)
+                if tail is None:
+                    return None
+                out += tail
+                lex.feed(tail)
+                continue
             guesses = lex.guesses() if self.json_like else ()
             step = next((c for c in guesses if f.accept_string(c)), None)
             if step is None:
@@ -542,6 +562,19 @@ class RowState:
         if self._scratch is None:
             self._scratch = xgr.allocate_token_bitmask(1, self.g.vocab_size)
         return self._scratch
+
+
+# Continuation bytes to try, in order, to finish a character (any one of them
+# completes a 2-byte lead; the later ones fit the narrower ranges after E0, ED, F0, F4).
+_CONTINUATIONS = (b"\x80", b"\xa0", b"\x90", b"\xbf")
+
+
+def _whole_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _bool_mask(bits: torch.Tensor, vocab: int) -> torch.Tensor:
