@@ -112,6 +112,13 @@ class Engine(abc.ABC):
         Resumption uses it to restore what a stop string held back."""
         raise NotImplementedError(f"engine {self.name!r} cannot decode token ids")
 
+    async def continued_text(self, request: GenerateRequest) -> str:
+        """The text of ``request.continue_ids`` as the stream that produced
+        them decoded it (whole characters only): what a resumption holds back
+        past ``continue_chars``. By default ``decode`` (no prompt context: an
+        engine on a SentencePiece tokenizer should replay with it)."""
+        return await self.decode(request.model, request.continue_ids)
+
     async def tokenize(
         self,
         request: GenerateRequest,

@@ -361,8 +361,13 @@ class Worker:
                     f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
                 )
             # Text of the delivered ids past what the caller got: a stop
-            # string's possible beginning, held back as it was before.
-            stops.hold((await self.engine.decode(model, cont))[req.continue_chars :])
+            # string's possible beginning, held back as it was before, with
+            # the decoding that produced the stream (its prompt context).
+            greq = GenerateRequest(
+                "", model, req.prompt, req.messages, params, cont, prompt_ids=req.prompt_ids
+            )
+            held = await self.engine.continued_text(greq)
+            stops.hold(held[req.continue_chars :])
         return params
 
     async def _serve(

@@ -283,6 +283,26 @@ class VLLMEngine(Engine):
         self._running()
         return str(self._tokenizer.decode(ids, skip_special_tokens=True)).rstrip("\ufffd")
 
+    async def continued_text(self, request: GenerateRequest) -> str:
+        """The continued ids' text as the stream decoded it: vLLM's
+        detokenizer takes the prompt as context (a SentencePiece tokenizer
+        keeps a first word's leading space), and so does this replay
+        (``hf_detok``, as ``_own_detokenizer``), off the event loop. A last id
+        that stopped the request (EOS, a stop token id) gave no text."""
+        from zserve.worker.engines.hf_detok import IncrementalDetokenizer
+
+        self._running()
+        prompt_ids, _ = await self._prompt_ids(request)
+        p = request.params
+        cont = list(request.continue_ids)
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self._eos_ids)
+        if cont and cont[-1] in stop_ids:
+            cont.pop()
+        detok = await asyncio.to_thread(
+            IncrementalDetokenizer, self._tokenizer, prompt_ids, True, cont
+        )
+        return detok.replayed
+
     # ------------------------------------------------------------- helpers
 
     def _running(self) -> AsyncLLM:
