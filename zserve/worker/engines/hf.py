@@ -91,8 +91,8 @@ class HFEngine(Engine):
     name = "hf"
     resumable = True
     replays_held_text = True
-    prompt_logprobs = True  # from a prefill of their own (_score_prompt)
     takes_structured = True  # zserve/worker/grammar.py masks its rows
+    prompt_logprobs = True  # from a prefill of their own (_score_prompt)
 
     def __init__(
         self,

@@ -75,8 +75,8 @@ _CHAR_IDS = 8
 class VLLMEngine(Engine):
     name = "vllm"
     resumable = True
-    prompt_logprobs = True  # vLLM's own (SamplingParams.prompt_logprobs)
     takes_structured = True  # zserve/worker/grammar.py, through engines/vllm_grammar.py
+    prompt_logprobs = True  # vLLM's own (SamplingParams.prompt_logprobs)
 
     def __init__(
         self,
@@ -253,6 +253,9 @@ class VLLMEngine(Engine):
         if self.llm is not None and not self.dead:
             await self.llm.abort(request_id)
 
+    def tokenizer(self, model: str) -> Any:
+        return self._tokenizer
+
     async def tokenize(
         self,
         request: GenerateRequest,
@@ -319,7 +322,7 @@ class VLLMEngine(Engine):
         if request.prompt_ids is not None:  # as given: vLLM checks them against its vocabulary
             return list(request.prompt_ids), None
         if request.messages is not None:
-            text = render_chat(tok, request.messages)
+            text = render_chat(tok, request.messages, request.tools)
             special = False  # the template writes its own special tokens
         else:
             text = request.prompt or ""
