@@ -27,8 +27,10 @@ from bench.common import RESULTS_DIR, cell, machine_info
 
 BENCHES = (
     "overhead", "http", "engines", "serving", "vllm_server", "scale", "failover", "rolling",
-    "affinity", "soak",
+    "affinity", "soak", "structured", "tenants",
 )  # fmt: skip
+# Results written by a benchmark above as a second file (``http --responses-only``).
+EXTRA_RESULTS = ("http_responses",)
 Summarizer = Callable[[dict[str, Any]], list[list[str]]]
 
 
@@ -54,6 +56,23 @@ def _target_rows(bench: str, key: str, name: Callable[[str], str]) -> Summarizer
         return out
 
     return rows
+
+
+def _responses_rows(r: dict[str, Any]) -> list[list[str]]:
+    """/v1/responses against /v1/chat/completions on one gateway, same rounds."""
+    m = r["responses_vs_chat"]
+    chat, resp, v = m["chat"], m["responses"], m["verdict"]
+    base = "/v1/chat/completions, same gateway and rounds"
+    p50 = v["p50_ratio"] <= v["p50_target"]
+    tps = v["tok_s_ratio"] >= v["tok_s_target"]
+    return [
+        ["http_responses", "/v1/responses streamed, 1-token p50 (ms)", base,
+         cell(chat["stream_1_token"]["p50_ms"]), cell(resp["stream_1_token"]["p50_ms"]),
+         f"{v['p50_ratio']:g}x", f"<= {v['p50_target']:g}x", _met(p50)],
+        ["http_responses", "/v1/responses, 32 x 128 streamed (tok/s)", base,
+         cell(chat["stream"]["tok_s"]), cell(resp["stream"]["tok_s"]),
+         f"{v['tok_s_ratio']:g}x", f">= {v['tok_s_target']:g}x", _met(tps)],
+    ]  # fmt: skip
 
 
 def _http_rows(r: dict[str, Any]) -> list[list[str]]:
@@ -130,6 +149,11 @@ SUMMARIZE: dict[str, Summarizer] = {
     "rolling": _target_rows("rolling", "base", lambda w: "-"),
     "affinity": _target_rows("affinity", "base", lambda w: "shortest_queue, same run"),
     "soak": _soak_rows,
+    "structured": _target_rows(
+        "structured", "base", lambda w: "the same requests unconstrained, same run"
+    ),
+    "tenants": _target_rows("tenants", "base", lambda w: "no tenants, same run"),
+    "http_responses": _responses_rows,
 }  # fmt: skip
 
 
@@ -146,7 +170,9 @@ def rows_of(result: dict[str, Any]) -> list[list[str]]:
     return SUMMARIZE[result["benchmark"]](result)
 
 
-def load_results(names: tuple[str, ...] | list[str] = BENCHES) -> dict[str, dict[str, Any]]:
+def load_results(
+    names: tuple[str, ...] | list[str] = BENCHES + EXTRA_RESULTS,
+) -> dict[str, dict[str, Any]]:
     """The committed (or latest) JSON record of each benchmark that has one."""
     out = {}
     for n in names:

@@ -50,6 +50,17 @@ ABOUT = {
     "is SIGKILLed and restarted every minute: errors by code, resumes, broker RSS.",
 }
 
+ABOUT.update({
+    "structured": "Constrained decoding's cost on the hf engine: tokens/s with a JSON schema "
+    "against the same requests unconstrained, in one process, 1 / 8 / 32 streams, the tiny and "
+    "the small model.",
+    "tenants": "The broker with a tenants file of 10 tenants (all within their limits) against "
+    "none: 1-token latency, 256-stream tokens/s, broker CPU; and a flood (tenant A 64 streams, "
+    "B 8) with fair sharing against one FIFO queue.",
+    "http_responses": "`/v1/responses` streamed against `/v1/chat/completions` on the same "
+    "gateway, in the same rounds (`python -m bench.http --responses-only`).",
+})
+
 PLOTS = (
     ("latency_cdf.png", "1-token latency: zserve against its floors and FastChat"),
     ("throughput_concurrency.png", "tokens/s against concurrency"),
