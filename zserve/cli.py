@@ -121,6 +121,16 @@ class _Terminate(BaseException):
     swallow it."""
 
 
+def _term_within(ctx: Any, seconds: float) -> None:
+    """``ctx.term()``, given up on after ``seconds`` (a daemon thread: the
+    process may exit with it still waiting)."""
+    import threading
+
+    t = threading.Thread(target=ctx.term, daemon=True, name="zmq-term")
+    t.start()
+    t.join(seconds)
+
+
 def _raise_terminate(signum: int, frame: Any) -> None:
     raise _Terminate
 
@@ -252,6 +262,10 @@ def broker(
         pass
     finally:
         b.close()
+        # Closed sockets hand what they still hold (a GOODBYE) to ZeroMQ's
+        # I/O thread, which dies with the process: terminating the context
+        # waits out their linger (bounded here, whatever else is left open).
+        _term_within(b.ctx, 2.0)
 
 
 @app.command()
@@ -386,6 +400,7 @@ def worker(
 
     with _exit_on_bad_input():
         _run_async(main())
+    _term_within(w.ctx, 2.0)  # the last frames (finals, DISCONNECT) go out
     if getattr(eng, "dead", False):
         raise typer.Exit(1)
 

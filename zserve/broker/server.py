@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
 # After GOODBYE, how long closing sockets may go on delivering it (ms).
 GOODBYE_LINGER_MS = 1000
+# After GOODBYE, how long the connections stay up before closing (s): clients
+# set ZMQ_IMMEDIATE, under which ZeroMQ drops what a connection had delivered
+# but the client had not yet read when it ends, so the news must be read
+# while the connection lives (a streaming client reads within milliseconds).
+GOODBYE_GRACE_S = 0.2
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -325,6 +330,8 @@ class Broker:
     def close(self) -> None:
         # after a GOODBYE, let ZeroMQ deliver it: the closing sockets linger
         linger = GOODBYE_LINGER_MS if self._goodbye else 0
+        if self._goodbye and not self.frontend.closed:
+            time.sleep(GOODBYE_GRACE_S)
         self.frontend.close(linger)
         self.backend.close(linger)
         for fd in (self._wake_r, self._wake_w):

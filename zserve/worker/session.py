@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 RequestKey = tuple[bytes, bytes]  # (client id, request id)
 CANCEL_REASON = "cancelled by the client"
+STOP_LINGER_MS = 1000  # a stopping worker's last frames may take this long to go out
 
 
 class BrokerSession:
@@ -137,7 +138,9 @@ class BrokerSession:
                 if not self._heard and not w.stopping.is_set():
                     log.warning("%s", watch.explain(self.endpoint))  # a refused key, say
                 watch.close()
-            sock.close()
+            # Stopping: what is still queued (the finals, DISCONNECT) is
+            # handed to ZeroMQ to deliver (the CLI's exit waits it out).
+            sock.close(STOP_LINGER_MS if w.stopping.is_set() else 0)
             self.sock = None
             await self._abort_all()
             # Every task of this connection has ended: none of its records
