@@ -58,7 +58,8 @@ def test_400_bad_sampling_parameter(gw: GatewayStack) -> None:
             "messages",
         ),
         ("/chat/completions", {"model": "m", "messages": USER, "stop": 3}, "stop"),
-        ("/completions", {"model": "m", "prompt": [1, 2, 3]}, "prompt"),
+        ("/completions", {"model": "m", "prompt": [1, "two", 3]}, "prompt"),  # (ids are fine)
+        ("/completions", {"model": "m", "prompt": [1.5, 2]}, "prompt"),
         ("/completions", {"model": "m"}, "prompt"),
         ("/embeddings", {"model": "m", "input": []}, "input"),
         ("/embeddings", {"model": "m", "input": "x", "encoding_format": "int8"}, "encoding_format"),
