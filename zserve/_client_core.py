@@ -90,6 +90,7 @@ class Link:
     heard: float = 0.0  # last heard, or last had nothing in flight (whichever is later)
     in_flight: int = 0  # streams sent through it and not ended
     alive: bool = True  # False once silent past expiry, until it answers again
+    leaving: bool = False  # it said GOODBYE, and has not answered since
 
 
 def wake(st: StreamState) -> None:
@@ -310,7 +311,20 @@ class ClientCore:
             i = (self.primary + k) % n
             if links[i].alive:
                 return i
-        return self.primary
+        return self._not_leaving(-1)
+
+    def _not_leaving(self, link: int) -> int:
+        """With no broker known live: the first, in the order new requests
+        take them, other than ``link`` that did not say GOODBYE (taken for
+        dead, it may be back: one restarted in a rolling restart answers its
+        probe within a heartbeat); else the first other than ``link``; else
+        ``link``."""
+        n = len(self.links)
+        order = [(self.primary + k) % n for k in range(n)]
+        for i in order:
+            if i != link and not self.links[i].leaving:
+                return i
+        return next((i for i in order if i != link), link)
 
     def mark_sent(self, rid: bytes, now: float, link: int = 0) -> None:
         """The request is on its way (through broker ``link``): its timeout
@@ -418,11 +432,19 @@ class ClientCore:
         """Broker ``link`` said GOODBYE (it is stopping on purpose): it is gone
         now, no liveness wait. Every stream sent there goes again through
         another live broker from exactly what it received (``again``); with
-        none live, or one that cannot go again, it ends with
+        none live, the next other broker, which may be back (a restart);
+        with no other broker, or one that cannot go again, it ends with
         ``broker_unreachable``. Returns the streams ended. (That broker
         cancels what it ran itself.)"""
         self.links[link].alive = False
+        self.links[link].leaving = True
         target = self._other_link(link)
+        if target == link:
+            # None known live, but another broker may be back already (one
+            # restarted moments ago in a rolling restart, not yet probed): a
+            # better bet than ending the stream, and its silence ends or
+            # moves it as usual.
+            target = self._not_leaving(link)
         ended: list[StreamState] = []
         for rid, st in list(self.streams.items()):
             if st.link != link or not st.last:
@@ -484,6 +506,7 @@ class ClientCore:
         lk = self.links[link]
         lk.heard = now
         lk.alive = True
+        lk.leaving = False
         if len(frames) != 3 or frames[1] != p.C_TOKENS or frames[0] != p.CLIENT:
             if len(frames) == 2 and frames[1] == p.C_GOODBYE and frames[0] == p.CLIENT:
                 for st in self.goodbye(link, now):
@@ -502,9 +525,11 @@ class ClientCore:
             st.last = now
             r = st.resume
             if r is not None:
+                if st.moved and (rec[3] is None or rec[1] or rec[2]):
+                    # its first tokens since it moved (the last ones may come
+                    # with the final)
+                    self._stalled(st, now)
                 if rec[3] is None:
-                    if st.moved:
-                        self._stalled(st, now)
                     if rec[2] is not None:
                         r.ids.extend(rec[2])
                         r.chars += len(rec[1])
