@@ -331,8 +331,10 @@ def test_an_hf_stream_handed_over_by_a_drain_equals_the_uninterrupted_one(
     """Two hf workers (the 7.5 M random model, greedy): the one serving a
     stream is SIGTERMed with no grace; the stream is handed over after its
     first token and goes on, id for id, as an uninterrupted run."""
+    # the default heartbeats (1 s x 3): with the fast ones a loaded machine
+    # can expire the other worker meanwhile, and the stream resumes instead
     _greedy_stack(stack, "hf", medium_model_dir, "--engine-arg", "threads=1",
-                  "--drain-timeout", "0")  # fmt: skip
+                  "--drain-timeout", "0", hb=[])  # fmt: skip
     kw = {"max_tokens": 64, "temperature": 0, "ignore_eos": True}
     with stack.client(timeout=120) as c:
         whole = c.generate("tiny", PROMPT, **kw)

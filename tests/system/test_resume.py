@@ -85,15 +85,17 @@ def test_a_stop_string_held_back_at_the_kill_is_kept(stack):
         assert c.resumes == 1
 
 
-def _greedy_stack(stack: Any, engine: str, model_dir: Path, *extra: str) -> None:
+def _greedy_stack(
+    stack: Any, engine: str, model_dir: Path, *extra: str, hb: list[str] = FAST_HB
+) -> None:
     # round_robin: the test knows which worker a request goes to without
     # asking while it runs (the engines finish 64 tokens in a fraction of a
     # second, sooner than a status query on a loaded machine)
-    stack.start_broker("--dispatch", "round_robin", *FAST_HB)
+    stack.start_broker("--dispatch", "round_robin", *hb)
     for _ in range(2):
         stack.worker(
             "--model", str(model_dir), "--model-names", "tiny", "--dtype", "float32",
-            "--capacity", "4", *extra, *FAST_HB, engine=engine,
+            "--capacity", "4", *extra, *hb, engine=engine,
         )  # fmt: skip
     stack.wait_workers(2, timeout=300)
 
