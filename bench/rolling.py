@@ -64,6 +64,11 @@ class Settings:
     # (a SIGKILLed worker's streams move after interval x liveness).
     tail: float = EXPIRY + 0.5
     crash: bool = True  # the crash baseline too
+    # "null" (paced like a model: token i is id i) or "hf" on ``model_dir``
+    # (greedy, float32: a stream continued from its ids is exact too)
+    engine: str = "null"
+    model_dir: str | None = None
+    worker_args: tuple[str, ...] = ()  # more options for each worker
 
 
 FULL = Settings()
@@ -79,6 +84,8 @@ class Load:
     """Callers streaming through the gateways that are ready."""
 
     backends: list[str] = field(default_factory=list)  # gateway roots, probed
+    want: str | None = None  # every stream's text; None: the null engine's
+    sampling: dict[str, Any] = field(default_factory=dict)  # added to each body
     ready: list[str] = field(default_factory=list)
     done: int = 0
     exact: int = 0
@@ -104,7 +111,8 @@ class Load:
 
     async def caller(self, http: httpx.AsyncClient, tokens: int) -> None:
         body = {"model": "m", "stream": True, "max_tokens": tokens,
-                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+                "messages": [{"role": "user", "content": "hi"}], **self.sampling}  # fmt: skip
+        expected = want(tokens) if self.want is None else self.want
         while self.running:
             if not self.ready:  # no gateway ready: the balancer holds it
                 await asyncio.sleep(0.02)
@@ -136,11 +144,12 @@ class Load:
                 self.error(type(e).__name__)
                 continue
             self.done += 1
-            self.exact += "".join(text) == want(tokens)
+            self.exact += "".join(text) == expected
 
 
 class Rolling:
-    """2 brokers on fixed ports, 3 paced null workers on both, gateways."""
+    """2 brokers on fixed ports, 3 workers on both (paced null, or hf),
+    gateways."""
 
     def __init__(self, s: Settings) -> None:
         self.s = s
@@ -169,11 +178,32 @@ class Rolling:
         return start_broker(frontend=fe, backend=be)[0]
 
     def _worker(self) -> Proc:
+        s = self.s
+        if s.engine == "hf":
+            assert s.model_dir, "the hf engine needs Settings.model_dir"
+            engine = ["--engine", "hf", "--model", s.model_dir, "--model-names", "m",
+                      "--dtype", "float32", "--capacity", "16"]  # fmt: skip
+        else:
+            engine = ["--engine", "null", "--model", "m", "--capacity", "64",
+                      "--token-delay", str(s.token_delay)]  # fmt: skip
         return start_worker(
-            ",".join(be for _, be in self.eps), "--engine", "null", "--model", "m",
-            "--capacity", "64", "--token-delay", str(self.s.token_delay),
-            "--drain-timeout", str(self.s.drain_timeout),
+            ",".join(be for _, be in self.eps), *engine, "--drain-timeout", str(s.drain_timeout),
+            *s.worker_args,
         )  # fmt: skip
+
+    def load(self) -> Load:
+        """Callers through the first gateway; on hf, greedy, each text checked
+        against one uninterrupted request made first."""
+        root = self.gateways[0][1]
+        if self.s.engine != "hf":
+            return Load(backends=[root])
+        sampling = {"temperature": 0, "ignore_eos": True}
+        body = {"model": "m", "max_tokens": self.s.tokens,
+                "messages": [{"role": "user", "content": "hi"}], **sampling}  # fmt: skip
+        r = httpx.post(root + "/v1/chat/completions", json=body, timeout=120)
+        r.raise_for_status()
+        text = r.json()["choices"][0]["message"]["content"]
+        return Load(backends=[root], want=text, sampling=sampling)
 
     def _gateway(self) -> tuple[Proc, str]:
         port = free_port()
@@ -334,10 +364,10 @@ def run(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     st = Rolling(s)
     try:
-        load = Load(backends=[st.gateways[0][1]])
+        load = st.load()
         out["planned"] = run_load(s, planned_steps(st, load), load)
         if s.crash:
-            load = Load(backends=[st.gateways[0][1]])
+            load = st.load()
             out["crash"] = run_load(s, crash_steps(st), load)
     finally:
         st.stop()
