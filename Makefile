@@ -28,8 +28,11 @@ $(VLLM_STAMP): $(STAMP)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
+# Three test processes on two cores: most tests wait on processes, sockets
+# and heartbeats, not on the CPU (one file per process at a time, so a
+# file's module fixtures start once).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=15
 
 run: install
 	$(BIN)/python -m zserve.cli run
