@@ -89,7 +89,9 @@ def test_a_worker_drain_under_an_sse_stream_is_seen_in_the_metrics() -> None:
         gw, root = start_gateway(fe, *FAST_HB)
         procs.append(gw)
         wait_for(lambda: httpx.get(root + "/ready", timeout=5).status_code == 200, 20, "ready")
-        body = {"model": "m", "stream": True, "max_tokens": 40,
+        # 6 s of tokens: on a loaded machine the second worker can take
+        # seconds to start, and the SIGTERM must still find the stream running
+        body = {"model": "m", "stream": True, "max_tokens": 120,
                 "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
         text: list[str] = []
         with httpx.Client(timeout=30) as http:
@@ -110,7 +112,7 @@ def test_a_worker_drain_under_an_sse_stream_is_seen_in_the_metrics() -> None:
                     if line.startswith("data: {"):
                         text.append(json.loads(line[6:])["choices"][0]["delta"].get("content")
                                     or "")  # fmt: skip
-            assert "".join(text) == "".join(f"t{i} " for i in range(40))
+            assert "".join(text) == "".join(f"t{i} " for i in range(120))
             assert leaving.popen.wait(10) == 0
 
             def scraped() -> str | None:  # (the broker's part is up to a second old)

@@ -26,7 +26,6 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import FAST_HB
 from tests.gateway.conftest import start_gateway
 from tests.worker.reference import greedy_ref, prompt_ids
 from zserve.launcher import Proc, start_broker, start_worker, wait_models
@@ -70,7 +69,7 @@ def hf(
 
     procs: list[Proc] = []
     try:
-        broker, fe, be = start_broker(*FAST_HB)
+        broker, fe, be = start_broker()
         procs.append(broker)
         procs.append(
             start_worker(
@@ -89,11 +88,10 @@ def hf(
                 str(eos_dir),
                 "--model-names",
                 "eos",
-                *FAST_HB,
             )  # fmt: skip
         )
         wait_models(fe, ["tiny", "eos"], 180)
-        gateway, root = start_gateway(fe, *FAST_HB)
+        gateway, root = start_gateway(fe)
         procs.append(gateway)
         yield HFGateway(root + "/v1", ref, full, k)
     finally:

@@ -16,7 +16,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import FAST_HB
 from tests.gateway.conftest import start_gateway
 from zserve.launcher import Proc, start_broker, start_worker, wait_models
 
@@ -43,12 +42,12 @@ JSON_SCHEMA = {"type": "json_schema",
 def url(tiny_model_dir: Path) -> Iterator[str]:
     procs: list[Proc] = []
     try:
-        broker, fe, be = start_broker(*FAST_HB)
+        broker, fe, be = start_broker()
         procs.append(broker)
         procs.append(start_worker(be, "--engine", "hf", "--model", str(tiny_model_dir),
                                   "--model-names", "tiny", "--dtype", "float32",
-                                  "--engine-arg", "threads=1", *FAST_HB))  # fmt: skip
-        gateway, root = start_gateway(fe, *FAST_HB)
+                                  "--engine-arg", "threads=1"))  # fmt: skip
+        gateway, root = start_gateway(fe)
         procs.append(gateway)
         wait_models(fe, ["tiny"], 120)
         yield root + "/v1"

@@ -20,7 +20,6 @@ import pytest
 import torch
 
 import zserve
-from tests.conftest import FAST_HB
 from tests.gateway.conftest import start_gateway
 from tests.worker.reference import greedy_ref
 from zserve.client import Client
@@ -57,12 +56,12 @@ class Stack:
 def st(tiny_model_dir: Path) -> Iterator[Stack]:
     procs: list[Proc] = []
     try:
-        broker, fe, be = start_broker(*FAST_HB)
+        broker, fe, be = start_broker()
         procs.append(broker)
         procs.append(start_worker(be, "--engine", "hf", "--model", str(tiny_model_dir),
                                   "--model-names", "tiny", "--dtype", "float32",
-                                  "--engine-arg", "threads=1", *FAST_HB))  # fmt: skip
-        gateway, root = start_gateway(fe, *FAST_HB)
+                                  "--engine-arg", "threads=1"))  # fmt: skip
+        gateway, root = start_gateway(fe)
         procs.append(gateway)
         wait_models(fe, ["tiny"], 120)
         yield Stack(fe, root)

@@ -24,7 +24,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import FAST_HB
 from tests.gateway.conftest import start_gateway
 from zserve.launcher import Proc, start_broker, start_worker, wait_models
 
@@ -66,18 +65,18 @@ SAMPLING: list[dict[str, Any]] = [
 def url(tiny_model_dir: Path) -> Iterator[str]:
     procs: list[Proc] = []
     try:
-        broker, fe, be = start_broker(*FAST_HB)
+        broker, fe, be = start_broker()
         procs.append(broker)
         procs.append(start_worker(
             be, "--engine", "hf", "--dtype", "float32", "--capacity", "4",
             "--model", str(tiny_model_dir), "--model-names", "tiny",
-            "--tool-call-parser", "hermes", *FAST_HB,
+            "--tool-call-parser", "hermes",
         ))  # fmt: skip
         procs.append(start_worker(
             be, "--engine", "null", "--model", "scripted", "--token-delay", "0.002",
-            "--engine-arg", f"script={SCRIPT}", "--tool-call-parser", "hermes", *FAST_HB,
+            "--engine-arg", f"script={SCRIPT}", "--tool-call-parser", "hermes",
         ))  # fmt: skip
-        gateway, root = start_gateway(fe, *FAST_HB)
+        gateway, root = start_gateway(fe)
         procs.append(gateway)
         wait_models(fe, ["tiny", "scripted"], 180)
         yield root + "/v1"
