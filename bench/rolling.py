@@ -93,6 +93,7 @@ class Load:
     # (monotonic time of the later token, gap) for every gap between tokens
     gaps: list[tuple[float, float]] = field(default_factory=list)
     running: bool = True
+    reconnects: int = 0  # requests sent again after a refused connection
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
@@ -140,6 +141,11 @@ class Load:
                                 self.gaps.append((now, now - last))
                             last = now
                             text.append(content)
+            except httpx.ConnectError:
+                # nothing was sent (a listener closed since the last probe):
+                # a load balancer tries the request on another backend
+                self.reconnects += 1
+                continue
             except httpx.HTTPError as e:
                 self.error(type(e).__name__)
                 continue
@@ -209,7 +215,7 @@ class Rolling:
         port = free_port()
         proc = Proc(zserve_cmd(
             "gateway", "--broker", ",".join(self.frontends), "--port", str(port),
-            "--log-level", "warning", "--drain-delay", "0.5", "--drain-timeout", "30",
+            "--log-level", "warning", "--drain-delay", "2", "--drain-timeout", "30",
         ), name="gateway")  # fmt: skip
         root = f"http://127.0.0.1:{port}"
 
@@ -338,6 +344,7 @@ def run_load(s: Settings, steps: list[Step], load: Load) -> dict[str, Any]:
         "requests": load.done,
         "exact": load.exact,
         "errors": load.errors,
+        "reconnects": load.reconnects,
         "longest_stall_s": round(max(g for _, g in load.gaps), 3) if load.gaps else None,
         "steady_gap_s": round(sorted(g for _, g in load.gaps)[len(load.gaps) // 2], 4),
     }
