@@ -172,8 +172,13 @@ def test_a_cancel_that_meets_a_full_pipe_is_sent_later(stack):
 def test_a_cancel_behind_a_queued_request_is_not_lost(stack):
     """Defect 4: an async stream closed while its REQUEST still waited for
     room dropped its CANCEL; the REQUEST went out later and ran to the end."""
-    stack.start_broker()
-    stack.worker("--model", "m", "--capacity", "2", "--token-delay", "0.1")
+    # A long liveness on both sides: on a loaded machine the SIGSTOP below
+    # can last longer than the default 3 s, and a worker that left the
+    # stopped broker is not there for the request (it ends model_not_found
+    # before any CANCEL could matter).
+    slow_hb = ("--heartbeat-liveness", "60")
+    stack.start_broker(*slow_hb)
+    stack.worker("--model", "m", "--capacity", "2", "--token-delay", "0.1", *slow_hb)
     stack.wait_workers(1)
 
     async def main() -> None:
