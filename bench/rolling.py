@@ -79,6 +79,12 @@ def want(n: int) -> str:
     return "".join(f"t{i} " for i in range(n))
 
 
+def chat_body(tokens: int, sampling: dict[str, Any], stream: bool = True) -> dict[str, Any]:
+    """Every caller's request (and the reference run's, unstreamed)."""
+    return {"model": "m", "stream": stream, "max_tokens": tokens,
+            "messages": [{"role": "user", "content": "hi"}], **sampling}  # fmt: skip
+
+
 @dataclass
 class Load:
     """Callers streaming through the gateways that are ready."""
@@ -111,8 +117,7 @@ class Load:
             await asyncio.sleep(0.1)
 
     async def caller(self, http: httpx.AsyncClient, tokens: int) -> None:
-        body = {"model": "m", "stream": True, "max_tokens": tokens,
-                "messages": [{"role": "user", "content": "hi"}], **self.sampling}  # fmt: skip
+        body = chat_body(tokens, self.sampling)
         expected = want(tokens) if self.want is None else self.want
         while self.running:
             if not self.ready:  # no gateway ready: the balancer holds it
@@ -204,8 +209,7 @@ class Rolling:
         if self.s.engine != "hf":
             return Load(backends=[root])
         sampling = {"temperature": 0, "ignore_eos": True}
-        body = {"model": "m", "max_tokens": self.s.tokens,
-                "messages": [{"role": "user", "content": "hi"}], **sampling}  # fmt: skip
+        body = chat_body(self.s.tokens, sampling, stream=False)
         r = httpx.post(root + "/v1/chat/completions", json=body, timeout=120)
         r.raise_for_status()
         text = r.json()["choices"][0]["message"]["content"]
