@@ -115,8 +115,12 @@ class Admission:
         worker will refuse it)."""
         named = frames[8][: p.MAX_TENANT_NAME] if len(frames) == 9 else None
         st = self.tenancy.identify(self.key if self.auth is not None else None, named)
-        estimate = self.tenancy.reserve_for(st, *_sizes(frames[5]))
-        return st, self.tenancy.admit(st, estimate, time.monotonic())
+        prompt, max_tokens, resumed = _sizes(frames[5])
+        estimate = self.tenancy.reserve_for(st, prompt, max_tokens, resumed)
+        got = self.tenancy.admit(st, estimate, time.monotonic())
+        if resumed and isinstance(got, Reserve):
+            got.resumed = resumed
+        return st, got
 
     def new_queue(self) -> FairQueue:
         return FairQueue(self.tenancy)
@@ -235,35 +239,56 @@ def _uint_at(data: bytes, k: int) -> tuple[int | None, int]:
 
 _PARAMS_KEY = p.pack("params")
 _MAX_TOKENS_KEY = p.pack("max_tokens")
+_CONTINUE_KEY = p.pack("continue_ids")
+_ARRAY = {0xDC: 2, 0xDD: 4}  # msgpack arrays past 15 items: bytes of their length
 
 
-def _sizes(body: bytes) -> tuple[int, int | None]:
-    """(prompt size, max_tokens) of a REQUEST body, for its reservation.
+def _sizes(body: bytes) -> tuple[int, int | None, int]:
+    """(prompt size, max_tokens, resumed) of a REQUEST body, for its
+    reservation; ``resumed``: the tokens an earlier attempt delivered (a
+    continuation's ``continue_ids``), which the final's usage counts again
+    and its tenant was already charged for.
 
     Estimated without decoding a generate body (the broker stays nearly
     payload-opaque): the prompt is the bytes before its ``params`` map
-    (``protocol.encode_generate`` writes kind, prompt or messages, then
-    params), ``max_tokens`` the integer after that key. Whatever the
-    estimate, the final's real usage settles the reservation. Any other body
-    (an embed request: its texts) is decoded."""
+    (``protocol.encode_generate`` writes kind, prompt or messages, params,
+    then continue_ids), ``max_tokens`` the integer after that key. Whatever
+    the estimate, the final's real usage settles the reservation. Any other
+    body (an embed request: its texts) is decoded."""
     i = body.rfind(_PARAMS_KEY)
     j = body.find(_MAX_TOKENS_KEY, i) if i >= 0 else -1
     if j >= 0:
         mt, _ = _uint_at(body, j + len(_MAX_TOKENS_KEY))
-        return i, mt  # (None: nil, no max_tokens)
+        k = body.find(_CONTINUE_KEY, j)
+        resumed = _array_len_at(body, k + len(_CONTINUE_KEY)) if k >= 0 else 0
+        return i, mt, resumed  # (mt None: nil, no max_tokens)
     return _decoded_sizes(body)
 
 
-def _decoded_sizes(body: bytes) -> tuple[int, int | None]:
+def _array_len_at(data: bytes, k: int) -> int:
+    """The length of the msgpack array at ``data[k]`` (0 for anything else)."""
+    if k >= len(data):
+        return 0
+    b = data[k]
+    if 0x90 <= b <= 0x9F:
+        return b - 0x90
+    n = _ARRAY.get(b)
+    if n is None or k + 1 + n > len(data):
+        return 0
+    return int.from_bytes(data[k + 1 : k + 1 + n], "big")
+
+
+def _decoded_sizes(body: bytes) -> tuple[int, int | None, int]:
     try:
         req = p.unpack(body)
     except (ValueError, TypeError):
-        return len(body), None
+        return len(body), None, 0
     if not isinstance(req, dict):
-        return len(body), None
+        return len(body), None, 0
     if req.get("kind") == p.KIND_EMBED:
         texts = req.get("texts")
-        return sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0, 0
+        size = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0
+        return size, 0, 0
     chars = 0
     prompt, messages = req.get("prompt"), req.get("messages")
     if isinstance(prompt, str):
@@ -274,4 +299,7 @@ def _decoded_sizes(body: bytes) -> tuple[int, int | None]:
             chars += len(c) if isinstance(c, str) else len(str(c or ""))
     params = req.get("params")
     mt = params.get("max_tokens") if isinstance(params, dict) else None
-    return chars, mt if isinstance(mt, int) and not isinstance(mt, bool) and mt >= 0 else None
+    cont = req.get("continue_ids")
+    resumed = len(cont) if isinstance(cont, list) else 0
+    mt = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt >= 0 else None
+    return chars, mt, resumed

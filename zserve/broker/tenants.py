@@ -15,8 +15,13 @@ after which it may pass (never queued without bound):
   prompt's size / 4, about 4 bytes a token in English text;
   ``reserve_max_tokens`` when it sets no ``max_tokens``) and is
   settled at its final with the real ``usage``: an early stop gives the
-  unused reservation back. A final without usage (cancelled, lost) keeps the
+  unused reservation back. A worker's every final carries usage (a
+  cancelled, failed or handed-over request's: what it used until then); a
+  final without usage (the broker's own, its worker lost) keeps the
   reservation if the request had started and gives it all back if not. A
+  continuation (a stream resumed after a lost or drained attempt) is
+  charged its prompt and the tokens it generates, not again those the
+  earlier attempt delivered (its usage counts them: the whole stream's). A
   request larger than the whole minute passes only when the bucket is full,
   and leaves it in debt.
 
@@ -196,6 +201,7 @@ class Reserve:
     estimate: float = 0.0  # tokens expected: prompt estimate + max_tokens
     tokens: float = 0.0  # reserved from tokens_per_minute (0: not limited)
     cost: float = 0.0  # charged to the tenant's virtual token counter at dispatch
+    resumed: int = 0  # a continuation: tokens an earlier attempt delivered (charged there)
 
 
 class Tenancy:
@@ -250,10 +256,13 @@ class Tenancy:
 
     # --------------------------------------------------------- admission
 
-    def reserve_for(self, st: TenantState, prompt_size: int, max_tokens: int | None) -> float:
-        """Tokens a request is expected to use: prompt estimate + max_tokens."""
+    def reserve_for(
+        self, st: TenantState, prompt_size: int, max_tokens: int | None, resumed: int = 0
+    ) -> float:
+        """Tokens a request is expected to use: prompt estimate + max_tokens
+        (less what an earlier attempt delivered, for a continuation)."""
         mt = max_tokens if max_tokens is not None else self.table.reserve_max_tokens
-        return prompt_size / CHARS_PER_TOKEN + mt
+        return prompt_size / CHARS_PER_TOKEN + max(0, mt - resumed)
 
     def admit(self, st: TenantState, estimate: float, now: float) -> Reserve | Rejection:
         """Take one request expecting ``estimate`` tokens from ``st``'s
@@ -359,6 +368,9 @@ class Tenancy:
         if isinstance(usage, dict):
             pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if type(pt) is int and type(ct) is int:
+                # a continuation's usage counts the whole stream: what the
+                # earlier attempt delivered was charged to that attempt
+                ct = max(0, ct - reserve.resumed)
                 used = float(pt + ct)
                 st.tokens_served += pt + ct
                 st.completion_tokens += ct

@@ -185,11 +185,14 @@ class Worker:
         log.info("drained (%d handed over): stopping", self.handed_over)
         self.stop()
 
-    def _hand_over(self, s: BrokerSession, client: bytes, rid: bytes, first: bool) -> None:
+    def _hand_over(
+        self, s: BrokerSession, client: bytes, rid: bytes, first: bool,
+        used: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
         """At the drain deadline: a stream that has sent something ends with
-        a HANDOVER final (its client continues it elsewhere); one that has
-        sent nothing is REFUSEd (its broker dispatches it elsewhere, unseen,
-        not as a retry)."""
+        a HANDOVER final (its client continues it elsewhere; ``used``: what
+        it used here); one that has sent nothing is REFUSEd (its broker
+        dispatches it elsewhere, unseen, not as a retry)."""
         s.handing_over.discard((client, rid))
         self.handed_over += 1
         if first:
@@ -197,7 +200,7 @@ class Worker:
             s.release((client, rid))
             return
         err = {"code": "worker_lost", "message": HANDOVER_REASON, p.HANDOVER: True}
-        s.put_final(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+        s.put_final(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -380,6 +383,15 @@ class Worker:
         finished = False  # our final frame is out
         engine_done = False  # the engine itself ended the request
         guard: asyncio.Timeout | None = None  # the request's deadline
+        # What a generate request has used so far, for the usage of any
+        # final (a cancelled or failed one too: tenants settle with it).
+        count = 0  # completion tokens, counted here
+        prompt_tokens = 0  # from whichever delta carries usage first
+        # The engine's own completion count where it reports one (it knows
+        # better, e.g. text chunks from a remote server): how far it is from
+        # ours, carried forward over what arrives after the report.
+        correction = 0
+        resumed = 0  # tokens an earlier attempt delivered
         try:
             if req.kind == p.KIND_EMBED:
                 vecs, n = await self.engine.embed(model, req.texts or [])
@@ -415,7 +427,7 @@ class Worker:
                                  "(prompt_logprobs, max_tokens 0)")  # fmt: skip
             stops = StopMatcher(params.stop)
             cont = req.continue_ids or []
-            resumed = len(cont)  # tokens an earlier attempt delivered
+            resumed = len(cont)
             if resumed:
                 params = await self._continuation(model, req, stops)
                 if params is not None and params.prompt_logprobs is not None:
@@ -444,13 +456,7 @@ class Worker:
             # needs counting and queueing (the fast path below).
             cap = limit if limit is not None else 1 << 62
             plain = not stops.stops
-            count = 0  # completion tokens, counted here
-            prompt_tokens = 0  # from whichever delta carries usage first
             cached_tokens = 0  # prompt tokens the engine's prefix cache held, if it says
-            # The engine's own completion count where it reports one (it knows
-            # better, e.g. text chunks from a remote server): how far it is from
-            # ours, carried forward over what arrives after the report.
-            correction = 0
             # The request's own deadline, if it has one: past it the engine
             # is stopped (abort, below) and the caller gets ``timeout``.
             if params.deadline:
@@ -532,26 +538,31 @@ class Worker:
             else:
                 err = {"code": "timeout", "message": "the request's deadline passed"}
             if not finished:
-                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+                used = _used(prompt_tokens, count + correction + resumed)
+                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
             finished = True
         except asyncio.CancelledError:
             # (a CANCEL can land while ``gen.aclose()`` runs after the final)
             if not finished and s.sock is not None:
+                used = _used(prompt_tokens, count + correction + resumed)
                 if (client, rid) in s.handing_over:  # a drain's deadline
-                    self._hand_over(s, client, rid, first)
+                    self._hand_over(s, client, rid, first, used)
                 else:
-                    fin(client, rid, Delta(finish_reason=p.FINISH_CANCELLED), first)
+                    fin(client, rid, Delta(finish_reason=p.FINISH_CANCELLED, usage=used), first)
             finished = True
             raise
         except ZServeError as e:
             if not finished:
-                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=e.to_dict()), first)
+                used = _used(prompt_tokens, count + correction + resumed)
+                err = e.to_dict()
+                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
             finished = True
         except Exception as e:  # an engine failure must not kill the worker
             log.exception("engine failed on request %s", eid)
             if not finished:
+                used = _used(prompt_tokens, count + correction + resumed)
                 err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
-                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err), first)
+                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
             finished = True
         finally:
             active.pop((client, rid), None)
@@ -561,6 +572,12 @@ class Worker:
                     await self.engine.abort(eid)
                 except Exception:
                     log.exception("engine abort failed for %s", eid)
+
+
+def _used(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The usage a final that ends a request early carries (cancelled,
+    failed, handed over): what it used so far, for its tenant's settlement."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
 
 
 def _put_prompt_logprobs(
