@@ -264,7 +264,10 @@ class ClientCore:
             raise BadRequest(str(e)) from None
         return self._open(model, Request(kind=p.KIND_DETOKENIZE, prompt_ids=list(ids)).encode())
 
-    def embed_frames(self, model: str, texts: list[str]) -> tuple[bytes, list[bytes]]:
+    def embed_frames(
+        self, model: str, texts: list[str], tenant: str | None = None
+    ) -> tuple[bytes, list[bytes]]:
+        """An embed REQUEST; ``tenant`` as ``request_frames`` takes it."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts or not all(isinstance(t, str) for t in texts):
@@ -273,7 +276,11 @@ class ClientCore:
             raise BadRequest(
                 f"{len(texts)} texts in one embed request; at most {p.MAX_EMBED_INPUTS}"
             )
-        return self._open(model, Request(kind=p.KIND_EMBED, texts=list(texts)).encode())
+        tenant_b = tenant_frame(tenant)
+        rid, frames = self._open(model, Request(kind=p.KIND_EMBED, texts=list(texts)).encode())
+        if tenant_b:
+            frames += [b"", tenant_b]  # (no routing keys before it)
+        return rid, frames
 
     def _open(self, model: str, body: bytes) -> tuple[bytes, list[bytes]]:
         if len(body) > p.MAX_REQUEST_SIZE:

@@ -735,7 +735,9 @@ def gateway(
     curve_server: CurveServer = None,
     tenants: Annotated[
         str | None,
-        typer.Option(help="the broker's tenants file: its API keys run as their tenants"),
+        typer.Option(
+            help="the broker's tenants file: its API keys run as their tenants; SIGHUP reloads it"
+        ),
     ] = None,
     drain_delay: Annotated[
         float,

@@ -599,13 +599,15 @@ class Client(_Base):
         with Stream(self, rid, self._open(rid, frames)) as s:
             return next(s)
 
-    def embed(self, model: str, texts: list[str]) -> list[list[float]]:
-        """One unit vector per text."""
-        return self.embed_with_usage(model, texts).embeddings
+    def embed(self, model: str, texts: list[str], tenant: str | None = None) -> list[list[float]]:
+        """One unit vector per text (``tenant``: as ``stream`` takes it)."""
+        return self.embed_with_usage(model, texts, tenant).embeddings
 
-    def embed_with_usage(self, model: str, texts: list[str]) -> Embeddings:
+    def embed_with_usage(
+        self, model: str, texts: list[str], tenant: str | None = None
+    ) -> Embeddings:
         """The vectors and the usage (``prompt_tokens``) the worker reported."""
-        rid, frames = self._core.embed_frames(model, texts)
+        rid, frames = self._core.embed_frames(model, texts, tenant)
         with Stream(self, rid, self._open(rid, frames)) as s:
             return Embeddings.from_deltas(list(s))
 
@@ -1016,13 +1018,17 @@ class AsyncClient(_Base):
         async with AsyncStream(self, rid, frames) as s:
             return await s.__anext__()
 
-    async def embed(self, model: str, texts: list[str]) -> list[list[float]]:
-        """One unit vector per text."""
-        return (await self.embed_with_usage(model, texts)).embeddings
+    async def embed(
+        self, model: str, texts: list[str], tenant: str | None = None
+    ) -> list[list[float]]:
+        """One unit vector per text (``tenant``: as ``stream`` takes it)."""
+        return (await self.embed_with_usage(model, texts, tenant)).embeddings
 
-    async def embed_with_usage(self, model: str, texts: list[str]) -> Embeddings:
+    async def embed_with_usage(
+        self, model: str, texts: list[str], tenant: str | None = None
+    ) -> Embeddings:
         """The vectors and the usage (``prompt_tokens``) the worker reported."""
-        rid, frames = self._core.embed_frames(model, texts)
+        rid, frames = self._core.embed_frames(model, texts, tenant)
         async with AsyncStream(self, rid, frames) as s:
             return Embeddings.from_deltas([d async for d in s])
 

@@ -319,3 +319,113 @@ def test_sighup_reloads_the_tenants_file(stack: Stack, tmp_path: Path) -> None:
 
         wait_for(passes, 10, "a request within the new limit")
         assert c.status()["tenants"]["tenants"]["r"]["limits"]["requests_per_minute"] == 6000
+
+
+def test_a_stream_ended_early_is_charged_what_it_used_once(stack: Stack, tmp_path: Path) -> None:
+    """Token reservations settle with what was really used: a cancelled
+    stream gives back what it did not generate, and a stream handed over
+    by a draining worker is charged each token once (the attempt that
+    delivered it, not again the continuation, whose usage counts the whole
+    stream)."""
+    f = tenants_file(
+        tmp_path,
+        "[gateways]\ntrust_unauthenticated = true\n[tenants.t]\ntokens_per_minute = 1000000\n",
+    )
+    stack.start_broker("--tenants", f, *FAST_HB)
+    a = stack.worker("--model", "m", "--token-delay", "0.01", "--drain-timeout", "0.3")
+    stack.wait_workers(1)
+    n = 600
+
+    def tenant(finished: int) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            t = stack.status()["tenants"]["tenants"]["t"]
+            return t if t["finished"] == finished else None
+
+        return wait_for(done, 10, f"{finished} requests of t settled")
+
+    async def cancelled() -> int:
+        async with AsyncClient(stack.frontend, timeout=30) as c:
+            async with c.stream("m", "x", max_tokens=n, tenant="t") as s:
+                got = [await s.__anext__() for _ in range(5)]
+        return sum(len(d.token_ids or ()) for d in got)
+
+    read = asyncio.run(cancelled())
+    t = tenant(1)
+    # (about 5 tokens: before, a cancelled final carried no usage and kept
+    # its whole reservation of 400 and more)
+    assert read <= t["completion_tokens"] < n // 4, t
+    assert t["tokens_returned"] >= n - n // 4, t
+    before = t
+
+    async def handed_over() -> tuple[str, int]:
+        async with AsyncClient(stack.frontend, timeout=30) as c:
+            async with c.stream("m", "x", max_tokens=n, tenant="t") as s:
+                text = (await s.__anext__()).text  # on a, the only worker yet
+                await asyncio.to_thread(stack.worker, "--model", "m", "--token-delay", "0.01")
+                await asyncio.to_thread(stack.wait_workers, 2)
+                async for d in s:
+                    text += d.text
+                    if len(text.split()) == 20:
+                        break
+                seen = len(text.split())
+                a.kill(signal.SIGTERM)  # handed over to b 0.3 s later
+                text += "".join([d.text async for d in s])
+            assert c.handovers == 1
+        return text, seen
+
+    text, seen = asyncio.run(handed_over())
+    assert text == "".join(f"t{i} " for i in range(n))
+    t = tenant(3)
+    prompts = 2  # "x", read by each attempt
+    assert t["completion_tokens"] - before["completion_tokens"] == n, t
+    assert t["tokens_served"] - before["tokens_served"] == n + prompts, t
+    # The attempt that delivered k tokens gives back n - k; the continuation
+    # reserves n - k and uses them. (Before: the first kept all n and the
+    # continuation was charged n again.) k: those seen before the SIGTERM,
+    # and at most 1.5 s of tokens (0.3 s of grace) more.
+    assert t["tokens_returned"] - before["tokens_returned"] >= n - seen - 150, (seen, t)
+
+
+def test_embeddings_run_as_their_tenant_and_sighup_reloads_the_gateway(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """An embeddings request counts against the tenant of its API key (a 429
+    with Retry-After past its limit); SIGHUP makes the gateway (and the
+    broker) read the tenants file again: a key added since is accepted."""
+    text = (
+        "[gateways]\ntrust_unauthenticated = true\n"
+        '[tenants.e]\napi_keys = ["sk-e"]\nrequests_per_minute = 2\n'
+    )
+    f = tenants_file(tmp_path, text)
+    broker = stack.start_broker("--tenants", f, *FAST_HB)
+    stack.worker("--model", "m")
+    stack.wait_workers(1)
+    proc, root = start_gateway(stack.frontend, "--tenants", f, *FAST_HB)
+    stack.procs.append(proc)
+    url = root + "/v1/embeddings"
+    body = {"model": "m", "input": ["a b", "c"]}
+
+    def post(key: str) -> httpx.Response:
+        return httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+
+    assert [post("sk-e").status_code for _ in range(2)] == [200, 200]
+    r = post("sk-e")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited", r.text
+    assert 1 <= int(r.headers["retry-after"]) <= 30
+    assert r.headers["x-ratelimit-limit-requests"] == "2"
+    e = stack.status()["tenants"]["tenants"]["e"]
+    assert e["admitted"] == 2 and e["throttled"] == 1
+    assert e["tokens_served"] == 2 * 3  # three words each
+
+    assert post("sk-new").status_code == 401
+    Path(f).write_text(text + '[tenants.n]\napi_keys = ["sk-new"]\n')
+    broker.kill(signal.SIGHUP)
+    wait_for(lambda: stack.status()["counters"].get("tenant_reloads") == 1, 10, "the broker")
+    proc.popen.send_signal(signal.SIGHUP)
+    wait_for(lambda: post("sk-new").status_code == 200, 10, "the gateway to take the new key")
+    assert proc.alive()
+    assert stack.status()["tenants"]["tenants"]["n"]["admitted"] >= 1
+    Path(f).write_text("[tenants.broken")  # a bad file keeps what was loaded
+    proc.popen.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert proc.alive() and post("sk-new").status_code == 200

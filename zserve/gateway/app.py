@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -159,11 +160,11 @@ class Gateway:
         self.broker = broker
         self.curve = (curve_secret, curve_server)  # key files, for the AsyncClient
         self.heartbeat = (heartbeat_interval, heartbeat_liveness)
-        self.api_keys = [k.encode() for k in api_keys or [] if k]
-        # The tenants file (tenants.py): its API keys are accepted keys too.
+        self._own_keys = [k.encode() for k in api_keys or [] if k]  # --api-key
+        # The tenants file (tenants.py): its API keys are accepted keys too;
+        # SIGHUP reads it again (``reload_tenants``).
         self.tenants = GatewayTenants(tenants) if tenants else None
-        if self.tenants is not None:
-            self.api_keys += [k.encode() for k in self.tenants.api_keys]
+        self.api_keys = self._keys()
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.metrics = Metrics()
@@ -182,6 +183,16 @@ class Gateway:
         self.clock = time.monotonic
         self._status: tuple[float, Any] | None = None
         self._status_query: asyncio.Task[Any] | None = None
+
+    def _keys(self) -> list[bytes]:
+        tenant_keys = self.tenants.api_keys if self.tenants is not None else []
+        return self._own_keys + [k.encode() for k in tenant_keys]
+
+    def reload_tenants(self) -> None:
+        """SIGHUP: the tenants file again (its API keys and who they name);
+        a file that does not load keeps the old one."""
+        if self.tenants is not None and self.tenants.reload():
+            self.api_keys = self._keys()
 
     @property
     def client(self) -> AsyncClient:
@@ -202,10 +213,13 @@ class Gateway:
             curve_server=self.curve[1],
         )
         self._client.watch_moves(self.metrics.moved)
+        hup = self.tenants is not None and _on_sighup(self.loop, self.reload_tenants)
         log.info("gateway up, broker %s", self.broker)
         try:
             yield
         finally:
+            if hup:
+                self.loop.remove_signal_handler(signal.SIGHUP)
             await self._client.aclose()
 
     def _error(self, e: BaseException) -> APIError:
@@ -385,16 +399,18 @@ class Gateway:
             await self.send_fail(send, e)
             return
         tracker = Tracker(self.metrics, model, "embeddings", 1)
+        # with --tenants: the tenant of the API key shown, for the broker
+        tenant = self.tenants.tenant_of(scope["headers"]) if self.tenants is not None else None
         try:
             async with DisconnectGuard(receive, self.loop):
-                vectors, prompt_tokens = await self._embed(model, texts)
+                vectors, prompt_tokens = await self._embed(model, texts, tenant)
         except ClientGone:
             tracker.failed("client_gone", 499)
             return
         except Exception as e:
             err = self._error(e)
             tracker.failed(err.code, err.status)
-            await send_json(send, err.body(), err.status)
+            await send_json(send, err.body(), err.status, err.headers)
             return
         except BaseException:
             tracker.failed("client_gone", 499)  # cancelled: the server is stopping
@@ -403,8 +419,10 @@ class Gateway:
         out = schema.embedding_response(model, vectors, prompt_tokens, fmt)
         await send_json(send, dumps(out))
 
-    async def _embed(self, model: str, texts: list[str]) -> tuple[list[list[float]], int]:
-        r = await self.client.embed_with_usage(model, texts)
+    async def _embed(
+        self, model: str, texts: list[str], tenant: str | None = None
+    ) -> tuple[list[list[float]], int]:
+        r = await self.client.embed_with_usage(model, texts, tenant)
         return r.embeddings, int(r.usage.get("prompt_tokens", 0))
 
     async def health(self, request: Request) -> Response:
@@ -511,6 +529,16 @@ def create_app(
     )
     app.state.gateway = gw
     return app
+
+
+def _on_sighup(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> bool:
+    """Call ``fn`` on SIGHUP; False where the loop cannot take signals (an
+    app run outside the main thread, as in-process tests do)."""
+    try:
+        loop.add_signal_handler(signal.SIGHUP, fn)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def serve(

@@ -11,6 +11,7 @@ read first) and OpenAI's ``x-ratelimit-*`` headers for the limit that was hit.
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -23,14 +24,33 @@ from zserve.tenants_config import TenantTable, load_tenants
 
 # OpenAI's header word for each per-minute limit; max_inflight has none of
 # its own and gets ``x-ratelimit-limit-concurrency``.
+log = logging.getLogger(__name__)
+
 _KIND = {"requests_per_minute": "requests", "tokens_per_minute": "tokens"}
 
 
 class GatewayTenants:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = path
-        self.table: TenantTable = load_tenants(path)
-        self._keys = [(k.encode(), name) for k, name in self.table.by_api_key.items()]
+        self.reloads = 0
+        self._use(load_tenants(path))
+
+    def _use(self, table: TenantTable) -> None:
+        self.table = table
+        self._keys = [(k.encode(), name) for k, name in table.by_api_key.items()]
+
+    def reload(self) -> bool:
+        """Read the file again (SIGHUP, as the broker does); a file that
+        does not load keeps the old table. True when the new one is in use."""
+        try:
+            table = load_tenants(self.path)
+        except (OSError, ValueError) as e:
+            log.error("tenants not reloaded: %s (keeping %d tenants)", e, len(self.table.tenants))
+            return False
+        self._use(table)
+        self.reloads += 1
+        log.warning("tenants reloaded: %d tenants", len(table.tenants))
+        return True
 
     @property
     def api_keys(self) -> list[str]:
