@@ -246,23 +246,28 @@ class ClientCore:
         prompt: str | None,
         messages: list[dict[str, Any]] | None,
         options: dict[str, Any],
+        tenant: str | None = None,
     ) -> tuple[bytes, list[bytes]]:
         """A tokenize REQUEST: ``prompt`` or ``messages``, with ``options``
-        (``protocol.TOKENIZE_OPTIONS``)."""
+        (``protocol.TOKENIZE_OPTIONS``); ``tenant`` as ``request_frames``
+        takes it."""
         if (prompt is None) == (messages is None):
             raise BadRequest("give a prompt or messages")
         unknown = set(options) - p.TOKENIZE_OPTIONS
         if unknown:
             raise BadRequest(f"unknown tokenize option(s): {', '.join(sorted(unknown))}")
         req = Request(kind=p.KIND_TOKENIZE, prompt=prompt, messages=messages, options=options)
-        return self._open(model, req.encode())
+        return self._open(model, req.encode(), tenant)
 
-    def detokenize_frames(self, model: str, ids: list[int]) -> tuple[bytes, list[bytes]]:
+    def detokenize_frames(
+        self, model: str, ids: list[int], tenant: str | None = None
+    ) -> tuple[bytes, list[bytes]]:
         try:
             p.token_ids(ids, "ids")
         except ValueError as e:
             raise BadRequest(str(e)) from None
-        return self._open(model, Request(kind=p.KIND_DETOKENIZE, prompt_ids=list(ids)).encode())
+        body = Request(kind=p.KIND_DETOKENIZE, prompt_ids=list(ids)).encode()
+        return self._open(model, body, tenant)
 
     def embed_frames(
         self, model: str, texts: list[str], tenant: str | None = None
@@ -276,13 +281,14 @@ class ClientCore:
             raise BadRequest(
                 f"{len(texts)} texts in one embed request; at most {p.MAX_EMBED_INPUTS}"
             )
-        tenant_b = tenant_frame(tenant)
-        rid, frames = self._open(model, Request(kind=p.KIND_EMBED, texts=list(texts)).encode())
-        if tenant_b:
-            frames += [b"", tenant_b]  # (no routing keys before it)
-        return rid, frames
+        return self._open(model, Request(kind=p.KIND_EMBED, texts=list(texts)).encode(), tenant)
 
-    def _open(self, model: str, body: bytes) -> tuple[bytes, list[bytes]]:
+    def _open(
+        self, model: str, body: bytes, tenant: str | None = None
+    ) -> tuple[bytes, list[bytes]]:
+        """A REQUEST of ``body``; ``tenant``: a tenant frame after an empty
+        routing frame (a generate request adds its own, ``request_frames``)."""
+        tenant_b = tenant_frame(tenant)
         if len(body) > p.MAX_REQUEST_SIZE:
             raise BadRequest(
                 f"request of {len(body)} bytes exceeds the {p.MAX_REQUEST_SIZE}-byte limit"
@@ -293,8 +299,10 @@ class ClientCore:
                 f"model name of {len(model_b)} bytes: at most {p.MAX_MODEL_NAME} bytes"
             )
         rid = self.next_id()
-        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms]
+        # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?, tenant?]
         frames = [p.CLIENT, p.C_REQUEST, rid, model_b, body, self._hb]
+        if tenant_b:
+            frames += [b"", tenant_b]
         self.streams[rid] = StreamState(rid, frames=frames)
         return rid, frames
 

@@ -628,19 +628,21 @@ class Client(_Base):
         prompt: str | None = None,
         *,
         messages: list[dict[str, Any]] | None = None,
+        tenant: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         """``{tokens, count, max_model_len, token_strs?}`` from a worker that
         serves ``model``, as it would tokenize the prompt (or the messages,
         chat template and ``tools`` included); ``options``:
         ``add_special_tokens``, ``add_generation_prompt``, ``tools``,
-        ``return_token_strs``."""
-        rid, frames = self._core.tokenize_frames(model, prompt, messages, options)
+        ``return_token_strs``. ``tenant``: as ``stream`` takes it."""
+        rid, frames = self._core.tokenize_frames(model, prompt, messages, options, tenant)
         return dict(self._final(rid, frames).result)
 
-    def detokenize(self, model: str, ids: list[int]) -> str:
+    def detokenize(self, model: str, ids: list[int], tenant: str | None = None) -> str:
         """The text of token ids (special tokens included), from a worker."""
-        return str(self._final(*self._core.detokenize_frames(model, ids)).result["prompt"])
+        d = self._final(*self._core.detokenize_frames(model, ids, tenant))
+        return str(d.result["prompt"])
 
     def close(self) -> None:
         with self._lock:
@@ -1074,15 +1076,16 @@ class AsyncClient(_Base):
         prompt: str | None = None,
         *,
         messages: list[dict[str, Any]] | None = None,
+        tenant: str | None = None,
         **options: Any,
     ) -> dict[str, Any]:
         """As ``Client.tokenize``."""
-        rid, frames = self._core.tokenize_frames(model, prompt, messages, options)
+        rid, frames = self._core.tokenize_frames(model, prompt, messages, options, tenant)
         return dict((await self._final(rid, frames)).result)
 
-    async def detokenize(self, model: str, ids: list[int]) -> str:
+    async def detokenize(self, model: str, ids: list[int], tenant: str | None = None) -> str:
         """As ``Client.detokenize``."""
-        d = await self._final(*self._core.detokenize_frames(model, ids))
+        d = await self._final(*self._core.detokenize_frames(model, ids, tenant))
         return str(d.result["prompt"])
 
     async def aclose(self) -> None:

@@ -386,12 +386,13 @@ def test_a_stream_ended_early_is_charged_what_it_used_once(stack: Stack, tmp_pat
     assert t["tokens_returned"] - before["tokens_returned"] >= n - seen - 150, (seen, t)
 
 
-def test_embeddings_run_as_their_tenant_and_sighup_reloads_the_gateway(
+def test_embeddings_and_tokens_run_as_their_tenant_and_sighup_reloads_the_gateway(
     stack: Stack, tmp_path: Path
 ) -> None:
     """An embeddings request counts against the tenant of its API key (a 429
-    with Retry-After past its limit); SIGHUP makes the gateway (and the
-    broker) read the tenants file again: a key added since is accepted."""
+    with Retry-After past its limit), and so do /tokenize and /detokenize;
+    SIGHUP makes the gateway (and the broker) read the tenants file again: a
+    key added since is accepted."""
     text = (
         "[gateways]\ntrust_unauthenticated = true\n"
         '[tenants.e]\napi_keys = ["sk-e"]\nrequests_per_minute = 2\n'
@@ -416,6 +417,11 @@ def test_embeddings_run_as_their_tenant_and_sighup_reloads_the_gateway(
     e = stack.status()["tenants"]["tenants"]["e"]
     assert e["admitted"] == 2 and e["throttled"] == 1
     assert e["tokens_served"] == 2 * 3  # three words each
+    for path, req in (("/tokenize", {"prompt": "a b"}), ("/detokenize", {"tokens": [1]})):
+        r = httpx.post(
+            root + path, json={"model": "m", **req}, headers={"Authorization": "Bearer sk-e"}
+        )
+        assert r.status_code == 429, (path, r.text)  # e's, not default's
 
     assert post("sk-new").status_code == 401
     Path(f).write_text(text + '[tenants.n]\napi_keys = ["sk-new"]\n')

@@ -188,6 +188,10 @@ class Gateway:
         tenant_keys = self.tenants.api_keys if self.tenants is not None else []
         return self._own_keys + [k.encode() for k in tenant_keys]
 
+    def tenant_of(self, scope: Scope) -> str | None:
+        """With --tenants: the tenant of the API key the request shows, for the broker."""
+        return self.tenants.tenant_of(scope["headers"]) if self.tenants is not None else None
+
     def reload_tenants(self) -> None:
         """SIGHUP: the tenants file again (its API keys and who they name);
         a file that does not load keeps the old one."""
@@ -332,9 +336,7 @@ class Gateway:
             sid = session_header(headers)
             if sid is not None:
                 req.session_id = sid
-            # with --tenants: the tenant of the API key shown, for the broker
-            tenant = self.tenants.tenant_of(headers) if self.tenants is not None else None
-            streams = await open_streams(self.client, req, tenant)
+            streams = await open_streams(self.client, req, self.tenant_of(scope))
         except ClientGone:
             return
         except Exception as e:
@@ -399,11 +401,9 @@ class Gateway:
             await self.send_fail(send, e)
             return
         tracker = Tracker(self.metrics, model, "embeddings", 1)
-        # with --tenants: the tenant of the API key shown, for the broker
-        tenant = self.tenants.tenant_of(scope["headers"]) if self.tenants is not None else None
         try:
             async with DisconnectGuard(receive, self.loop):
-                vectors, prompt_tokens = await self._embed(model, texts, tenant)
+                vectors, prompt_tokens = await self._embed(model, texts, self.tenant_of(scope))
         except ClientGone:
             tracker.failed("client_gone", 499)
             return

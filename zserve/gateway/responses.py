@@ -441,9 +441,7 @@ async def create(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> Non
         if sid is not None:
             req.session_id = sid
         with renamed():
-            # with --tenants: the tenant of the API key shown, for the broker
-            tenant = gw.tenants.tenant_of(headers) if gw.tenants is not None else None
-            streams = await open_streams(gw.client, req, tenant)
+            streams = await open_streams(gw.client, req, gw.tenant_of(scope))
     except ClientGone:
         return
     except Exception as e:

@@ -96,7 +96,9 @@ async def tokenize(gw: Gateway, scope: Scope, receive: Receive, send: Send) -> N
         elif body.get("tools") is not None:
             raise _bad("tools go with messages", "tools")
         async with DisconnectGuard(receive, gw.loop):
-            out = await gw.client.tokenize(model, prompt, messages=messages, **options)
+            out = await gw.client.tokenize(
+                model, prompt, messages=messages, tenant=gw.tenant_of(scope), **options
+            )
     except ClientGone:
         return
     except Exception as e:
@@ -118,7 +120,7 @@ async def detokenize(gw: Gateway, scope: Scope, receive: Receive, send: Send) ->
         if not isinstance(tokens, list) or not all(type(t) is int and t >= 0 for t in tokens):
             raise _bad("tokens must be a list of token ids", "tokens")
         async with DisconnectGuard(receive, gw.loop):
-            text = await gw.client.detokenize(model, tokens) if tokens else ""
+            text = await gw.client.detokenize(model, tokens, gw.tenant_of(scope)) if tokens else ""
     except ClientGone:
         return
     except Exception as e:
