@@ -61,8 +61,9 @@ def test_goodbye_moves_streams_to_the_live_broker_at_once() -> None:
     core.on_stall = stalls.append
     streaming(core)
     core.on_message([p.CLIENT, p.C_GOODBYE], 1.5, 0)
-    ((link, frames),) = core.take_resends()
+    (link, frames), bye = core.take_resends()
     assert link == 1 and continued(frames) == ([0, 1], 6)
+    assert bye == (0, [p.CLIENT, p.C_DISCONNECT])  # moved: the leaving broker may go
     assert not core.links[0].alive and core.choose_link() == 1
     assert core.handovers == 1 and core.resumes == 0
     assert core.links[0].in_flight == 0 and core.links[1].in_flight == 1
@@ -76,7 +77,7 @@ def test_goodbye_from_the_only_broker_ends_streams_at_once() -> None:
     core = ClientCore()
     st = core.streams[streaming(core)]
     core.on_message([p.CLIENT, p.C_GOODBYE], 1.5, 0)
-    assert not core.take_resends() and not core.streams
+    assert core.take_resends() == [(0, [p.CLIENT, p.C_DISCONNECT])] and not core.streams
     assert st.done and st.records[-1][4]["error"]["code"] == "broker_unreachable"
     assert core.links[0].in_flight == 0
 

@@ -475,6 +475,8 @@ class ClientCore:
             st.records.append(p.error_record(rid, "broker_unreachable", why))
             st.done = True
             ended.append(st)
+        # [ZSC1, DISCONNECT]: moved; the leaving broker need not wait for us
+        self.resends.append((link, [p.CLIENT, p.C_DISCONNECT]))
         return ended
 
     def _other_link(self, link: int, tried: int = 0) -> int:

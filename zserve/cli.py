@@ -455,13 +455,15 @@ def status(
             "dispatch": st.get("dispatch"),
             "prefix_map": st.get("prefix_map"),
             "tenants": st.get("tenants"),
+            "state": st.get("state", "serving"),
         }
         typer.echo(json.dumps(out))
         return
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"zserve broker {address}")
+    leaving = " (leaving: stopping on purpose)" if st.get("state") == "leaving" else ""
+    t = Table(title=f"zserve broker {address}{leaving}")
     cols = ("worker", "state", "models", "engine", "capacity", "in flight", "queue", "speed",
             "seen")  # fmt: skip
     for col in cols:
@@ -528,7 +530,8 @@ def _status_of_several(
             if b["reachable"]:
                 queued = sum(b["queued"].values())
                 bt.add_row(
-                    b["broker"], "reachable", str(b["workers"]),
+                    b["broker"], "leaving" if b["state"] == "leaving" else "reachable",
+                    str(b["workers"]),
                     str(b["requests_in_flight"]), str(queued), f"{b['uptime_s']:.0f}s",
                 )  # fmt: skip
             else:

@@ -109,6 +109,7 @@ def cluster_status(
             {
                 "broker": r["broker"],
                 "reachable": True,
+                "state": st.get("state", "serving"),  # leaving: stopping on purpose
                 "workers": len(st["workers"]),
                 "queued": st.get("queued", {}),
                 "requests_in_flight": st.get("requests_in_flight", 0),

@@ -11,6 +11,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.finals import count_finals
 from tests.system.test_resume import PROMPT, _greedy_stack, read
 from zserve import AsyncClient, BrokerUnreachable, Client
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
+from zserve.status import cluster_status
 
 
 def want(n: int) -> str:
@@ -241,6 +243,56 @@ def test_a_broker_stopped_on_purpose_hands_its_streams_to_the_other_at_once() ->
 
         asyncio.run(main())
     finally:
+        b.stop()
+
+
+CLIENT_SCRIPT = """
+import sys
+from zserve import Client
+with Client(sys.argv[1].split(","), timeout=30, primary=0) as c:
+    s = c.stream("m", "x", max_tokens=int(sys.argv[2]))
+    text = next(s).text
+    print("flowing", flush=True)
+    text += "".join(d.text for d in s)
+    print(text, c.handovers, flush=True)
+"""
+
+
+def test_a_leaving_broker_shows_in_status_until_its_clients_have_moved() -> None:
+    """SIGTERM to a broker whose one client is SIGSTOPped: it says GOODBYE
+    and stays *leaving* (status says so, new requests go elsewhere) until
+    that client has moved its stream and said DISCONNECT, then exits; the
+    client's stream goes on through the other broker, exact."""
+    b = TwoBrokers()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_SCRIPT, ",".join(b.frontends), "200"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "flowing"
+        proc.send_signal(signal.SIGSTOP)
+        a = b.brokers[0]
+        with Client(b.frontends[0], timeout=5) as watch, Client(b.frontends, timeout=10) as c:
+            assert watch.status()["state"] == "serving"
+            a.kill(signal.SIGTERM)
+            st = wait_for(lambda: (s := watch.status())["state"] == "leaving" and s, 2, "leaving")
+            assert st["requests_in_flight"] == 1  # the stopped client's
+            report = cluster_status(b.frontends, timeout=2)
+            assert [r.get("state") for r in report["brokers"]] == ["leaving", "serving"]
+            # a new request that reaches it is sent on through the other
+            assert c.generate("m", "y", max_tokens=2).text == "t0 t1 "
+            time.sleep(0.5)
+            assert a.alive()  # still waiting for the stopped client
+            proc.send_signal(signal.SIGCONT)
+            t0 = time.monotonic()
+            assert a.popen.wait(10) == 0
+            assert time.monotonic() - t0 < 1.5  # it moved: no need to wait 2 s
+        out, _ = proc.communicate(timeout=30)
+        assert out.split() == [*want(200).split(), "1"]  # exact, one hand-over
+    finally:
+        proc.kill()
+        proc.wait()
         b.stop()
 
 

@@ -54,6 +54,10 @@ GOODBYE_LINGER_MS = 1000
 # but the client had not yet read when it ends, so the news must be read
 # while the connection lives (a streaming client reads within milliseconds).
 GOODBYE_GRACE_S = 0.2
+# After GOODBYE the broker is *leaving*: it answers status queries (state
+# ``leaving``) and sends every new request elsewhere until each client it
+# told has said DISCONNECT (it moved its streams), and at most this long.
+LEAVE_TIMEOUT_S = 2.0
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -184,6 +188,9 @@ class Broker:
         self._dirty_models: set[str] = set()  # models whose queue may now dispatch
         self._running = False
         self._goodbye = False  # stopping on purpose: say GOODBYE before closing
+        self.leaving = False  # GOODBYE said; waiting for the told clients to move
+        self._told: set[bytes] = set()  # clients told GOODBYE, not yet DISCONNECTed
+        self._left = False  # the leaving phase ran (close need not wait again)
         # stop() wakes the loop through this pipe (a signal handler may call it)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -266,8 +273,16 @@ class Broker:
         next_tick = time.monotonic() + interval
         next_sync = adm.sync(time.monotonic()) if adm is not None else math.inf
         log.info("broker frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
-        while self._running:
-            timeout_ms = max(0.0, (min(next_tick, next_sync) - time.monotonic()) * 1000)
+        leave_by = math.inf
+        while self._running or (self._goodbye and self._still_leaving(leave_by)):
+            if not self._running and not self.leaving:
+                self._say_goodbye()  # a planned stop: the leaving phase begins
+                leave_by = time.monotonic() + LEAVE_TIMEOUT_S
+                next_tick = next_sync = math.inf  # no heartbeats, no dispatch, no sync
+            wait = min(next_tick, next_sync, leave_by if self.leaving else math.inf)
+            timeout_ms = max(0.0, (wait - time.monotonic()) * 1000)
+            if self.leaving:
+                timeout_ms = min(timeout_ms, 20.0)  # (checks the told clients)
             events = dict(poller.poll(timeout_ms))
             if self._wake_r in events:
                 try:
@@ -281,7 +296,7 @@ class Broker:
             for s in peers:
                 if s in events:
                     adm.on_peer(s)  # type: ignore[union-attr]
-            if self._dirty_models:
+            if self._dirty_models and not self.leaving:
                 self._dispatch_queued()
             now = time.monotonic()
             if now >= next_sync:
@@ -289,8 +304,22 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
-        if self._goodbye:
-            self._say_goodbye()
+        if self._goodbye and not self.leaving:
+            self._say_goodbye()  # (stopped before the loop ran)
+        self._left = self.leaving
+
+    def _still_leaving(self, leave_by: float) -> bool:
+        """The leaving phase goes on while a client told GOODBYE has not
+        moved (said DISCONNECT), for at least ``GOODBYE_GRACE_S`` (the
+        workers' DISCONNECT delivered) and at most ``LEAVE_TIMEOUT_S``."""
+        if not self.leaving:
+            return True  # it begins now
+        now = time.monotonic()
+        if now >= leave_by:
+            if self._told:
+                log.info("leaving: %d clients did not move in time", len(self._told))
+            return False
+        return bool(self._told) or now < leave_by - LEAVE_TIMEOUT_S + GOODBYE_GRACE_S
 
     @property
     def stopping(self) -> bool:
@@ -322,6 +351,8 @@ class Broker:
         for cid in clients:
             # [client, ZSC1, GOODBYE]
             self._send_client(cid, [p.CLIENT, p.C_GOODBYE])
+        self.leaving = True
+        self._told = set(clients)
         log.info(
             "goodbye: %d workers, %d clients with %d requests told",
             len(workers), len(clients), len(self.requests),
@@ -330,7 +361,7 @@ class Broker:
     def close(self) -> None:
         # after a GOODBYE, let ZeroMQ deliver it: the closing sockets linger
         linger = GOODBYE_LINGER_MS if self._goodbye else 0
-        if self._goodbye and not self.frontend.closed:
+        if self._goodbye and not self._left and not self.frontend.closed:
             time.sleep(GOODBYE_GRACE_S)
         self.frontend.close(linger)
         self.backend.close(linger)
@@ -403,6 +434,7 @@ class Broker:
             self._handle_client_query(client, frames)
         elif cmd == p.C_DISCONNECT:
             self._forget_client(client)
+            self._told.discard(client)  # (leaving: it moved its streams)
         else:
             raise ValueError(f"frontend: unknown command {cmd!r}")
 
@@ -417,12 +449,12 @@ class Broker:
             if len(frames) >= 4:
                 c.ttl = self._client_ttl(frames[3])
                 c.expiry = time.monotonic() + c.ttl
-            if c.requests:
+            if c.requests and not self.leaving:  # (leaving: it is told nothing more)
                 # Answered at once: a client that heartbeats faster than
                 # we do hears from us at its own pace, so it does not
                 # take our slower ticks for a dead broker.
                 self._send_client(client, [p.CLIENT, p.C_HEARTBEAT])
-        if quiet:
+        if quiet and not self.leaving:
             # Requests the client waits on that we do not hold (we restarted,
             # or never got them): end them now, not at the client's timeout.
             owed = {r[0] for r in c.undelivered} if c is not None else set()
@@ -470,6 +502,10 @@ class Broker:
         if not rid:
             raise ValueError("REQUEST with an empty request id")
         self.counters["requests"] += 1
+        if self.leaving:  # the client sends it through another broker
+            why = "the broker is stopping (it said goodbye): send it elsewhere"
+            self._reply_error(client, rid, "broker_unreachable", why)
+            return
         try:
             model = self._check_request(rid, model_b)
         except ValueError as e:  # malformed, and the client is told
@@ -611,6 +647,9 @@ class Broker:
         wid, cmd = frames[0], frames[2]
         w = self.registry.get(wid)
         if cmd == p.W_READY:
+            if self.leaving:  # (back too soon: it is told again)
+                self._send_worker(wid, [p.WORKER, p.W_DISCONNECT])
+                return
             self._handle_worker_ready(wid, frames, w)
             return
         if w is None:
@@ -1059,6 +1098,8 @@ class Broker:
             "queued": {m: len(q) for m, q in self.queues.items()},
             "requests_in_flight": len(self.requests),
             "clients": len(self.clients),
+            # leaving: stopping on purpose, GOODBYE said, its clients moving away
+            "state": "leaving" if self.leaving else "serving",
             "counters": {
                 **self.counters,
                 **(self.auth.counters() if self.auth else {}),
