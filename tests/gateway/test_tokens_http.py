@@ -131,6 +131,34 @@ def test_echo_logprobs_score_the_prompt_as_transformers(
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streamed_echo_logprobs_equal_the_unstreamed_ones(st: Stack, max_tokens: int) -> None:
+    """Streamed, echo with logprobs sends the prompt (its first chunk) with
+    the prompt's logprobs, then the reply's: joined, the same text, tokens,
+    logprobs and offsets as the unstreamed response."""
+    body = {"model": "tiny", "prompt": PROMPTS[1], "echo": True, "logprobs": 1,
+            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
+    (whole,) = st.ok("/v1/completions", body)["choices"]
+    chunks = []
+    with httpx.stream("POST", st.root + "/v1/completions", json={**body, "stream": True},
+                      timeout=60) as r:  # fmt: skip
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert chunks[0]["text"] == PROMPTS[1]  # the echo comes first, with its logprobs
+    assert chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+    joined: dict[str, list[Any]] = {k: [] for k in whole["logprobs"]}
+    for c in chunks:
+        for k, v in (c["logprobs"] or {}).items():
+            joined[k] += v
+    assert joined["tokens"] == whole["logprobs"]["tokens"]
+    assert joined["text_offset"] == whole["logprobs"]["text_offset"]
+    assert joined["token_logprobs"] == pytest.approx(whole["logprobs"]["token_logprobs"])
+
+
 def test_tokenize_and_detokenize_agree_with_the_tokenizer(st: Stack, ref: tuple[Any, Any]) -> None:
     tok = ref[1]
     models = httpx.get(st.root + "/v1/models", timeout=10).json()["data"]

@@ -361,6 +361,7 @@ class Gateway:
                 enc = ChunkEncoder(
                     chat, rid, int(time.time()), req.model, req.include_usage,
                     req.echoed if req.echo else None, req.n,
+                    req.echo and req.logprobs is not None,
                 )  # fmt: skip
                 chunks = stream_body(streams, firsts, req, enc, tracker)
                 started = True

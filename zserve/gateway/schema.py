@@ -440,8 +440,6 @@ def parse_completion(body: dict[str, Any]) -> GenRequest:
         if req.logprobs is not None or req.params.get("max_tokens") == 0:
             # the prompt's own logprobs (max_tokens 0: the prompt scored, nothing generated)
             req.params["prompt_logprobs"] = req.logprobs or 0
-        if req.logprobs is not None and req.stream:
-            raise _bad("echo with logprobs is not supported when streaming", "echo")
     elif req.params.get("max_tokens") == 0:
         raise _bad("max_tokens may be 0 only with echo (to score the prompt)", "max_tokens")
     return req

@@ -53,6 +53,7 @@ class ChunkEncoder:
         include_usage: bool = False,
         echo_prompts: list[str] | None = None,
         n: int = 1,
+        echo_logprobs: bool = False,
     ) -> None:
         self.chat = chat
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -64,6 +65,10 @@ class ChunkEncoder:
         self.echo_prompts = echo_prompts
         self.n = n
         self.offsets: dict[int, int] = {}  # completions: text_offset per choice
+        # echo with logprobs: the echoed prompt's chunk waits for its logprobs
+        # (the worker's first records), gathered here per choice
+        self.echo_logprobs = echo_logprobs
+        self._prompt_lps: dict[int, list[Any]] = {}
 
     def _choice(
         self,
@@ -103,15 +108,40 @@ class ChunkEncoder:
                 + self.tail
             )
         if self.echo_prompts is not None:
+            if self.echo_logprobs:
+                self._prompt_lps[index] = []  # sent with its logprobs (``_echo``)
+                return b""
             prompt = self.echo_prompts[index // self.n]
             self.offsets[index] = len(prompt)
             return self.head + self._choice(index, prompt, None, None) + self.tail
         return b""
 
+    def _echo(self, index: int, batch: list[Delta]) -> tuple[bytes, list[Delta]]:
+        """Echo with logprobs: gather the prompt's logprobs (records of their
+        own, ahead of the first token); at the first other record, the chunk
+        of the echoed prompt with them (the first null, as unstreamed).
+        Returns it (or b"" while gathering) and what follows in ``batch``."""
+        lps = self._prompt_lps[index]
+        k = 0
+        for d in batch:
+            if d.prompt_logprobs is None or d.text or d.token_ids or d.finish_reason:
+                break
+            lps += d.prompt_logprobs
+            k += 1
+        if k == len(batch):
+            return b"", []
+        del self._prompt_lps[index]
+        prompt = self.echo_prompts[index // self.n]  # type: ignore[index]
+        self.offsets[index] = 0  # (then the prompt tokens' own lengths)
+        return self.head + self._choice(index, prompt, None, lps) + self.tail, batch[k:]
+
     def deltas(self, index: int, batch: list[Delta]) -> bytes:
         """One chunk for deltas read together; ``b""`` when they carry no
         text, no logprobs and no finish reason (a token held back by a stop
         string or an unfinished UTF-8 character): no empty content chunks."""
+        if self._prompt_lps and index in self._prompt_lps:
+            echoed, batch = self._echo(index, batch)
+            return echoed + (self.deltas(index, batch) if batch else b"")
         calls = None
         if len(batch) == 1:
             d = batch[0]
