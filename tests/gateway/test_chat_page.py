@@ -30,6 +30,7 @@ from zserve.launcher import Proc, start_broker, start_worker, wait_for, wait_mod
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -278,3 +279,57 @@ def test_api_key_is_asked_for_and_sent(stack: Page, browser: WebDriver) -> None:
     send(browser, "paced", "Hi", 5)
     wait_for(lambda: done(browser) == "done", 30, "an answer with the key")
     assert answer_text(browser) == tokens(5)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "sunny": {"type": "boolean"}},
+    "required": ["city", "sunny"],
+    "additionalProperties": False,
+}
+
+
+def test_json_formats_constrain_the_reply(browser: WebDriver, tiny_model_dir: Path) -> None:
+    """The reply-format picker on the tiny random model (which never writes
+    JSON of its own): JSON object and a JSON schema give valid JSON; a box
+    that is not JSON is refused on the page, a bad schema by the gateway."""
+    import jsonschema
+
+    broker, fe, be = start_broker(*FAST_HB)
+    procs = [broker]
+    try:
+        procs.append(start_worker(be, "--engine", "hf", "--model", str(tiny_model_dir),
+                                  "--model-names", "tiny", *FAST_HB))  # fmt: skip
+        gw, root = start_gateway(fe, *FAST_HB)
+        procs.append(gw)
+        wait_models(fe, ["tiny"], 120)
+        open_page(browser, root, "tiny")
+        assert not by_id(browser, "schema").is_displayed()
+        browser.execute_script("document.getElementById('temperature').value = '0'")  # greedy
+
+        def ask(fmt: str, text: str) -> tuple[str | None, str]:
+            Select(by_id(browser, "format")).select_by_value(fmt)
+            n = len(browser.find_elements(By.CSS_SELECTOR, "#log .msg.assistant"))
+            send(browser, "tiny", text, 128)
+            wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#log .msg.assistant"))
+                     > n and done(browser) is not None, 120, f"the {fmt} answer")  # fmt: skip
+            return done(browser), answer_text(browser)
+
+        state, text = ask("json_object", "Say something")
+        assert state == "done" and isinstance(json.loads(text), dict), text
+        assert last_answer(browser).get_attribute("data-format") == "json_object"
+        Select(by_id(browser, "format")).select_by_value("json_schema")
+        assert by_id(browser, "schema").is_displayed()
+        fill(browser, "schema", json.dumps(SCHEMA))
+        state, text = ask("json_schema", "The weather as JSON")
+        assert state == "done", text
+        jsonschema.validate(json.loads(text), SCHEMA)
+        fill(browser, "schema", "{not json")
+        state, text = ask("json_schema", "Again")
+        assert state == "error" and "does not hold JSON" in text, text
+        fill(browser, "schema", json.dumps({"type": "no-such-type"}))
+        state, text = ask("json_schema", "Again")
+        assert state == "error" and "response_format" in text, text
+    finally:
+        for pr in reversed(procs):
+            pr.stop()

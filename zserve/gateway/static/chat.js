@@ -94,10 +94,24 @@ function addMessage(p, role, text) {
   return { el, body, stats };
 }
 
+// The sampling settings and the reply format (response_format); throws
+// with a message a person can act on when the schema box is not JSON.
 function settings() {
   const t = parseFloat($("temperature").value);
   const n = parseInt($("max-tokens").value, 10);
-  return { temperature: isNaN(t) ? 0.7 : t, max_tokens: isNaN(n) ? 256 : n };
+  const out = { temperature: isNaN(t) ? 0.7 : t, max_tokens: isNaN(n) ? 256 : n };
+  const format = $("format").value;
+  if (format === "json_object") out.response_format = { type: "json_object" };
+  if (format === "json_schema") {
+    let schema;
+    try {
+      schema = JSON.parse($("schema").value);
+    } catch (e) {
+      throw new Error("the JSON schema box does not hold JSON: " + e.message);
+    }
+    out.response_format = { type: "json_schema", json_schema: { name: "reply", schema, strict: true } };
+  }
+  return out;
 }
 
 function fmtStats(s) {
@@ -143,19 +157,20 @@ async function answer(p) {
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
   messages.push(...p.history);
-  const req = {
-    model: p.model.value.trim(),
-    messages,
-    stream: true,
-    stream_options: { include_usage: true },
-    ...settings(),
-  };
   const t0 = performance.now();
   const stats = { ttft: null, tokens: 0, rate: null, note: "" };
   let first = null;
   let text = "";
   let failed = null;
   try {
+    const req = {
+      model: p.model.value.trim(),
+      messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      ...settings(),
+    };
+    if (req.response_format) view.el.dataset.format = req.response_format.type;
     const r = await fetch("v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(req), signal: ctl.signal,
     });
@@ -257,6 +272,7 @@ function init() {
   $("clear").addEventListener("click", clearConversation);
   for (const b of document.querySelectorAll(".tab")) b.addEventListener("click", () => showView(b.dataset.view));
   $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
+  $("format").addEventListener("change", () => { $("schema").hidden = $("format").value !== "json_schema"; });
   $("key-save").addEventListener("click", () => {
     state.key = $("api-key").value.trim();
     sessionStorage.setItem(KEY_STORE, state.key);
