@@ -204,9 +204,11 @@ def test_backoff_doubles_up_to_its_cap_and_resets_after_a_session(stack, caplog)
     port = free_port()
     cfg = WorkerConfig(
         broker=f"tcp://127.0.0.1:{port}",
-        # (a session long enough to hear the broker on a loaded machine)
+        # (a session long enough to hear the broker on a loaded machine: with
+        # 0.3 s of liveness, a CPU-starved worker took the new broker for lost
+        # before hearing it, and that session's delay was not reset)
         heartbeat_interval=0.1,
-        heartbeat_liveness=3,
+        heartbeat_liveness=10,
         reconnect_initial=0.01,
         reconnect_max=0.08,
     )
