@@ -298,6 +298,24 @@ class Lex:
             elif c in (0x7D, 0x5D) and self.stack:
                 self.stack.pop()
 
+    def opens(self, data: bytes) -> bool:
+        """Whether ``data`` from this state opens a new element: a ``,``,
+        ``[`` or ``{`` outside a string."""
+        in_str, esc = self.in_str, self.esc
+        for c in data:
+            if in_str:
+                if esc:
+                    esc = False
+                elif c == 0x5C:  # backslash
+                    esc = True
+                elif c == 0x22:  # quote
+                    in_str = False
+            elif c in (0x2C, 0x5B, 0x7B):  # , [ {
+                return True
+            elif c == 0x22:
+                in_str = True
+        return False
+
     def guesses(self) -> list[str]:
         """Single characters to try, most likely to close first."""
         if self.in_str:
@@ -347,8 +365,10 @@ class RowState:
         self._scratch: torch.Tensor | None = None
         self.close: bytes | None = None
         self.need: int | None = None
+        self.need0 = 0  # the whole value's shortest closing: what a new element may cost
         if self.budget:
             self._set_close(self.closing(self.m, self.lex))
+            self.need0 = self.need or 0
 
     @property
     def terminated(self) -> bool:
@@ -449,10 +469,29 @@ class RowState:
         assert self.max_tokens is not None
         return self.need + WINDOW >= self.max_tokens - self.n_out
 
-    def steer(self, x: torch.Tensor) -> None:
+    def at_opener(self, x: torch.Tensor) -> bool:
+        """Whether the budget rule must look at this step although it is
+        outside the window: a new element (a ``,``, ``[`` or ``{`` outside a
+        string) can cost as much as the whole value (``need0``), so with less
+        than that left beyond ``need`` a greedy row whose best token opens
+        one, and a sampled row outside a string, are steered. (The window
+        alone let an array of parallel tool calls start one more call than
+        ``max_tokens`` could close.)"""
+        if not self.budget or self.need is None or self.m.is_terminated():
+            return False
+        assert self.max_tokens is not None
+        if self.need + self.need0 + WINDOW < self.max_tokens - self.n_out:
+            return False
+        if not self.greedy and not self.lex.in_str:
+            return True
+        t = int(x.argmax())
+        return self.lex.opens(self.g.decoded[t] if t < len(self.g.decoded) else b"")
+
+    def steer(self, x: torch.Tensor, anyway: bool = False) -> None:
         """The budget rule on one masked row of logits (see the module
-        docstring). A greedy row keeps only the best token that fits."""
-        if not self.in_window():
+        docstring; ``anyway``: outside the window, ``at_opener``). A greedy
+        row keeps only the best token that fits."""
+        if not anyway and not self.in_window():
             return
         assert self.max_tokens is not None
         remaining = self.max_tokens - self.n_out
@@ -612,7 +651,10 @@ def constrain_rows(
     # A greedy row whose best token the grammar takes needs no mask at all.
     best = logits.argmax(-1).tolist() if any(st.argmax_ok() for _, st in states) else None
     masked = [
-        i for i, st in states if best is None or not (st.argmax_ok() and st.takes(best[i]))
+        i
+        for i, st in states
+        if best is None
+        or not (st.argmax_ok() and st.takes(best[i]) and not st.at_opener(logits[i]))
     ]
     if masked:
         if bitmask is None or bitmask.shape[0] < n:
@@ -632,6 +674,8 @@ def constrain_rows(
         assert st is not None
         if st.in_window():
             st.steer(logits[i])
+        elif st.at_opener(logits[i]):
+            st.steer(logits[i], anyway=True)
 
 
 def _apply_rows(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> None:
