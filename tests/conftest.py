@@ -32,6 +32,25 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 # Short heartbeats keep failure tests fast; the defaults are 1 s x 3.
 FAST_HB = ["--heartbeat-interval", "0.2", "--heartbeat-liveness", "3"]
 
+# The files that take minutes (in a parallel suite on 2 cores), first: with
+# pytest-xdist's --dist loadfile each goes to a free process in collection
+# order, and one started last would run on alone after everything else.
+SLOW_FIRST = (
+    "tests/system/test_rolling_upgrade.py",
+    "tests/system/test_serve_defaults.py",
+    "tests/worker/test_hf_api_engine.py",
+    "tests/worker/test_vllm_engine.py",
+    "tests/system/test_resume.py",
+    "tests/gateway/test_tool_calls.py",
+    "tests/worker/test_resume_engines.py",
+    "tests/worker/test_vllm_resume_sp.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda it: rank.get(it.nodeid.split("::", 1)[0], len(rank)))  # (stable)
+
 
 class Stack:
     """A broker plus workers, all real processes, stopped at teardown."""
