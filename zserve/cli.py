@@ -414,8 +414,9 @@ def status(
     curve_server: CurveServer = None,
 ) -> None:
     """Show the broker's workers and models. With several brokers (--broker
-    repeated or comma-separated): each broker, reachable or not, and every
-    worker once; exits 0 while any broker answers."""
+    repeated or comma-separated): each broker, reachable, leaving (stopping
+    on purpose) or not reachable, and every worker once, draining or
+    serving; exits 0 while any broker answers."""
     from zserve.client import Client
     from zserve.errors import ZServeError
 
