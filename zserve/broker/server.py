@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 256  # messages read from one socket before looking at the other
 # After GOODBYE, how long closing sockets may go on delivering it (ms).
 GOODBYE_LINGER_MS = 1000
-# After GOODBYE, how long the connections stay up before closing (s): clients
+# After GOODBYE, how long the connections stay up at least (s): clients
 # set ZMQ_IMMEDIATE, under which ZeroMQ drops what a connection had delivered
 # but the client had not yet read when it ends, so the news must be read
 # while the connection lives (a streaming client reads within milliseconds).
@@ -190,7 +190,7 @@ class Broker:
         self._goodbye = False  # stopping on purpose: say GOODBYE before closing
         self.leaving = False  # GOODBYE said; waiting for the told clients to move
         self._told: set[bytes] = set()  # clients told GOODBYE, not yet DISCONNECTed
-        self._left = False  # the leaving phase ran (close need not wait again)
+        self._left_at = 0.0  # when GOODBYE was said
         # stop() wakes the loop through this pipe (a signal handler may call it)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -273,16 +273,13 @@ class Broker:
         next_tick = time.monotonic() + interval
         next_sync = adm.sync(time.monotonic()) if adm is not None else math.inf
         log.info("broker frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
-        leave_by = math.inf
-        while self._running or (self._goodbye and self._still_leaving(leave_by)):
+        while self._running or (self._goodbye and self._still_leaving()):
             if not self._running and not self.leaving:
                 self._say_goodbye()  # a planned stop: the leaving phase begins
-                leave_by = time.monotonic() + LEAVE_TIMEOUT_S
                 next_tick = next_sync = math.inf  # no heartbeats, no dispatch, no sync
-            wait = min(next_tick, next_sync, leave_by if self.leaving else math.inf)
-            timeout_ms = max(0.0, (wait - time.monotonic()) * 1000)
+            timeout_ms = max(0.0, (min(next_tick, next_sync) - time.monotonic()) * 1000)
             if self.leaving:
-                timeout_ms = min(timeout_ms, 20.0)  # (checks the told clients)
+                timeout_ms = min(timeout_ms, 20.0)  # (the phase's end is checked)
             events = dict(poller.poll(timeout_ms))
             if self._wake_r in events:
                 try:
@@ -304,22 +301,19 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
-        if self._goodbye and not self.leaving:
-            self._say_goodbye()  # (stopped before the loop ran)
-        self._left = self.leaving
 
-    def _still_leaving(self, leave_by: float) -> bool:
+    def _still_leaving(self) -> bool:
         """The leaving phase goes on while a client told GOODBYE has not
         moved (said DISCONNECT), for at least ``GOODBYE_GRACE_S`` (the
         workers' DISCONNECT delivered) and at most ``LEAVE_TIMEOUT_S``."""
         if not self.leaving:
             return True  # it begins now
-        now = time.monotonic()
-        if now >= leave_by:
+        waited = time.monotonic() - self._left_at
+        if waited >= LEAVE_TIMEOUT_S:
             if self._told:
                 log.info("leaving: %d clients did not move in time", len(self._told))
             return False
-        return bool(self._told) or now < leave_by - LEAVE_TIMEOUT_S + GOODBYE_GRACE_S
+        return bool(self._told) or waited < GOODBYE_GRACE_S
 
     @property
     def stopping(self) -> bool:
@@ -342,7 +336,7 @@ class Broker:
         it and reconnects with backoff, to us restarted or to nobody) and
         GOODBYE to every client we hold requests for (it moves them to
         another broker at once, from what it received, instead of waiting
-        out our liveness). Nothing is read or answered after this."""
+        out our liveness). Then the broker is leaving (``_still_leaving``)."""
         workers = list(self.registry.workers.values())
         for w in workers:
             # [worker, ZSW1, DISCONNECT]
@@ -353,6 +347,7 @@ class Broker:
             self._send_client(cid, [p.CLIENT, p.C_GOODBYE])
         self.leaving = True
         self._told = set(clients)
+        self._left_at = time.monotonic()
         log.info(
             "goodbye: %d workers, %d clients with %d requests told",
             len(workers), len(clients), len(self.requests),
@@ -360,9 +355,8 @@ class Broker:
 
     def close(self) -> None:
         # after a GOODBYE, let ZeroMQ deliver it: the closing sockets linger
+        # (the leaving phase in ``run`` kept the connections up meanwhile)
         linger = GOODBYE_LINGER_MS if self._goodbye else 0
-        if self._goodbye and not self._left and not self.frontend.closed:
-            time.sleep(GOODBYE_GRACE_S)
         self.frontend.close(linger)
         self.backend.close(linger)
         for fd in (self._wake_r, self._wake_w):
