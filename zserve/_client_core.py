@@ -185,13 +185,10 @@ class ClientCore:
         if session_id is not None and not isinstance(session_id, str):
             raise BadRequest("session_id must be a string")
         params = self._params(args, extra)
-        rid, frames = self._open(model, p.encode_generate(prompt, messages, params))
         routing = routing_frame(prompt, messages, session_id)
         tenant_b = tenant_frame(tenant)
-        if routing or tenant_b:
-            frames.append(routing)  # (empty before a tenant frame: no keys)
-        if tenant_b:
-            frames.append(tenant_b)
+        body = p.encode_generate(prompt, messages, params)
+        rid, frames = self._open(model, body, tenant_b, routing)
         if self.max_resumes > 0 and resume is not False:
             st = self.streams[rid]
             st.resume = Resume(
@@ -257,7 +254,7 @@ class ClientCore:
         if unknown:
             raise BadRequest(f"unknown tokenize option(s): {', '.join(sorted(unknown))}")
         req = Request(kind=p.KIND_TOKENIZE, prompt=prompt, messages=messages, options=options)
-        return self._open(model, req.encode(), tenant)
+        return self._open(model, req.encode(), tenant_frame(tenant))
 
     def detokenize_frames(
         self, model: str, ids: list[int], tenant: str | None = None
@@ -267,7 +264,7 @@ class ClientCore:
         except ValueError as e:
             raise BadRequest(str(e)) from None
         body = Request(kind=p.KIND_DETOKENIZE, prompt_ids=list(ids)).encode()
-        return self._open(model, body, tenant)
+        return self._open(model, body, tenant_frame(tenant))
 
     def embed_frames(
         self, model: str, texts: list[str], tenant: str | None = None
@@ -281,14 +278,13 @@ class ClientCore:
             raise BadRequest(
                 f"{len(texts)} texts in one embed request; at most {p.MAX_EMBED_INPUTS}"
             )
-        return self._open(model, Request(kind=p.KIND_EMBED, texts=list(texts)).encode(), tenant)
+        body = Request(kind=p.KIND_EMBED, texts=list(texts)).encode()
+        return self._open(model, body, tenant_frame(tenant))
 
     def _open(
-        self, model: str, body: bytes, tenant: str | None = None
+        self, model: str, body: bytes, tenant: bytes = b"", routing: bytes = b""
     ) -> tuple[bytes, list[bytes]]:
-        """A REQUEST of ``body``; ``tenant``: a tenant frame after an empty
-        routing frame (a generate request adds its own, ``request_frames``)."""
-        tenant_b = tenant_frame(tenant)
+        """A REQUEST of ``body``, with its routing and tenant frames (b"": none)."""
         if len(body) > p.MAX_REQUEST_SIZE:
             raise BadRequest(
                 f"request of {len(body)} bytes exceeds the {p.MAX_REQUEST_SIZE}-byte limit"
@@ -300,9 +296,7 @@ class ClientCore:
             )
         rid = self.next_id()
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?, tenant?]
-        frames = [p.CLIENT, p.C_REQUEST, rid, model_b, body, self._hb]
-        if tenant_b:
-            frames += [b"", tenant_b]
+        frames = [p.CLIENT, p.C_REQUEST, rid, model_b, body, self._hb, *_tail(routing, tenant)]
         self.streams[rid] = StreamState(rid, frames=frames)
         return rid, frames
 
@@ -661,11 +655,7 @@ class ClientCore:
         rid = self._rekey(st, link)
         body = p.encode_generate(r.prompt, r.messages, r.params, r.ids, r.chars)
         # [ZSC1, REQUEST, request_id, model, body, heartbeat_ms, routing?, tenant?]
-        frames = [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb]
-        if r.routing or r.tenant:
-            frames.append(r.routing)
-        if r.tenant:
-            frames.append(r.tenant)
+        frames = [p.CLIENT, p.C_REQUEST, rid, r.model, body, self._hb, *_tail(r.routing, r.tenant)]
         self.resends.append((link, frames))
 
     def _stalled(self, st: StreamState, now: float) -> None:
@@ -723,6 +713,14 @@ def routing_frame(
     except (TypeError, ValueError, AttributeError):  # odd content: the worker will say
         chain = []
     return p.encode_routing(session_id, chain)
+
+
+def _tail(routing: bytes, tenant: bytes) -> list[bytes]:
+    """A REQUEST's optional last frames: routing, then tenant (an empty
+    routing frame before a tenant frame: no keys)."""
+    if tenant:
+        return [routing, tenant]
+    return [routing] if routing else []
 
 
 def tenant_frame(tenant: str | None) -> bytes:
