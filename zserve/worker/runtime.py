@@ -503,8 +503,7 @@ class Worker:
                             elif finish is not None:
                                 d.text += stops.flush()
                         if finish is not None:
-                            done = count + correction + resumed
-                            d.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done}
+                            d.usage = _used(prompt_tokens, count + correction + resumed)
                             if cached_tokens:
                                 d.usage["cached_tokens"] = cached_tokens
                             fin(client, rid, d, first, len(active) == 1)
@@ -519,28 +518,10 @@ class Worker:
                     await gen.aclose()
                 if not finished:
                     # The engine ended without a finish reason: treat as length.
-                    done = count + correction + resumed
-                    fin(
-                        client,
-                        rid,
-                        Delta(
-                            text=stops.flush(),
-                            finish_reason=p.FINISH_LENGTH,
-                            usage={"prompt_tokens": prompt_tokens, "completion_tokens": done},
-                        ),
-                        first,
-                    )
+                    used = _used(prompt_tokens, count + correction + resumed)
+                    last = Delta(text=stops.flush(), finish_reason=p.FINISH_LENGTH, usage=used)
+                    fin(client, rid, last, first)
                     finished = True
-        except TimeoutError as e:
-            if guard is None or not guard.expired():  # the engine's own, not our deadline
-                log.exception("engine failed on request %s", eid)
-                err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
-            else:
-                err = {"code": "timeout", "message": "the request's deadline passed"}
-            if not finished:
-                used = _used(prompt_tokens, count + correction + resumed)
-                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
-            finished = True
         except asyncio.CancelledError:
             # (a CANCEL can land while ``gen.aclose()`` runs after the final)
             if not finished and s.sock is not None:
@@ -551,17 +532,10 @@ class Worker:
                     fin(client, rid, Delta(finish_reason=p.FINISH_CANCELLED, usage=used), first)
             finished = True
             raise
-        except ZServeError as e:
-            if not finished:
-                used = _used(prompt_tokens, count + correction + resumed)
-                err = e.to_dict()
-                fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
-            finished = True
         except Exception as e:  # an engine failure must not kill the worker
-            log.exception("engine failed on request %s", eid)
+            err = _error_of(e, guard, eid)
             if not finished:
                 used = _used(prompt_tokens, count + correction + resumed)
-                err = {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
                 fin(client, rid, Delta(finish_reason=p.FINISH_ERROR, error=err, usage=used), first)
             finished = True
         finally:
@@ -575,9 +549,21 @@ class Worker:
 
 
 def _used(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """The usage a final that ends a request early carries (cancelled,
-    failed, handed over): what it used so far, for its tenant's settlement."""
+    """The usage a final carries (one that ends a request early too:
+    cancelled, failed, handed over, for its tenant's settlement)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+
+
+def _error_of(e: Exception, guard: asyncio.Timeout | None, eid: str) -> dict[str, Any]:
+    """The error a failed request's final carries: a ZServeError's own, the
+    request's deadline passed (``guard`` expired), or an engine failure
+    (logged; a TimeoutError of the engine's own is one)."""
+    if isinstance(e, ZServeError):
+        return e.to_dict()
+    if isinstance(e, TimeoutError) and guard is not None and guard.expired():
+        return {"code": "timeout", "message": "the request's deadline passed"}
+    log.exception("engine failed on request %s", eid)
+    return {"code": "engine_error", "message": f"{type(e).__name__}: {e}"}
 
 
 def _put_prompt_logprobs(
