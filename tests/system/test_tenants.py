@@ -332,7 +332,8 @@ def test_a_stream_ended_early_is_charged_what_it_used_once(stack: Stack, tmp_pat
         "[gateways]\ntrust_unauthenticated = true\n[tenants.t]\ntokens_per_minute = 1000000\n",
     )
     stack.start_broker("--tenants", f, *FAST_HB)
-    a = stack.worker("--model", "m", "--token-delay", "0.01", "--drain-timeout", "0.3")
+    worker_args = ("--model", "m", "--token-delay", "0.01", "--drain-timeout", "0.3")
+    a = stack.worker(*worker_args)
     stack.wait_workers(1)
     n = 600
 
@@ -357,18 +358,23 @@ def test_a_stream_ended_early_is_charged_what_it_used_once(stack: Stack, tmp_pat
     assert t["tokens_returned"] >= n - n // 4, t
     before = t
 
+    workers = [a, stack.worker(*worker_args)]
+    stack.wait_workers(2)
+
+    def holder() -> Any:
+        """The worker the broker gave the stream to."""
+        held = {w["pid"] for w in stack.status()["workers"] if w["in_flight"]}
+        return next((w for w in workers if w.pid in held), None)
+
     async def handed_over() -> tuple[str, int]:
         async with AsyncClient(stack.frontend, timeout=30) as c:
             async with c.stream("m", "x", max_tokens=n, tenant="t") as s:
-                text = (await s.__anext__()).text  # on a, the only worker yet
-                await asyncio.to_thread(stack.worker, "--model", "m", "--token-delay", "0.01")
-                await asyncio.to_thread(stack.wait_workers, 2)
-                async for d in s:
-                    text += d.text
-                    if len(text.split()) == 20:
-                        break
-                seen = len(text.split())
-                a.kill(signal.SIGTERM)  # handed over to b 0.3 s later
+                text = (await s.__anext__()).text
+                t0 = time.monotonic()
+                w = await asyncio.to_thread(wait_for, holder, 10, "the stream's worker")
+                w.kill(signal.SIGTERM)  # handed over to the other 0.3 s later
+                # at most one token each 0.01 s: what it can have sent by now
+                seen = 1 + int((time.monotonic() - t0) / 0.01)
                 text += "".join([d.text async for d in s])
             assert c.handovers == 1
         return text, seen
@@ -381,9 +387,11 @@ def test_a_stream_ended_early_is_charged_what_it_used_once(stack: Stack, tmp_pat
     assert t["tokens_served"] - before["tokens_served"] == n + prompts, t
     # The attempt that delivered k tokens gives back n - k; the continuation
     # reserves n - k and uses them. (Before: the first kept all n and the
-    # continuation was charged n again.) k: those seen before the SIGTERM,
-    # and at most 1.5 s of tokens (0.3 s of grace) more.
-    assert t["tokens_returned"] - before["tokens_returned"] >= n - seen - 150, (seen, t)
+    # continuation was charged n again, and this gave back about 0.) k: those
+    # it can have sent before the SIGTERM, and at most 3 s of tokens more
+    # (0.3 s of grace, then the hand-over; CI's loaded machine took 1.6 s).
+    assert seen < n - 300 - n // 4, seen  # (else the check below proves little)
+    assert t["tokens_returned"] - before["tokens_returned"] >= n - seen - 300, (seen, t)
 
 
 def test_embeddings_and_tokens_run_as_their_tenant_and_sighup_reloads_the_gateway(
