@@ -235,6 +235,12 @@ def test_backoff_doubles_up_to_its_cap_and_resets_after_a_session(stack, caplog)
             backend=f"tcp://127.0.0.1:{port}",
         )  # fmt: skip
         stack.wait_workers(1, timeout=30)
+        # The broker registering the worker is not the worker hearing it: a
+        # connection can send READY and time out before the broker's first
+        # heartbeat reaches a CPU-starved worker (that session's delay is
+        # rightly not reset). Count from a connection in which it heard.
+        session = worker.brokers[0]
+        wait_for(lambda: session._heard, 30, "the worker heard the broker")
         n = len(delays())
         os.kill(broker.pid, signal.SIGSTOP)
         wait_for(lambda: len(delays()) > n, 30, "the frozen broker noticed")
