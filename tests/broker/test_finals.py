@@ -211,3 +211,33 @@ def test_a_final_from_a_worker_that_no_longer_runs_the_request_is_dropped(rig):
     tokens(other, cid, rid, started=True, final=True)
     rig.step_until(lambda: not b.requests)
     assert finals(drain_records(c)) == {b"r1": 1}
+
+
+def test_a_quiet_id_whose_final_is_on_its_way_gets_no_second_final(rig):
+    """CI (test_two_vllm_workers_greedy): a client listed a request as quiet
+    in its HEARTBEAT while that request's final was on the way to it; the
+    broker, which had just forgotten it, answered ``broker_unreachable`` (a
+    second final). A finished request is not one it "does not hold"; a
+    request it never had still is, at once."""
+    b = rig.broker
+    w = rig.worker("m")
+    c = rig.client()
+    request(c, b"r1")
+    rig.step_until(lambda: b.requests)
+    cid, rid = received_request(w)
+    tokens(w, cid, rid, started=True, final=True)
+    rig.step_until(lambda: not b.requests)
+    # the heartbeat the client sent before the final reached it
+    hb = [p.CLIENT, p.C_HEARTBEAT, p.encode_heartbeat_ms(1.0)]
+    c.send_multipart([*hb, p.encode_request_ids([b"r1", b"never"])])
+    rig.step_until(lambda: b.counters["unknown_requests"] >= 1)
+    recs = drain_records(c)
+    assert finals(recs) == {b"r1": 1, b"never": 1}
+    (never,) = [r for r in recs if r[0] == b"never"]
+    assert never[4]["error"]["code"] == "broker_unreachable"
+    # Past RECENT_S, a finished id listed again is answered as not held (its
+    # final may have been lost): the client is not left waiting for good.
+    b._recent[(cid, b"r1")] -= 10.0
+    c.send_multipart([*hb, p.encode_request_ids([b"r1"])])
+    rig.step_until(lambda: b.counters["unknown_requests"] >= 2)
+    assert finals(drain_records(c)) == {b"r1": 1}

@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,11 @@ GOODBYE_GRACE_S = 0.2
 # ``leaving``) and sends every new request elsewhere until each client it
 # told has said DISCONNECT (it moved its streams), and at most this long.
 LEAVE_TIMEOUT_S = 2.0
+# A finished request listed as quiet in a client's HEARTBEAT within this long
+# is not answered "not held": its final is on the way (or was lost, and then
+# the client hears so this much later). At most RECENT_MAX are remembered.
+RECENT_S = 5.0
+RECENT_MAX = 65536
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -182,6 +187,11 @@ class Broker:
         self._malformed_logged_at = -1e9  # monotonic time of the last malformed-message log line
         self._malformed_unreported = 0  # malformed messages since that line
         self.requests: dict[RequestKey, PendingRequest] = {}
+        # Requests finished lately (key -> monotonic time), oldest first: a
+        # client's HEARTBEAT can list one as quiet while its final is on the
+        # way to it; such a request is not one we "do not hold" (bounded:
+        # RECENT_MAX entries, each good for RECENT_S).
+        self._recent: OrderedDict[RequestKey, float] = OrderedDict()
         self.queues: dict[str, deque[PendingRequest]] = {}  # model -> waiting
         self.clients: dict[bytes, ClientState] = {}
         self.started_at = time.monotonic()
@@ -452,8 +462,14 @@ class Broker:
             # Requests the client waits on that we do not hold (we restarted,
             # or never got them): end them now, not at the client's timeout.
             owed = {r[0] for r in c.undelivered} if c is not None else set()
+            now = time.monotonic()
+            recent = self._recent
             unknown = [
-                rid for rid in quiet if (client, rid) not in self.requests and rid not in owed
+                rid
+                for rid in quiet
+                if (client, rid) not in self.requests
+                and rid not in owed
+                and now - recent.get((client, rid), -RECENT_S) >= RECENT_S
             ]
             if unknown:
                 self.counters["unknown_requests"] += len(unknown)
@@ -815,6 +831,10 @@ class Broker:
             self.counters["stale_finals"] += 1
             return
         del self.requests[key]
+        recent = self._recent
+        recent[key] = time.monotonic()
+        if len(recent) > RECENT_MAX:
+            recent.popitem(last=False)
         if req.tenant is not None:
             self.admission.finished(req.tenant, req.reserve, usage, req.started)  # type: ignore[union-attr]
         if req.worker is not None:
