@@ -510,7 +510,15 @@ class Client(_Base):
         for link, lk in enumerate(core.links):
             if lk.in_flight and now - self._sent_at[link] >= self.heartbeat_interval:
                 self._send(core.heartbeat_frames(now, link), quiet=True, link=link)
-        for link in core.silent_links(now, self.expiry):
+        silent = core.silent_links(now, self.expiry)
+        if silent:
+            # This thread may not have run for a while (a loaded machine):
+            # what the broker sent meanwhile is read before its silence is
+            # judged, as the asyncio client does.
+            for link in silent:
+                self._read_ready(link, now)
+            silent = core.silent_links(now, self.expiry)
+        for link in silent:
             ended, left = core.broker_lost(link, self._silent_error(link), now)
             for rid in left:
                 self._send_cancel(rid, link)  # delivered if the broker was only slow

@@ -191,3 +191,34 @@ def test_fast_heartbeat_client_still_notices_a_frozen_broker(stack):
         finally:
             os.kill(stack.broker.pid, signal.SIGCONT)
     assert took < 15, took  # the client's 0.3 s expiry, not the broker's 30 s
+
+
+def test_sync_client_reads_what_waits_before_judging_a_broker_silent(stack):
+    """CI: a status query ended with ``broker_unreachable ... went silent``
+    on a loaded machine, its answer waiting in the socket: the client's
+    thread had not run for longer than the expiry between its read and its
+    judging of the broker's silence. What waits is read first."""
+    # the broker gives the client 1.5 s (its own interval 0.5 x 3): the stall
+    # below is one for the client's judgement only
+    hb = ["--heartbeat-interval", "0.5", "--heartbeat-liveness", "3"]
+    stack.start_broker(*hb)
+    stack.worker("--model", "m", "--token-delay", str(TOKEN_DELAY), *hb)
+    stack.wait_workers(1)
+    with Client(stack.frontend, timeout=30, heartbeat_interval=FAST_CLIENT_HB) as c:
+        s = c.stream("m", "x", max_tokens=TOKENS)
+        ids = list(next(s).token_ids or [])
+        read = c._read
+
+        def stalled(timeout: float) -> None:
+            """A read that found nothing, then the thread stalls for three
+            expiries (0.9 s) while the worker's tokens keep coming."""
+            c._read = read
+            time.sleep(3 * c.expiry)
+
+        c._read = stalled  # type: ignore[method-assign]
+        for d in s:
+            ids.extend(d.token_ids or [])
+        assert c._read == read, "the stall was not exercised"
+        assert c.resumes == 0 and c.handovers == 0
+    assert ids == list(range(TOKENS))
+    _assert_nobody_expired(stack)
