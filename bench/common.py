@@ -40,7 +40,7 @@ def median(values: Sequence[float]) -> float:
 
 
 def latency_summary_ms(seconds: Sequence[float]) -> dict[str, Any]:
-    """p50 / p90 / p99 / max / mean of latencies given in seconds, in
+    """p50 / p90 / p99 / p99.9 / max / mean of latencies given in seconds, in
     milliseconds, and ``cdf_ms``: the 0th..100th percentiles (the
     distribution ``bench/plots.py`` draws)."""
     ms = [s * 1000.0 for s in seconds]
@@ -49,6 +49,7 @@ def latency_summary_ms(seconds: Sequence[float]) -> dict[str, Any]:
         "p50_ms": round(percentile(ms, 50), 4),
         "p90_ms": round(percentile(ms, 90), 4),
         "p99_ms": round(percentile(ms, 99), 4),
+        "p99.9_ms": round(percentile(ms, 99.9), 4),
         "max_ms": round(max(ms), 4),
         "mean_ms": round(sum(ms) / len(ms), 4),
         "cdf_ms": [round(percentile(ms, q), 4) for q in range(101)],

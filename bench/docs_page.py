@@ -33,8 +33,9 @@ ABOUT = {
     "serve`, default flags on both sides, same model and KV cache, 1 / 8 / 32 streams over "
     "HTTP.",
     "vllm_server": "zserve + vLLM against `vllm serve` with the same explicit engine settings: "
-    "1-token p50/p99, time to first token, time per output token, inter-token latency and "
-    "tokens/s at 1 / 8 / 32 / 128 streams.",
+    "1-token p50/p99, time to first token, time per output token, inter-token latency (p50 / "
+    "p99 / p99.9), stalls over 100 ms, tokens/s and CPU per 1,000 tokens (the serving layer "
+    "apart from vLLM's engine) at 1 / 8 / 32 / 128 streams.",
     "scale": "The broker with 1-8 null workers paced like a batched model (one 20 ms step, "
     "capacity 256) and up to 2048 streams from several client processes: tokens/s, latency "
     "added per token, broker CPU per token and memory per 1000 requests in flight.",

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from bench._procs import start_logged, wait_ready
-from bench.common import all_met, format_table, result_record, write_json
+from bench.common import CpuMeter, all_met, format_table, result_record, write_json
 from zserve.launcher import free_port, start_broker, zserve_cmd
 
 MODEL = "tiny"
@@ -98,9 +98,11 @@ def _engine_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
 @contextlib.contextmanager
 def zserve_side(
     model: Path, logs: Path, settings: dict[str, Any] | None = None
-) -> Iterator[tuple[str, int]]:
+) -> Iterator[tuple[str, dict[str, int]]]:
     """``settings``: vLLM engine arguments (``kv_cache_memory_bytes``, ``dtype``,
-    ``max_model_len``, ``enforce_eager``...), the same names as ``vllm_side``'s."""
+    ``max_model_len``, ``enforce_eager``...), the same names as ``vllm_side``'s.
+    Yields the HTTP root and the serving layer's pids (gateway, broker, worker;
+    the worker's children are vLLM's engine)."""
     args: list[str] = []
     for k, v in _engine_settings(settings).items():
         if k == "dtype":
@@ -123,13 +125,15 @@ def zserve_side(
         root = f"http://127.0.0.1:{port}"
         wait_ready(lambda: httpx.get(root + "/ready", timeout=5).status_code == 200,
                    timeout=900, what="zserve + vLLM", procs=[worker, gateway])  # fmt: skip
-        yield root, worker.pid
+        yield root, {"gateway": gateway.pid, "broker": broker.pid, "worker": worker.pid}
 
 
 @contextlib.contextmanager
 def vllm_side(
     model: Path, logs: Path, settings: dict[str, Any] | None = None
-) -> Iterator[tuple[str, int]]:
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """As ``zserve_side``: the serving layer is vLLM's API server process
+    (its children are the engine)."""
     args: list[str] = []
     for k, v in _engine_settings(settings).items():
         flag = "--" + k.replace("_", "-")
@@ -148,17 +152,46 @@ def vllm_side(
         root = f"http://127.0.0.1:{port}"
         wait_ready(lambda: httpx.get(root + "/v1/models", timeout=5).status_code == 200,
                    timeout=900, what="vllm serve", procs=[server])  # fmt: skip
-        yield root, server.pid
+        yield root, {"api_server": server.pid}
 
 
 @dataclass(frozen=True)
 class Sides:
-    """Both servers up: per side (``zserve``, ``vllm_serve``) its HTTP root
-    and the pid of the process tree that serves it."""
+    """Both servers up: per side (``zserve``, ``vllm_serve``) its HTTP root,
+    the pid of the process tree that runs the engine, and its processes by
+    role for CPU accounting (``serving``: the serving layer's own processes;
+    ``engine``: vLLM's engine processes, children of the worker or of the
+    API server)."""
 
     roots: dict[str, str]
     pids: dict[str, int]
+    serving: dict[str, dict[str, int]]
+    engine: dict[str, dict[str, int]]
     startup_s: float  # from starting the first to both ready
+
+    def meter(self, side: str) -> CpuMeter:
+        """A CPU meter over every process of ``side``, named by role
+        (the engine's as ``engine:PID``)."""
+        return CpuMeter({**self.serving[side], **self.engine[side]})
+
+
+def engine_pids(pid: int) -> dict[str, int]:
+    """The processes under ``pid`` (vLLM's EngineCore and its helpers), as
+    ``engine:PID``."""
+    import psutil
+
+    return {f"engine:{c.pid}": c.pid for c in psutil.Process(pid).children(recursive=True)}
+
+
+def cpu_split(meter: CpuMeter, tokens: int) -> dict[str, Any]:
+    """A meter's CPU in ms per 1,000 output tokens: the serving layer, the
+    engine, the whole, and each serving process."""
+    per = meter.per(tokens, 1e6)  # CPU seconds per token x 1e6 = ms per 1,000 tokens
+    serving = {k: v for k, v in per.items() if not k.startswith("engine:")}
+    engine = sum(v for k, v in per.items() if k.startswith("engine:"))
+    s = sum(serving.values())
+    return {"serving": round(s, 2), "engine": round(engine, 2), "whole": round(s + engine, 2),
+            "by_process": serving}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -170,12 +203,15 @@ def both_sides(logs: Path, settings: dict[str, Any] | None = None) -> Iterator[S
     model = write_tiny_model(logs / "tiny")
     t0 = time.monotonic()
     with (
-        zserve_side(model, logs, settings) as (zroot, zpid),
-        vllm_side(model, logs, settings) as (vroot, vpid),
+        zserve_side(model, logs, settings) as (zroot, zprocs),
+        vllm_side(model, logs, settings) as (vroot, vprocs),
     ):
+        zpid, vpid = zprocs["worker"], vprocs["api_server"]
         yield Sides(
             roots={"zserve": zroot, "vllm_serve": vroot},
             pids={"zserve": zpid, "vllm_serve": vpid},
+            serving={"zserve": zprocs, "vllm_serve": vprocs},
+            engine={"zserve": engine_pids(zpid), "vllm_serve": engine_pids(vpid)},
             startup_s=round(time.monotonic() - t0, 1),
         )
 
