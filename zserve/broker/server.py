@@ -14,6 +14,7 @@ silently.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -282,6 +283,10 @@ class Broker:
         interval = self.cfg.heartbeat_interval
         next_tick = time.monotonic() + interval
         next_sync = adm.sync(time.monotonic()) if adm is not None else math.inf
+        # The start-up heap is frozen out of the collector: its full passes
+        # (33 ms each on a slow 2-core machine) would stall every stream.
+        gc.collect()
+        gc.freeze()
         log.info("broker frontend=%s backend=%s", self.frontend_endpoint, self.backend_endpoint)
         while self._running or (self._goodbye and self._still_leaving()):
             if not self._running and not self.leaving:

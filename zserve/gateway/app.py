@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import signal
@@ -218,6 +219,10 @@ class Gateway:
         )
         self._client.watch_moves(self.metrics.moved)
         hup = self.tenants is not None and _on_sighup(self.loop, self.reload_tenants)
+        # The start-up heap (modules, routes, schemas) is frozen out of the
+        # collector: its full passes would walk it all between two tokens.
+        gc.collect()
+        gc.freeze()
         log.info("gateway up, broker %s", self.broker)
         try:
             yield

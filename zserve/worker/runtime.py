@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -130,6 +131,12 @@ class Worker:
 
     async def run(self) -> None:
         await self.engine.start()
+        # What start-up made (the engine's modules, its model) lives as long
+        # as the process: frozen out of the collector, whose full passes would
+        # otherwise walk all of it and stall the loop mid-stream (vllm serve
+        # freezes its start-up heap the same way).
+        gc.collect()
+        gc.freeze()
         try:
             await asyncio.gather(*(s.run() for s in self.brokers))
         finally:
