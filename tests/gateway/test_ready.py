@@ -44,9 +44,16 @@ def test_ready_is_503_without_a_broker() -> None:
 
 
 def test_health_counts_workers(gw: GatewayStack) -> None:
-    body = httpx.get(gw.root + "/health", headers=gw.headers).json()
-    # the module's stack: one worker per served model
-    assert body["broker"] == "reachable" and body["workers"] == len(MODELS)
+    def health() -> dict | None:
+        body = httpx.get(gw.root + "/health", headers=gw.headers).json()
+        assert body["broker"] == "reachable", body
+        return body if body["workers"] == len(MODELS) else None
+
+    # the module's stack: one worker per served model. (With 0.6 s of
+    # liveness, a loaded machine can have a worker re-registering for a
+    # moment: the count is waited for, and must come to exactly that.)
+    body = wait_for(health, 30, f"/health to count {len(MODELS)} workers")
+    assert body["status"] == "ok" and sorted(body["models"]) == sorted(MODELS)
 
 
 def test_no_empty_content_chunk_after_the_role_chunk(gw: GatewayStack) -> None:
