@@ -184,6 +184,20 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def tree_pids(name: str, pid: int) -> dict[str, int]:
+    """``pid`` as ``name`` and its descendants (vLLM's engine core) as
+    ``name/PID``, for a CpuMeter."""
+    import psutil
+
+    pids = {name: pid}
+    try:
+        for ch in psutil.Process(pid).children(recursive=True):
+            pids[f"{name}/{ch.pid}"] = ch.pid
+    except psutil.NoSuchProcess:
+        pass
+    return pids
+
+
 class CpuMeter:
     """CPU seconds used by named processes between ``start`` and ``stop``.
 

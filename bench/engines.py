@@ -95,6 +95,7 @@ from bench.common import (
     percentile,
     result_record,
     targets_table,
+    tree_pids,
     write_json,
 )
 from zserve.launcher import Proc, start_broker, start_worker
@@ -446,19 +447,6 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def _tree_pids(name: str, pid: int) -> dict[str, int]:
-    """``pid`` and its descendants (vLLM's engine core), named for a CpuMeter."""
-    import psutil
-
-    pids = {name: pid}
-    try:
-        for ch in psutil.Process(pid).children(recursive=True):
-            pids[f"{name}/{ch.pid}"] = ch.pid
-    except psutil.NoSuchProcess:
-        pass
-    return pids
-
-
 def _by_role(used: dict[str, float]) -> dict[str, float]:
     """CpuMeter seconds summed per role (``worker/1234`` counts as ``worker``)."""
     roles: dict[str, float] = {}
@@ -734,11 +722,11 @@ def bench_engine(
         _wait_served(fe, worker, wlog)
         startup_s = time.monotonic() - t0
 
-        direct_pids = _tree_pids("direct", direct.proc.pid)
+        direct_pids = tree_pids("direct", direct.proc.pid)
         zserve_pids = {
             "client": os.getpid(),
             "broker": broker.pid,
-            **_tree_pids("worker", worker.pid),
+            **tree_pids("worker", worker.pid),
         }
         # Every engine process of both sides (this process, the client, excluded).
         quiet_pids = {**direct_pids, **{k: v for k, v in zserve_pids.items() if k != "client"}}

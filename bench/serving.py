@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from bench._procs import start_logged, wait_ready
-from bench.common import CpuMeter, all_met, format_table, result_record, write_json
+from bench.common import CpuMeter, all_met, format_table, result_record, tree_pids, write_json
 from zserve.launcher import free_port, start_broker, zserve_cmd
 
 MODEL = "tiny"
@@ -155,40 +155,40 @@ def vllm_side(
         yield root, {"api_server": server.pid}
 
 
+# The process of each side whose descendants are vLLM's engine.
+ENGINE_PARENT = {"zserve": "worker", "vllm_serve": "api_server"}
+
+
 @dataclass(frozen=True)
 class Sides:
-    """Both servers up: per side (``zserve``, ``vllm_serve``) its HTTP root,
-    the pid of the process tree that runs the engine, and its processes by
-    role for CPU accounting (``serving``: the serving layer's own processes;
-    ``engine``: vLLM's engine processes, children of the worker or of the
-    API server)."""
+    """Both servers up: per side (``zserve``, ``vllm_serve``) its HTTP root
+    and its serving layer's processes by role (``zserve_side``,
+    ``vllm_side``); the engine's processes are the descendants of
+    ``ENGINE_PARENT``'s."""
 
     roots: dict[str, str]
-    pids: dict[str, int]
     serving: dict[str, dict[str, int]]
-    engine: dict[str, dict[str, int]]
     startup_s: float  # from starting the first to both ready
 
+    @property
+    def pids(self) -> dict[str, int]:
+        """Per side, the pid of the process tree that runs the engine."""
+        return {side: self.serving[side][role] for side, role in ENGINE_PARENT.items()}
+
     def meter(self, side: str) -> CpuMeter:
-        """A CPU meter over every process of ``side``, named by role
-        (the engine's as ``engine:PID``)."""
-        return CpuMeter({**self.serving[side], **self.engine[side]})
-
-
-def engine_pids(pid: int) -> dict[str, int]:
-    """The processes under ``pid`` (vLLM's EngineCore and its helpers), as
-    ``engine:PID``."""
-    import psutil
-
-    return {f"engine:{c.pid}": c.pid for c in psutil.Process(pid).children(recursive=True)}
+        """A CPU meter over every process of ``side``, named by role; the
+        engine's as ``PARENT/PID`` (``tree_pids``)."""
+        role = ENGINE_PARENT[side]
+        return CpuMeter({**self.serving[side], **tree_pids(role, self.serving[side][role])})
 
 
 def cpu_split(meter: CpuMeter, tokens: int) -> dict[str, Any]:
-    """A meter's CPU in ms per 1,000 output tokens: the serving layer, the
-    engine, the whole, and each serving process."""
+    """A meter's CPU (``Sides.meter``) in ms per 1,000 output tokens: the
+    serving layer, the engine (the ``PARENT/PID`` processes), the whole, and
+    each serving process."""
     per = meter.per(tokens, 1e6)  # CPU seconds per token x 1e6 = ms per 1,000 tokens
-    serving = {k: v for k, v in per.items() if not k.startswith("engine:")}
-    engine = sum(v for k, v in per.items() if k.startswith("engine:"))
+    serving = {k: v for k, v in per.items() if "/" not in k}
+    engine = sum(v for k, v in per.items() if "/" in k)
     s = sum(serving.values())
     return {"serving": round(s, 2), "engine": round(engine, 2), "whole": round(s + engine, 2),
             "by_process": serving}  # fmt: skip
@@ -206,12 +206,9 @@ def both_sides(logs: Path, settings: dict[str, Any] | None = None) -> Iterator[S
         zserve_side(model, logs, settings) as (zroot, zprocs),
         vllm_side(model, logs, settings) as (vroot, vprocs),
     ):
-        zpid, vpid = zprocs["worker"], vprocs["api_server"]
         yield Sides(
             roots={"zserve": zroot, "vllm_serve": vroot},
-            pids={"zserve": zpid, "vllm_serve": vpid},
             serving={"zserve": zprocs, "vllm_serve": vprocs},
-            engine={"zserve": engine_pids(zpid), "vllm_serve": engine_pids(vpid)},
             startup_s=round(time.monotonic() - t0, 1),
         )
 

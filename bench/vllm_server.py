@@ -186,7 +186,7 @@ async def _turn(
     tokens = sum(g[1] for g in got)
     return {"tok_s": tokens / wall, "tokens": tokens, "ttft": [g[0] for g in got],
             "tpot": [g[2] for g in got], "itl": itl,
-            "stalls": sorted((g for g in gaps if g > STALL_S), reverse=True),
+            "stalls": [g for g in gaps if g > STALL_S],
             "cpu": cpu_split(meter, tokens) if meter is not None else None}  # fmt: skip
 
 
@@ -205,8 +205,8 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
     with both_sides(logs, ENGINE) as sides:
         startup, roots = sides.startup_s, sides.roots
         zpid, vpid = sides.pids["zserve"], sides.pids["vllm_serve"]
-        print(f"  both up in {startup} s; processes: serving {sides.serving}, "
-              f"engine {sides.engine}", flush=True)  # fmt: skip
+        print(f"  both up in {startup} s; processes: "
+              f"{ {side: sides.meter(side).pids for side in SIDES} }", flush=True)  # fmt: skip
         for r in range(s.rounds):
             order = SIDES if r % 2 == 0 else SIDES[::-1]
             for name in order:
@@ -241,7 +241,8 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
                 "itl_ms": {k: itl[k] for k in qs} if itl else None,
                 # waits over STALL_S between two content chunks of a stream
                 "stalls": {"count": len(stalls),
-                           "longest_ms": [round(x * 1e3, 1) for x in sorted(stalls)[::-1][:5]]},
+                           "longest_ms": [round(x * 1e3, 1)
+                                          for x in sorted(stalls, reverse=True)[:5]]},
                 "cpu_ms_per_1k_tokens": _mean_cpu([t["cpu"] for t in turns]),
             }  # fmt: skip
         measured[name] = {"latency_1_token": one, "levels": levels}
