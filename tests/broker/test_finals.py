@@ -130,6 +130,17 @@ def received_request(worker: zmq.Socket) -> tuple[bytes, bytes]:
     return frames[2], frames[3]  # client id, request id
 
 
+def served(rig: Rig) -> tuple[zmq.Socket, zmq.Socket, bytes, bytes]:
+    """A worker of "m", a client, and the client's request ``r1`` as the
+    worker received it: (worker, client, client id, request id)."""
+    w = rig.worker("m")
+    c = rig.client()
+    request(c, b"r1")
+    rig.step_until(lambda: rig.broker.requests)
+    cid, rid = received_request(w)
+    return w, c, cid, rid
+
+
 def tokens(worker: zmq.Socket, cid: bytes, rid: bytes, *, started=False, final=False) -> None:
     rec = p.Delta("t ", [1], p.FINISH_LENGTH if final else None).record(rid)
     header = p.encode_header([rid] if started else [], [rid] if final else [])
@@ -140,11 +151,7 @@ def test_a_final_that_meets_a_full_pipe_is_owed_not_lost(rig):
     """Defect 3: the final was booked (forgetting the client) before its send
     failed with EAGAIN, so nothing was owed and the request had no final."""
     b = rig.broker
-    w = rig.worker("m")
-    c = rig.client()
-    request(c, b"r1")
-    rig.step_until(lambda: b.requests)
-    cid, rid = received_request(w)
+    w, c, cid, rid = served(rig)
     rig.fill(cid)
     tokens(w, cid, rid, started=True, final=True)
     rig.step_until(lambda: not b.requests)
@@ -160,11 +167,7 @@ def test_a_slow_client_whose_worker_dies_gets_one_final(rig):
     got ``cancelled`` on top of the ``overloaded`` it was already owed, and
     its id stayed in ``finalized`` for good."""
     b = rig.broker
-    w = rig.worker("m")
-    c = rig.client()
-    request(c, b"r1")
-    rig.step_until(lambda: b.requests)
-    cid, rid = received_request(w)
+    w, c, cid, rid = served(rig)
     tokens(w, cid, rid, started=True)
     rig.step_until(lambda: b.counters["token_messages"] == 1)
     rig.fill(cid)
@@ -220,11 +223,7 @@ def test_a_quiet_id_whose_final_is_on_its_way_gets_no_second_final(rig):
     second final). A finished request is not one it "does not hold"; a
     request it never had still is, at once."""
     b = rig.broker
-    w = rig.worker("m")
-    c = rig.client()
-    request(c, b"r1")
-    rig.step_until(lambda: b.requests)
-    cid, rid = received_request(w)
+    w, c, cid, rid = served(rig)
     tokens(w, cid, rid, started=True, final=True)
     rig.step_until(lambda: not b.requests)
     # the heartbeat the client sent before the final reached it
