@@ -165,6 +165,15 @@ def test_hermes_parser_calls_and_content(hermes: Any, step: int) -> None:
     assert conv.called
 
 
+def test_the_parser_says_whether_special_tokens_stay(hermes: Any) -> None:
+    """hermes' tags are special tokens in Qwen2.5 and Hermes: its requests keep
+    special tokens in the text (its adjust_request, as vllm serve asks);
+    pythonic reads plain text; the constrained calls are plain JSON."""
+    assert ParserCalls(hermes, _Vocab(), TOOLS).skip_special_tokens is False
+    assert ParserCalls(parser_class("pythonic"), _Vocab(), TOOLS).skip_special_tokens is True
+    assert JSONCalls(named=None).skip_special_tokens is True
+
+
 def test_unknown_parser_lists_the_names() -> None:
     with pytest.raises(ValueError, match="hermes"):
         parser_class("no-such-parser")
@@ -182,8 +191,11 @@ async def _engine(pieces: list[str], finish: str) -> AsyncIterator[Delta]:
 
 
 def _wrap(tp: ToolPlan, pieces: list[str], finish: str, said: str = "") -> list[Delta]:
+    conv = tp.converter(None)
+    conv.feed(said, [])  # (a resumption's delivered text)
+
     async def go() -> list[Delta]:
-        return [d async for d in tp.wrap(_engine(pieces, finish), None, said)]
+        return [d async for d in tp.wrap(_engine(pieces, finish), conv)]
 
     return asyncio.run(go())
 

@@ -40,6 +40,10 @@ class GenerateRequest:
     # The prompt as token ids (instead of ``prompt`` or ``messages``): the
     # engine does not tokenize, and adds no special tokens of its own.
     prompt_ids: list[int] | None = None
+    # False: special tokens stay in the text (and in ``continued_text``), as
+    # the worker's tool-call parser asks (zserve/worker/tools.py); the token
+    # that ends the request (EOS, a stop token id) is never text.
+    skip_special_tokens: bool = True
 
 
 class Engine(abc.ABC):
@@ -115,8 +119,10 @@ class Engine(abc.ABC):
     async def continued_text(self, request: GenerateRequest) -> str:
         """The text of ``request.continue_ids`` as the stream that produced
         them decoded it (whole characters only): what a resumption holds back
-        past ``continue_chars``. By default ``decode`` (no prompt context: an
-        engine on a SentencePiece tokenizer should replay with it)."""
+        past ``continue_chars``, and what primes a tool-call converter. By
+        default ``decode`` (no prompt context: an engine on a SentencePiece
+        tokenizer should replay with it; special tokens skipped: an engine
+        that has them honours ``request.skip_special_tokens``)."""
         return await self.decode(request.model, request.continue_ids)
 
     async def tokenize(

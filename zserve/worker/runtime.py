@@ -32,6 +32,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,6 +381,20 @@ class Worker:
             stops.hold(held[req.continue_chars :])
         return params
 
+    async def _with_tools(self, greq: GenerateRequest, tools: ToolPlan) -> AsyncIterator[Delta]:
+        """``greq``'s generation with its text turned into content and tool
+        calls, special tokens kept where the parser reads them. A resumption
+        first feeds the converter the text the earlier attempt delivered, as
+        that attempt's stream decoded it: the engine sends none of it again
+        (``continue_chars``)."""
+        conv = tools.converter(self.engine.tokenizer(greq.model))
+        greq.tools = tools.offer
+        greq.skip_special_tokens = conv.skip_special_tokens
+        greq.continue_chars = None
+        if greq.continue_ids:
+            conv.feed(await self.engine.continued_text(greq), greq.continue_ids)
+        return tools.wrap(self.engine.generate(greq), conv)
+
     async def _serve(
         self, s: BrokerSession, client: bytes, rid: bytes, model: str, req: Request, eid: str
     ) -> None:
@@ -469,17 +484,14 @@ class Worker:
             if params.deadline:
                 guard = asyncio.timeout(params.deadline)
             async with guard or _no_deadline:
-                # the text an earlier attempt sent, for the tool-call converter
-                said = await self.engine.decode(model, cont) if tools is not None and cont else ""
-                gen = self.engine.generate(
-                    GenerateRequest(
-                        eid, model, req.prompt, req.messages, params, cont,
-                        tools.offer if tools is not None else None,
-                        continue_chars=req.continue_chars, prompt_ids=req.prompt_ids,
-                    )  # fmt: skip
-                )
-                if tools is not None:  # the text becomes content and tool calls
-                    gen = tools.wrap(gen, self.engine.tokenizer(model), said)
+                greq = GenerateRequest(
+                    eid, model, req.prompt, req.messages, params, cont,
+                    continue_chars=req.continue_chars, prompt_ids=req.prompt_ids,
+                )  # fmt: skip
+                if tools is None:
+                    gen = self.engine.generate(greq)
+                else:  # the text becomes content and tool calls
+                    gen = await self._with_tools(greq, tools)
                 try:
                     async for d in gen:
                         if d.prompt_logprobs is not None:

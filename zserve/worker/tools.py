@@ -10,7 +10,10 @@ Per request (``plan``), by ``tool_choice``:
   tools and the model's own tool-call format is parsed out of its text by
   the worker's parser (``--tool-call-parser NAME``: one of vLLM's tool
   parsers, ``vllm.tool_parsers``, by the names ``vllm serve`` uses). A
-  worker without one refuses ``auto``, as ``vllm serve`` does.
+  worker without one refuses ``auto``, as ``vllm serve`` does. Where the
+  parser asks for it, as hermes does (its ``<tool_call>`` tags are special
+  tokens in Qwen2.5 and Hermes), the engine's text keeps special tokens
+  (``Converter.skip_special_tokens``).
 * ``"required"`` and a named function: the template offers the tools and
   decoding is constrained (``SamplingParams.structured``, zserve/worker/
   grammar.py) to JSON that is the call itself, so they work with any model
@@ -123,14 +126,10 @@ class ToolPlan:
         except ValueError as e:  # vLLM's request model refused the tools
             raise BadRequest(f"tools: {e}") from None
 
-    async def wrap(
-        self, gen: AsyncIterator[Delta], tokenizer: Any, delivered: str = ""
-    ) -> AsyncIterator[Delta]:
+    async def wrap(self, gen: AsyncIterator[Delta], conv: Converter) -> AsyncIterator[Delta]:
         """The engine's deltas with their text turned into content and tool
-        calls; ``delivered``: the text an earlier attempt already sent."""
-        conv = self.converter(tokenizer)
-        if delivered:
-            conv.feed(delivered, [])
+        calls by ``conv`` (``converter``; on a resumption, already fed the
+        text an earlier attempt delivered)."""
         try:
             async for d in gen:
                 text, calls = conv.feed(d.text, d.token_ids or [])
@@ -187,6 +186,11 @@ def plan(params: SamplingParams, parser: Any) -> ToolPlan | None:
 
 class Converter(Protocol):
     called: bool  # a call was emitted
+    # False: the engine's text must keep special tokens, because the format
+    # read has tags that are special tokens in some models (hermes'
+    # ``<tool_call>`` in Qwen2.5 and Hermes); the token that ends the
+    # request is still never text.
+    skip_special_tokens: bool
 
     def feed(self, text: str, ids: list[int]) -> tuple[str, list[dict[str, Any]] | None]:
         """More text (and its token ids): (content to send, call fragments)."""
@@ -225,6 +229,8 @@ class JSONCalls:
     "parameters"}`` objects, read by an incremental scanner (strings,
     escapes and nesting), so that each call's arguments are the exact text
     of its ``parameters`` value, streamed as it is written."""
+
+    skip_special_tokens = True
 
     def __init__(self, named: str | None) -> None:
         self.named = named
@@ -361,15 +367,20 @@ class JSONCalls:
 
 class ParserCalls:
     """Calls out of the model's own format, by a vLLM tool parser's
-    streaming interface (one parser instance per request: it keeps state)."""
+    streaming interface (one parser instance per request: it keeps state).
+    The parser adjusts the request as ``vllm serve`` lets it; of that, only
+    ``skip_special_tokens`` is taken (hermes and others turn it off, their
+    tags being special tokens in some models)."""
 
     def __init__(self, parser_cls: Any, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        self.request = ChatCompletionRequest(
+        request = ChatCompletionRequest(
             model="zserve", messages=[], tools=tools, tool_choice="auto"
         )
-        self.parser = parser_cls(tokenizer, tools=self.request.tools)
+        self.parser = parser_cls(tokenizer, tools=request.tools)
+        self.request = self.parser.adjust_request(request)
+        self.skip_special_tokens = bool(self.request.skip_special_tokens)
         self.text = ""
         self.ids: list[int] = []
         self.called = False

@@ -32,7 +32,9 @@ Limits, chosen and documented here:
   it (``max_seq_length`` of ``sentence_bert_config.json`` when present, as
   sentence-transformers does, else the model's context length).
 * The text of the token that ends a request (EOS or a ``stop_token_ids``
-  token) is not sent; its id is, and it counts as a completion token.
+  token) is not sent; its id is, and it counts as a completion token. Other
+  special tokens are left out of the text unless the request keeps them
+  (``GenerateRequest.skip_special_tokens``: a tool-call parser reads them).
 * Logprobs are the model's raw distribution (before penalties/temperature).
 
 Resumption (``GenerateRequest.continue_ids``, ``resumable``): the continued
@@ -286,7 +288,9 @@ class HFEngine(Engine):
         # The text of the continued ids, rebuilt as the stream decoded it;
         # what the caller had not received (a stop string's possible
         # beginning) goes out first, as the uninterrupted run would send it.
-        detok = await _detokenizer(sm.tokenizer, prompt_ids, cont[:-1] if by_token else cont)
+        detok = await _detokenizer(
+            sm.tokenizer, prompt_ids, cont[:-1] if by_token else cont, request.skip_special_tokens
+        )
         stops = StopMatcher(params.stop)
         if request.continue_chars is not None:
             stops.hold(detok.replayed[request.continue_chars :])
@@ -478,6 +482,23 @@ class HFEngine(Engine):
         text = self._model(model).tokenizer.decode(ids, skip_special_tokens=True)
         return text.rstrip("\ufffd")
 
+    async def continued_text(self, request: GenerateRequest) -> str:
+        """The continued ids' text as ``generate`` replays it (the prompt as
+        context, special tokens as the request says; a last id that stopped
+        the request gave no text): what primes a tool-call converter."""
+        sm = self._model(request.model)
+        if _input_chars(request) > _TOKENIZE_INLINE_CHARS:
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, sm, request)
+        else:
+            prompt_ids = self._prompt_ids(sm, request)
+        p = request.params
+        cont = request.continue_ids
+        ends = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else sm.eos_ids)
+        if cont and cont[-1] in ends:
+            cont = cont[:-1]
+        detok = await _detokenizer(sm.tokenizer, prompt_ids, cont, request.skip_special_tokens)
+        return detok.replayed
+
     async def tokenize(
         self,
         request: GenerateRequest,
@@ -515,13 +536,15 @@ def _flag(value: Any) -> bool:
 
 
 async def _detokenizer(
-    tokenizer: Any, prompt_ids: list[int], cont: list[int]
+    tokenizer: Any, prompt_ids: list[int], cont: list[int], skip_special: bool = True
 ) -> IncrementalDetokenizer:
     """The request's detokenizer, primed with the continued ids (a long replay
     runs in a thread, so that other streams keep flowing)."""
     if len(cont) <= _REPLAY_INLINE_IDS:
-        return IncrementalDetokenizer(tokenizer, prompt_ids, generated=cont)
-    return await asyncio.to_thread(IncrementalDetokenizer, tokenizer, prompt_ids, True, cont)
+        return IncrementalDetokenizer(tokenizer, prompt_ids, skip_special, cont)
+    return await asyncio.to_thread(
+        IncrementalDetokenizer, tokenizer, prompt_ids, skip_special, cont
+    )
 
 
 def _input_chars(request: GenerateRequest) -> int:

@@ -181,9 +181,10 @@ class VLLMEngine(Engine):
             finish = FINISH_LENGTH if room == 0 else FINISH_STOP
             yield Delta("", [], finish, {"prompt_tokens": n_prompt, "completion_tokens": 0})
             return
-        detok = await self._own_detokenizer(prompt_ids, cont)
+        skip = request.skip_special_tokens
+        detok = await self._own_detokenizer(prompt_ids, cont, skip)
         extra = await self._structured(p, room, cont)
-        params = self._sampling_params(p, room, detokenize=detok is None, extra_args=extra)
+        params = self._sampling_params(p, room, detok is None, extra, skip)
         top_n = p.logprobs
         scored = None  # the prompt's logprobs, for the first delta
         # A continuation's prompt ids are not the prompt text's alone: no text.
@@ -302,7 +303,7 @@ class VLLMEngine(Engine):
         if cont and cont[-1] in stop_ids:
             cont.pop()
         detok = await asyncio.to_thread(
-            IncrementalDetokenizer, self._tokenizer, prompt_ids, True, cont
+            IncrementalDetokenizer, self._tokenizer, prompt_ids, request.skip_special_tokens, cont
         )
         return detok.replayed
 
@@ -336,7 +337,7 @@ class VLLMEngine(Engine):
         return list(ids), text
 
     async def _own_detokenizer(
-        self, prompt_ids: list[int], cont: list[int]
+        self, prompt_ids: list[int], cont: list[int], skip_special: bool = True
     ) -> IncrementalDetokenizer | None:
         """For continued ids that end inside a UTF-8 character (vLLM's own
         detokenizer would restart there), a detokenizer primed with them;
@@ -349,9 +350,9 @@ class VLLMEngine(Engine):
         if not tail.endswith(REPLACEMENT):
             return None
         if len(cont) <= _REPLAY_INLINE_IDS:
-            return IncrementalDetokenizer(self._tokenizer, prompt_ids, generated=cont)
+            return IncrementalDetokenizer(self._tokenizer, prompt_ids, skip_special, cont)
         return await asyncio.to_thread(
-            IncrementalDetokenizer, self._tokenizer, prompt_ids, True, cont
+            IncrementalDetokenizer, self._tokenizer, prompt_ids, skip_special, cont
         )
 
     async def _structured(
@@ -394,11 +395,13 @@ class VLLMEngine(Engine):
         room: int,
         detokenize: bool = True,
         extra_args: dict[str, Any] | None = None,
+        skip_special_tokens: bool = True,
     ) -> Any:
         """vLLM's parameters; ``detokenize=False`` when this engine makes the
         text itself (stop strings are then the worker runtime's alone). A
         structured request (``extra_args``) ends when its grammar takes EOS,
-        ``ignore_eos`` or not, as on the hf engine."""
+        ``ignore_eos`` or not, as on the hf engine. ``skip_special_tokens``
+        False keeps them in the text (vLLM leaves out the stopping token's)."""
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -415,6 +418,7 @@ class VLLMEngine(Engine):
                 seed=p.seed,
                 stop=(list(p.stop) or None) if detokenize else None,
                 detokenize=detokenize,
+                skip_special_tokens=skip_special_tokens,
                 stop_token_ids=list(p.stop_token_ids) or None,
                 ignore_eos=p.ignore_eos and extra_args is None,
                 max_tokens=max(1, max_tokens),  # 0 (score the prompt): one, dropped
