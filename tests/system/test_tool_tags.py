@@ -137,12 +137,22 @@ def test_special_tags_reach_the_parser(served: Served) -> None:
     assert (plain.text, plain.finish_reason) == (CONTENT + "".join(CALL), "stop")
 
 
-def test_a_continuation_after_the_tag_goes_on_with_the_call(served: Served) -> None:
+@pytest.mark.parametrize("stop", [None, "forecasts"])
+def test_a_continuation_after_the_tag_goes_on_with_the_call(
+    served: Served, stop: str | None
+) -> None:
     """The earlier attempt delivered the ids up to ``<tool_call>``: the
-    continuation primes the parser with their text, tag included."""
+    continuation primes the parser with their text, tag included. With a stop
+    string the caller had not got ``forecast`` (it may begin ``forecasts``):
+    it comes first, as content, never the call's text."""
     kw: dict[str, Any] = {"tools": TOOLS, "max_tokens": 32, "temperature": 0}
+    if stop:
+        kw["stop"] = [stop]
+        with Client(served.frontend, timeout=60) as c:
+            whole = c.generate("scripted", messages=USER, **kw)
+        assert (whole.text, whole.finish_reason) == (CONTENT, "tool_calls")
     k = len(served.ids) - len(CALL) - 1  # the ids through <tool_call>
-    got = len(CONTENT)
+    got = CONTENT.index("forecast") if stop else len(CONTENT)
     params = p.SamplingParams(**kw)
     rest = continuation(served.frontend, "scripted", USER, params, served.ids[:k], got)
     assert "".join(d.text for d in rest) == CONTENT[got:]

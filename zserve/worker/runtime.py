@@ -351,26 +351,29 @@ class Worker:
         s.outbox.put(client, rid, delta, False)
 
     async def _continuation(
-        self, model: str, req: Request, stops: StopMatcher
+        self, model: str, req: Request, params: SamplingParams, stops: StopMatcher, tools: bool
     ) -> SamplingParams | None:
         """The parameters for the rest of a resumed request (``max_tokens``
         less what was delivered; None when nothing is left), with ``stops``
-        holding back what the earlier attempt held back."""
+        holding back what the earlier attempt held back. With ``tools`` the
+        stop strings saw content, not the engine's text: ``_serve`` restores
+        it from the tool-call converter."""
         if not self.engine.resumable:
             raise WorkerLost(f"engine {self.engine.name!r} cannot continue a stream")
         cont = req.continue_ids or []
-        params = req.params
         if params.max_tokens is not None:
             left = params.max_tokens - len(cont)
             if left <= 0:
                 return None
             params = dataclasses.replace(params, max_tokens=left)
-        if stops.stops and not self.engine.replays_held_text:
+        raw = bool(stops.stops) and not self.engine.replays_held_text and not tools
+        if raw or tools:  # the delivered ids are decoded: here, or for the converter
             ctx = self.engine.context_length
             if ctx and len(cont) >= ctx:  # refused before a decode that grows with it
                 raise ContextOverflow(
                     f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
                 )
+        if raw:
             # Text of the delivered ids past what the caller got: a stop
             # string's possible beginning, held back as it was before, with
             # the decoding that produced the stream (its prompt context).
@@ -381,18 +384,25 @@ class Worker:
             stops.hold(held[req.continue_chars :])
         return params
 
-    async def _with_tools(self, greq: GenerateRequest, tools: ToolPlan) -> AsyncIterator[Delta]:
+    async def _with_tools(
+        self, greq: GenerateRequest, tools: ToolPlan, stops: StopMatcher, chars: int
+    ) -> AsyncIterator[Delta]:
         """``greq``'s generation with its text turned into content and tool
         calls, special tokens kept where the parser reads them. A resumption
         first feeds the converter the text the earlier attempt delivered, as
         that attempt's stream decoded it: the engine sends none of it again
-        (``continue_chars``)."""
+        (``continue_chars``). The content that gives is what the stop strings
+        saw there, and past ``chars`` (what the caller got), what they held
+        back."""
         conv = tools.converter(self.engine.tokenizer(greq.model))
         greq.tools = tools.offer
         greq.skip_special_tokens = conv.skip_special_tokens
         greq.continue_chars = None
         if greq.continue_ids:
-            conv.feed(await self.engine.continued_text(greq), greq.continue_ids)
+            said = await self.engine.continued_text(greq)
+            content, _ = conv.feed(said, greq.continue_ids)
+            if stops.stops:
+                stops.hold(content[chars:])
         return tools.wrap(self.engine.generate(greq), conv)
 
     async def _serve(
@@ -448,18 +458,6 @@ class Worker:
                 raise BadRequest(f"engine {self.engine.name!r} does not score prompts "
                                  "(prompt_logprobs, max_tokens 0)")  # fmt: skip
             stops = StopMatcher(params.stop)
-            cont = req.continue_ids or []
-            resumed = len(cont)
-            if resumed:
-                params = await self._continuation(model, req, stops)
-                if params is not None and params.prompt_logprobs is not None:
-                    # the first attempt sent them
-                    params = dataclasses.replace(params, prompt_logprobs=None)
-                if params is None:  # nothing left to generate
-                    fin(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
-                        "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
-                    finished = engine_done = True
-                    return
             tools: ToolPlan | None = None
             if params.tools:
                 if not self.engine.takes_tools:
@@ -467,6 +465,18 @@ class Worker:
                 tools = tool_plan(params, self.tool_parser)
                 if tools is not None:
                     params = tools.params
+            cont = req.continue_ids or []
+            resumed = len(cont)
+            if resumed:
+                left = await self._continuation(model, req, params, stops, tools is not None)
+                if left is None:  # nothing left to generate
+                    fin(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
+                        "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
+                    finished = engine_done = True
+                    return
+                params = left
+                if params.prompt_logprobs is not None:  # the first attempt sent them
+                    params = dataclasses.replace(params, prompt_logprobs=None)
             if params.structured is not None and not self.engine.takes_structured:
                 raise BadRequest(
                     f"engine {self.engine.name!r} cannot constrain decoding: structured "
@@ -491,7 +501,7 @@ class Worker:
                 if tools is None:
                     gen = self.engine.generate(greq)
                 else:  # the text becomes content and tool calls
-                    gen = await self._with_tools(greq, tools)
+                    gen = await self._with_tools(greq, tools, stops, req.continue_chars)
                 try:
                     async for d in gen:
                         if d.prompt_logprobs is not None:

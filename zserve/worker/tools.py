@@ -27,7 +27,9 @@ streams them: a call's first fragment has its ``index``, ``id``, ``type``
 and ``function.name`` (with ``arguments: ""``), later ones more of
 ``function.arguments``. What they emit is a function of the text so far,
 so a resumed request (``continue_ids``) primes a fresh converter with the
-text already delivered and goes on from there. The turn's finish reason
+text already delivered and goes on from there; the content that priming
+gives is what the earlier attempt's stop strings saw (the worker restores
+what they held back from it, not from the raw text). The turn's finish reason
 becomes ``tool_calls`` when it stopped with a call made.
 
 vLLM (and torch) are imported only for a parser, in the worker: 8-9 s once.
