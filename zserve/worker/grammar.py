@@ -363,6 +363,8 @@ class RowState:
         # is read, so a row whose best token the grammar allows needs no mask.
         self.greedy = greedy
         self._scratch: torch.Tensor | None = None
+        # the token ``constrain_rows`` already accepted for this step (``taken``)
+        self._taken: int | None = None
         self.close: bytes | None = None
         self.need: int | None = None
         self.need0 = 0  # the whole value's shortest closing: what a new element may cost
@@ -377,6 +379,11 @@ class RowState:
 
     def accept(self, token: int, output: bool = True) -> bool:
         """Advance with ``token``; False (state unchanged) if the grammar refuses it."""
+        if self._taken is not None:  # advanced by ``take`` when the batch was masked
+            taken, self._taken = self._taken, None
+            if taken == token:
+                return True
+            raise RuntimeError(f"token {token} sampled where {taken} was taken")
         if not self.m.accept_token(token):
             return False
         data = b""
@@ -462,6 +469,15 @@ class RowState:
         """Whether the grammar (and the ban on special tokens) allows ``token`` next."""
         return token not in self.g.banned_set and self.m.fork().accept_token(token)
 
+    def take(self, token: int) -> bool:
+        """``takes`` and, if so, ``accept`` at once (no fork): the engine
+        promises that ``token`` is what this step samples, and the ``accept``
+        it then makes with it only confirms."""
+        if token in self.g.banned_set or not self.accept(token):
+            return False
+        self._taken = token
+        return True
+
     def in_window(self) -> bool:
         """Whether the budget rule has a say at this step."""
         if not self.budget or self.need is None or self.m.is_terminated():
@@ -487,18 +503,22 @@ class RowState:
         t = int(x.argmax())
         return self.lex.opens(self.g.decoded[t] if t < len(self.g.decoded) else b"")
 
-    def steer(self, x: torch.Tensor, anyway: bool = False) -> None:
+    def steer(self, x: torch.Tensor, anyway: bool = False, commit: bool = False) -> int | None:
         """The budget rule on one masked row of logits (see the module
         docstring; ``anyway``: outside the window, ``at_opener``). A greedy
-        row keeps only the best token that fits."""
+        row keeps only the best token that fits. ``commit`` (a greedy row of
+        the hf engine, which samples its argmax right after): the kept token,
+        when it was found among the candidates, is accepted here with the
+        state its check built (as ``take`` does) and returned."""
         if not anyway and not self.in_window():
-            return
+            return None
         assert self.max_tokens is not None
         remaining = self.max_tokens - self.n_out
         k = min(TOP_K, x.shape[-1])
         vals, ids = torch.topk(x, k)
         keep: list[int] = []
         stops = self.g.stop_ids
+        chosen: tuple[xgr.GrammarMatcher, Lex, bytes] | None = None  # a greedy keep's state
         for v, t in zip(vals.tolist(), ids.tolist(), strict=True):
             if v == _NEG_INF or v != v:  # masked, or NaN
                 break
@@ -515,6 +535,7 @@ class RowState:
                 c = self._carried(f, lex, data, inside)
                 if c is not None and len(self.g.tokens(c)) + 1 <= remaining - 1:
                     keep.append(t)
+                    chosen = (f, lex, c)
             if keep and self.greedy:
                 break
         if not keep:
@@ -527,8 +548,15 @@ class RowState:
         if self.greedy:  # argmax is all that is read from a greedy row
             x.fill_(_NEG_INF)
             x[keep[0]] = 0.0
-            return
+            if commit and chosen is not None and keep[0] not in stops:
+                self.m, self.lex, close = chosen
+                self.n_out += 1
+                self._set_close(close)
+                self._taken = keep[0]
+                return keep[0]
+            return None
         _only(x, keep)
+        return None
 
     def forced(self) -> int:
         """The first token of the closing (EOS once the value is complete)."""
@@ -637,12 +665,20 @@ def _only(x: torch.Tensor, keep: list[int]) -> None:
 
 
 def constrain_rows(
-    logits: torch.Tensor, rows: list[RowState | None], bitmask: torch.Tensor | None = None
+    logits: torch.Tensor,
+    rows: list[RowState | None],
+    bitmask: torch.Tensor | None = None,
+    taken: list[int | None] | None = None,
 ) -> None:
     """Mask each constrained row of ``logits`` [N, V] (``rows[i]`` None: row
     ``i`` is left alone): the grammars' masks in one pass over the batch,
     then the budget rule row by row. ``bitmask``: scratch [>= N, ceil(V/32)]
-    int32, allocated when not given."""
+    int32, allocated when not given.
+
+    ``taken`` (the hf engine, which samples right after): a greedy row whose
+    best token the grammar takes is left unmasked; with ``taken`` given, that
+    token is accepted here, once, and written to ``taken[i]``, for the
+    sampler to use as is (no second argmax, no fork to test it)."""
     live = [i for i, r in enumerate(rows) if r is not None]
     if not live:
         return
@@ -650,12 +686,16 @@ def constrain_rows(
     states = [(i, st) for i, st in enumerate(rows) if st is not None]
     # A greedy row whose best token the grammar takes needs no mask at all.
     best = logits.argmax(-1).tolist() if any(st.argmax_ok() for _, st in states) else None
-    masked = [
-        i
-        for i, st in states
-        if best is None
-        or not (st.argmax_ok() and st.takes(best[i]) and not st.at_opener(logits[i]))
-    ]
+    masked: list[int] = []
+    for i, st in states:
+        if best is not None and st.argmax_ok() and not st.at_opener(logits[i]):
+            if taken is None:
+                if st.takes(best[i]):
+                    continue
+            elif st.take(best[i]):
+                taken[i] = best[i]
+                continue
+        masked.append(i)
     if masked:
         if bitmask is None or bitmask.shape[0] < n:
             bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
@@ -669,13 +709,17 @@ def constrain_rows(
             if g.banned:
                 bitmask[:n].bitwise_and_(g.allow_bits)
         _apply_rows(logits, bitmask, masked)
-    for i in live:
+    commit = taken is not None
+    for i in masked:  # (an unmasked row is outside the window and not at an opener)
         st = rows[i]
         assert st is not None
+        t = None
         if st.in_window():
-            st.steer(logits[i])
+            t = st.steer(logits[i], commit=commit)
         elif st.at_opener(logits[i]):
-            st.steer(logits[i], anyway=True)
+            t = st.steer(logits[i], anyway=True, commit=commit)
+        if t is not None and taken is not None:
+            taken[i] = t
 
 
 def _apply_rows(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> None:

@@ -369,8 +369,8 @@ class BatchRunner:
         blocks: list[tuple[list[Sequence], DynamicCache, torch.Tensor]] = []
         for group in self._groups(live):
             cache, mask, logits = self._prefill(group)
-            _constrain(logits, group)
-            sampled = sample(logits, [s.sampler for s in group])
+            taken = _constrain(logits, group)
+            sampled = sample(logits, [s.sampler for s in group], taken)
             keep: list[int] = []
             for i, (seq, (token, lp, top)) in enumerate(zip(group, sampled, strict=True)):
                 seq.cache_len = len(seq.prompt_ids)
@@ -437,8 +437,8 @@ class BatchRunner:
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, n)
         logits = out.logits[:, -1, :].float()
-        _constrain(logits, rows)
-        sampled = sample(logits, [s.sampler for s in rows])
+        taken = _constrain(logits, rows)
+        sampled = sample(logits, [s.sampler for s in rows], taken)
         keep: list[int] = []
         for i, (seq, (token, lp, top)) in enumerate(zip(rows, sampled, strict=True)):
             seq.cache_len += 1
@@ -461,13 +461,18 @@ def _step(
     return Step(token, lp, top, finish)
 
 
-def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Mask the rows of structured requests to what their grammars allow."""
+def _constrain(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None] | None:
+    """Mask the rows of structured requests to what their grammars allow;
+    the tokens already decided (and accepted) for greedy rows the grammar
+    left unmasked, by row, or None when no row is structured."""
     rows = [s.grammar for s in seqs]
-    if any(r is not None for r in rows):
-        from zserve.worker.grammar import constrain_rows
+    if all(r is None for r in rows):
+        return None
+    from zserve.worker.grammar import constrain_rows
 
-        constrain_rows(logits, rows)
+    taken: list[int | None] = [None] * len(rows)
+    constrain_rows(logits, rows, taken=taken)
+    return taken
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

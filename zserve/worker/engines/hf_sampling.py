@@ -108,12 +108,18 @@ def _warp(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return row
 
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
-    """Pick one token per row of ``logits`` ([batch, vocab], float32)."""
+def sample(
+    logits: torch.Tensor, states: list[SamplerState], known: list[int | None] | None = None
+) -> list[Sampled]:
+    """Pick one token per row of ``logits`` ([batch, vocab], float32);
+    ``known[i]``, where not None, is row ``i``'s token already (a greedy row
+    whose argmax the grammar took, ``grammar.constrain_rows``)."""
     n = len(states)
-    tokens: list[int | None] = [None] * n
+    tokens: list[int | None] = list(known) if known is not None else [None] * n
     plain_greedy = [
-        i for i, s in enumerate(states) if s.params.temperature < GREEDY_EPS and not s.penalised
+        i
+        for i, s in enumerate(states)
+        if tokens[i] is None and s.params.temperature < GREEDY_EPS and not s.penalised
     ]
     if plain_greedy:
         idx = torch.tensor(plain_greedy, device=logits.device)
