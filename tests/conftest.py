@@ -44,6 +44,7 @@ SLOW_FIRST = (
     "tests/gateway/test_tool_calls.py",
     "tests/worker/test_resume_engines.py",
     "tests/worker/test_vllm_resume_sp.py",
+    "tests/system/test_tool_tags.py",
 )
 
 
