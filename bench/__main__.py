@@ -27,7 +27,7 @@ from bench.common import RESULTS_DIR, cell, machine_info
 
 BENCHES = (
     "overhead", "http", "engines", "serving", "vllm_server", "scale", "failover", "rolling",
-    "affinity", "soak", "structured", "tenants",
+    "affinity", "soak", "structured", "structured_serve", "tenants",
 )  # fmt: skip
 # Results written by a benchmark above as a second file (``http --responses-only``).
 EXTRA_RESULTS = ("http_responses",)
@@ -151,6 +151,9 @@ SUMMARIZE: dict[str, Summarizer] = {
     "soak": _soak_rows,
     "structured": _target_rows(
         "structured", "base", lambda w: "the same requests unconstrained, same run"
+    ),
+    "structured_serve": _target_rows(
+        "structured_serve", "direct", lambda w: "vllm serve, same requests and engine settings"
     ),
     "tenants": _target_rows("tenants", "base", lambda w: "no tenants, same run"),
     "http_responses": _responses_rows,

@@ -52,9 +52,13 @@ ABOUT = {
 }
 
 ABOUT.update({
-    "structured": "Constrained decoding's cost on the hf engine: tokens/s with a JSON schema "
-    "against the same requests unconstrained, in one process, 1 / 8 / 32 streams, the tiny and "
-    "the small model.",
+    "structured": "Constrained decoding's cost on the hf and vllm engines: tokens/s with a JSON "
+    "schema against the same requests unconstrained (as many tokens each), in one process, "
+    "1 / 8 / 32 streams, the tiny and the small model.",
+    "structured_serve": "JSON-schema chat requests through zserve (vllm engine) and `vllm serve` "
+    "(its structured-output defaults), same engine, 8 / 32 streams, max_tokens 64 / 128, greedy "
+    "and sampled: the share of replies that parse and validate, and the serving layer's CPU per "
+    "1,000 tokens.",
     "tenants": "The broker with a tenants file of 10 tenants (all within their limits) against "
     "none: 1-token latency, 256-stream tokens/s, broker CPU; and a flood (tenant A 64 streams, "
     "B 8) with fair sharing against one FIFO queue.",
