@@ -63,7 +63,8 @@ ABOUT.update({
     "none: 1-token latency, 256-stream tokens/s, broker CPU; and a flood (tenant A 64 streams, "
     "B 8) with fair sharing against one FIFO queue.",
     "http_responses": "`/v1/responses` streamed against `/v1/chat/completions` on the same "
-    "gateway, in the same rounds (`python -m bench.http --responses-only`).",
+    "gateway, in the same rounds (`python -m bench.http --responses-only`); the tokens/s ratio is "
+    "the median of 9 paired rounds, the tokens/s shown are the totals.",
 })
 
 PLOTS = (

@@ -318,7 +318,8 @@ async def test_tool_calls_required_and_named(vllm_engine: VLLMEngine) -> None:
             assert tp is not None
             req = GenerateRequest(f"v{next(_ids)}", "tiny", None, msgs, tp.params, tools=tp.offer)
             async with asyncio.timeout(60):
-                gen = tp.wrap(vllm_engine.generate(req), tp.converter(vllm_engine.tokenizer("tiny")))
+                conv = tp.converter(vllm_engine.tokenizer("tiny"))
+                gen = tp.wrap(vllm_engine.generate(req), conv)
                 out = [d async for d in gen]
             assert out[-1].finish_reason == "tool_calls", (choice, seed)
             assert out[-1].usage["prompt_tokens"] > bare[-1].usage["prompt_tokens"] + 20
