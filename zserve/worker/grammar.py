@@ -355,6 +355,7 @@ class RowState:
         # enum, const or length): a token inside one keeps the closing valid.
         self.plain_strings = plain_strings
         self.m = xgr.GrammarMatcher(compiled, override_stop_tokens=g.stop_ids or None)
+        self.done = False  # the grammar took EOS (``m.is_terminated()``, kept by ``accept``)
         self.lex = Lex()
         self.max_tokens = max_tokens
         self.budget = budget and max_tokens is not None
@@ -375,7 +376,7 @@ class RowState:
     @property
     def terminated(self) -> bool:
         """The grammar accepted EOS: the request is complete."""
-        return bool(self.m.is_terminated())
+        return self.done
 
     def accept(self, token: int, output: bool = True) -> bool:
         """Advance with ``token``; False (state unchanged) if the grammar refuses it."""
@@ -386,6 +387,7 @@ class RowState:
             raise RuntimeError(f"token {token} sampled where {taken} was taken")
         if not self.m.accept_token(token):
             return False
+        self.done = self.m.is_terminated()
         data = b""
         if 0 <= token < len(self.g.decoded) and token not in self.g.stop_ids:
             data = self.g.decoded[token]
@@ -393,7 +395,7 @@ class RowState:
         self.lex.feed(data)
         if output:
             self.n_out += 1
-        if self.budget and not self.m.is_terminated():
+        if self.budget and not self.done:
             self._set_close(self._carried(self.m, self.lex, data, inside))
         return True
 
@@ -441,7 +443,7 @@ class RowState:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """The grammar's allowed tokens into ``bitmask[row]`` (only EOS once
         the grammar has taken EOS: nothing may follow)."""
-        if self.m.is_terminated():
+        if self.done:
             bitmask[row].zero_()
             t = (self.g.stop_ids or [0])[0]
             bit = 1 << (t & 31)
@@ -463,7 +465,7 @@ class RowState:
 
     def argmax_ok(self) -> bool:
         """Whether this row may skip its mask when the grammar takes its best token."""
-        return self.greedy and not self.in_window() and not self.m.is_terminated()
+        return self.greedy and not self.done and not self.in_window()
 
     def takes(self, token: int) -> bool:
         """Whether the grammar (and the ban on special tokens) allows ``token`` next."""
@@ -480,27 +482,28 @@ class RowState:
 
     def in_window(self) -> bool:
         """Whether the budget rule has a say at this step."""
-        if not self.budget or self.need is None or self.m.is_terminated():
+        if not self.budget or self.need is None or self.done:
             return False
         assert self.max_tokens is not None
         return self.need + WINDOW >= self.max_tokens - self.n_out
 
-    def at_opener(self, x: torch.Tensor) -> bool:
+    def at_opener(self, x: torch.Tensor | int) -> bool:
         """Whether the budget rule must look at this step although it is
         outside the window: a new element (a ``,``, ``[`` or ``{`` outside a
         string) can cost as much as the whole value (``need0``), so with less
         than that left beyond ``need`` a greedy row whose best token opens
         one, and a sampled row outside a string, are steered. (The window
         alone let an array of parallel tool calls start one more call than
-        ``max_tokens`` could close.)"""
-        if not self.budget or self.need is None or self.m.is_terminated():
+        ``max_tokens`` could close.) ``x``: the row's logits, or their argmax
+        when the caller has it."""
+        if not self.budget or self.need is None or self.done:
             return False
         assert self.max_tokens is not None
         if self.need + self.need0 + WINDOW < self.max_tokens - self.n_out:
             return False
         if not self.greedy and not self.lex.in_str:
             return True
-        t = int(x.argmax())
+        t = x if isinstance(x, int) else int(x.argmax())
         return self.lex.opens(self.g.decoded[t] if t < len(self.g.decoded) else b"")
 
     def steer(self, x: torch.Tensor, anyway: bool = False, commit: bool = False) -> int | None:
@@ -546,14 +549,15 @@ class RowState:
                 forced = allowed[0] if allowed else forced
             keep = [forced]
         if self.greedy:  # argmax is all that is read from a greedy row
-            x.fill_(_NEG_INF)
-            x[keep[0]] = 0.0
             if commit and chosen is not None and keep[0] not in stops:
+                # the sampler uses the returned token as is: the row is not read
                 self.m, self.lex, close = chosen
                 self.n_out += 1
                 self._set_close(close)
                 self._taken = keep[0]
                 return keep[0]
+            x.fill_(_NEG_INF)
+            x[keep[0]] = 0.0
             return None
         _only(x, keep)
         return None
@@ -685,10 +689,11 @@ def constrain_rows(
     n, vocab = logits.shape
     states = [(i, st) for i, st in enumerate(rows) if st is not None]
     # A greedy row whose best token the grammar takes needs no mask at all.
-    best = logits.argmax(-1).tolist() if any(st.argmax_ok() for _, st in states) else None
+    ok = [st.argmax_ok() for _, st in states]
+    best = logits.argmax(-1).tolist() if any(ok) else None
     masked: list[int] = []
-    for i, st in states:
-        if best is not None and st.argmax_ok() and not st.at_opener(logits[i]):
+    for (i, st), row_ok in zip(states, ok, strict=True):
+        if row_ok and not st.at_opener(best[i]):  # type: ignore[index]
             if taken is None:
                 if st.takes(best[i]):
                     continue
