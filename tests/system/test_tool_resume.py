@@ -130,3 +130,41 @@ def test_a_continuation_holds_back_content_not_tool_call_text(stack: Any) -> Non
     assert rest[-1].finish_reason == "tool_calls"
     assert called(rest) == [("get_weather", {"city": "Paris", "days": 2}),
                             ("get_time", {"tz": "CET"})]  # fmt: skip
+
+
+EXHAUSTED = "abcdefgh#xyz"  # tokens abc, def, gh#, xyz
+
+
+def test_a_continuation_with_no_tokens_left_ends_as_the_run_would(stack: Any) -> None:
+    """Every id ``max_tokens`` allows was delivered, the final was not: the
+    continuation generates nothing and its final carries what the
+    uninterrupted run's final carried, the text a stop string held back
+    (``#`` may begin ``#!``), and, with tools, what the converter holds; it
+    came back empty before, the held text lost."""
+    stack.start_broker(*FAST_HB)
+    stack.worker("--model", "m", "--engine-arg", f"script={EXHAUSTED}", *FAST_HB)
+    stack.worker("--model", "t", "--engine-arg", f"script={HELD}", "--tool-call-parser",
+                 "hermes", *FAST_HB)  # fmt: skip
+    stack.wait_workers(2, timeout=60)
+    msgs = [{"role": "user", "content": "hi"}]
+    plain: dict[str, Any] = {"stop": ["#!"], "max_tokens": 3}
+    # the tool reply cut right after the first call's </tool_call> (39 tokens of 3)
+    cut = (HELD.index("</tool_call>\n") + len("</tool_call>\n")) // 3
+    tooled: dict[str, Any] = {"tools": TOOLS, "stop": ["forecasts"], "max_tokens": cut}
+    with stack.client() as c:
+        whole = c.generate("m", messages=msgs, **plain)
+        whole_t = c.generate("t", messages=msgs, **tooled)
+    assert (whole.text, whole.finish_reason) == ("abcdefgh#", "length")
+    rest = continuation(stack.frontend, "m", msgs, p.SamplingParams(**plain), [0, 1, 2], 8)
+    assert [(d.text, d.finish_reason) for d in rest] == [("#", "length")]
+    assert rest[-1].usage is not None and rest[-1].usage["completion_tokens"] == 3
+
+    assert (whole_t.text, whole_t.finish_reason) == ("Let me check the forecast", "length")
+    assert whole_t.tool_calls is not None and len(whole_t.tool_calls) == 1
+    got = len("Let me check the ")
+    rest = continuation(stack.frontend, "t", msgs, p.SamplingParams(**tooled),
+                        list(range(cut)), got)  # fmt: skip
+    assert "".join(d.text for d in rest) == "forecast"
+    assert rest[-1].finish_reason == "length"
+    # the call was announced before the cut: the primed converter does not again
+    assert not [f for d in rest for f in d.tool_calls or [] if "id" in f]

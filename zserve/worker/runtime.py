@@ -384,6 +384,50 @@ class Worker:
             stops.hold(held[req.continue_chars :])
         return params
 
+    async def _exhausted(
+        self,
+        model: str,
+        req: Request,
+        params: SamplingParams,
+        stops: StopMatcher,
+        tools: ToolPlan | None,
+    ) -> Delta:
+        """The final of a resumed request whose earlier attempt delivered
+        every token ``max_tokens`` allows but not its final: what the
+        uninterrupted run's final carried. That is the text the caller never
+        got (held back by a stop string, ``continue_chars`` on) and, with
+        tools, what the tool-call converter gives at the end; ``length``."""
+        cont = req.continue_ids or []
+        greq = GenerateRequest("", model, req.prompt, req.messages, params, cont,
+                               prompt_ids=req.prompt_ids)  # fmt: skip
+        ctx = self.engine.context_length
+        if ctx and len(cont) >= ctx:  # refused before a decode that grows with it
+            raise ContextOverflow(
+                f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
+            )
+        last = Delta(finish_reason=p.FINISH_LENGTH)
+        if tools is None:
+            if stops.stops:  # else the caller got all the text there was
+                said = await self.engine.continued_text(greq)
+                last.text = said[req.continue_chars :]
+            return last
+        conv = tools.converter(self.engine.tokenizer(model))
+        greq.tools = tools.offer
+        greq.skip_special_tokens = conv.skip_special_tokens
+        said = await self.engine.continued_text(greq)
+        content, _ = conv.feed(said, cont)  # delivered already, calls included
+        more, calls = conv.end()
+        if stops.stops:
+            stops.hold(content[req.continue_chars :])
+            more, hit = stops.feed(more)
+            if hit:
+                last.finish_reason = p.FINISH_STOP
+            else:
+                more += stops.flush()
+        last.text = more
+        last.tool_calls = calls or None
+        return last
+
     async def _with_tools(
         self, greq: GenerateRequest, tools: ToolPlan, stops: StopMatcher, chars: int
     ) -> AsyncIterator[Delta]:
@@ -469,9 +513,10 @@ class Worker:
             resumed = len(cont)
             if resumed:
                 left = await self._continuation(model, req, params, stops, tools is not None)
-                if left is None:  # nothing left to generate
-                    fin(client, rid, Delta(finish_reason=p.FINISH_LENGTH, usage={
-                        "prompt_tokens": 0, "completion_tokens": resumed}), first)  # fmt: skip
+                if left is None:  # nothing left to generate: only the ending
+                    last = await self._exhausted(model, req, params, stops, tools)
+                    last.usage = {"prompt_tokens": 0, "completion_tokens": resumed}
+                    fin(client, rid, last, first)
                     finished = engine_done = True
                     return
                 params = left
