@@ -129,8 +129,12 @@ class Load:
             try:
                 async with http.stream("POST", root + "/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
-                        self.error(f"http {r.status_code}")
-                        await r.aread()
+                        raw = await r.aread()
+                        try:  # the error's code names the cause (timeout, worker_lost...)
+                            code = json.loads(raw)["error"]["code"]
+                        except (ValueError, KeyError, TypeError):
+                            code = "?"
+                        self.error(f"http {r.status_code} {code}")
                         continue
                     async for line in r.aiter_lines():
                         if not line.startswith("data: {"):
