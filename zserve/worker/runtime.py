@@ -46,7 +46,7 @@ from zserve.worker.engine import Engine, GenerateRequest
 from zserve.worker.outbox import embeddings_per_record
 from zserve.worker.session import BrokerSession
 from zserve.worker.stops import StopMatcher
-from zserve.worker.tools import ToolPlan
+from zserve.worker.tools import Converter, ToolPlan
 from zserve.worker.tools import parser_class as tool_parser_class
 from zserve.worker.tools import plan as tool_plan
 
@@ -368,11 +368,7 @@ class Worker:
             params = dataclasses.replace(params, max_tokens=left)
         raw = bool(stops.stops) and not self.engine.replays_held_text and not tools
         if raw or tools:  # the delivered ids are decoded: here, or for the converter
-            ctx = self.engine.context_length
-            if ctx and len(cont) >= ctx:  # refused before a decode that grows with it
-                raise ContextOverflow(
-                    f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
-                )
+            self._check_decodable(cont)
         if raw:
             # Text of the delivered ids past what the caller got: a stop
             # string's possible beginning, held back as it was before, with
@@ -400,25 +396,17 @@ class Worker:
         cont = req.continue_ids or []
         greq = GenerateRequest("", model, req.prompt, req.messages, params, cont,
                                prompt_ids=req.prompt_ids)  # fmt: skip
-        ctx = self.engine.context_length
-        if ctx and len(cont) >= ctx:  # refused before a decode that grows with it
-            raise ContextOverflow(
-                f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
-            )
+        self._check_decodable(cont)
         last = Delta(finish_reason=p.FINISH_LENGTH)
         if tools is None:
             if stops.stops:  # else the caller got all the text there was
                 said = await self.engine.continued_text(greq)
                 last.text = said[req.continue_chars :]
             return last
-        conv = tools.converter(self.engine.tokenizer(model))
-        greq.tools = tools.offer
-        greq.skip_special_tokens = conv.skip_special_tokens
-        said = await self.engine.continued_text(greq)
-        content, _ = conv.feed(said, cont)  # delivered already, calls included
+        # delivered already, calls included; the stop strings hold what they held
+        conv = await self._primed(greq, tools, stops, req.continue_chars)
         more, calls = conv.end()
         if stops.stops:
-            stops.hold(content[req.continue_chars :])
             more, hit = stops.feed(more)
             if hit:
                 last.finish_reason = p.FINISH_STOP
@@ -432,22 +420,39 @@ class Worker:
         self, greq: GenerateRequest, tools: ToolPlan, stops: StopMatcher, chars: int
     ) -> AsyncIterator[Delta]:
         """``greq``'s generation with its text turned into content and tool
-        calls, special tokens kept where the parser reads them. A resumption
-        first feeds the converter the text the earlier attempt delivered, as
-        that attempt's stream decoded it: the engine sends none of it again
-        (``continue_chars``). The content that gives is what the stop strings
-        saw there, and past ``chars`` (what the caller got), what they held
-        back."""
+        calls by a converter ``_primed`` with what an earlier attempt
+        delivered: the engine sends none of that text again (no
+        ``continue_chars``)."""
+        greq.continue_chars = None
+        conv = await self._primed(greq, tools, stops, chars)
+        return tools.wrap(self.engine.generate(greq), conv)
+
+    async def _primed(
+        self, greq: GenerateRequest, tools: ToolPlan, stops: StopMatcher, chars: int
+    ) -> Converter:
+        """``tools``' converter for ``greq`` (whose template gets the tools,
+        special tokens kept where the parser reads them). A resumption feeds
+        it the text the earlier attempt delivered, as that attempt's stream
+        decoded it; ``stops`` then hold the content past ``chars`` that the
+        earlier attempt's stop strings held back."""
         conv = tools.converter(self.engine.tokenizer(greq.model))
         greq.tools = tools.offer
         greq.skip_special_tokens = conv.skip_special_tokens
-        greq.continue_chars = None
         if greq.continue_ids:
             said = await self.engine.continued_text(greq)
             content, _ = conv.feed(said, greq.continue_ids)
             if stops.stops:
                 stops.hold(content[chars:])
-        return tools.wrap(self.engine.generate(greq), conv)
+        return conv
+
+    def _check_decodable(self, cont: list[int]) -> None:
+        """``ContextOverflow`` for delivered ids this worker's context cannot
+        hold, before a decode that grows with them."""
+        ctx = self.engine.context_length
+        if ctx and len(cont) >= ctx:
+            raise ContextOverflow(
+                f"{len(cont)} tokens to continue after: this worker's context is {ctx} tokens"
+            )
 
     async def _serve(
         self, s: BrokerSession, client: bytes, rid: bytes, model: str, req: Request, eid: str
