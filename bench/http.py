@@ -79,7 +79,7 @@ class Settings:
 FULL = Settings(rounds=3, latency_n=400, concurrency=32, max_tokens=128, stream_rounds=2)
 QUICK = Settings(rounds=1, latency_n=100, concurrency=32, max_tokens=128, stream_rounds=1)
 # The Responses-vs-chat comparison: more, shorter alternations, since one
-# round's 32 x 128 tokens/s lasts well under a second and swings by 10 % between
+# round's 32 x 128 tokens/s lasts about a second and swings by 10 % between
 # rounds on a shared machine; the tokens/s verdict is the median of the
 # rounds' paired ratios (each round runs both, the order flipping).
 APIS_FULL = Settings(rounds=9, latency_n=200, concurrency=32, max_tokens=128, stream_rounds=12)

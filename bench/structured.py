@@ -64,6 +64,15 @@ def _validator() -> Any:
 _VALIDATOR = _validator()
 
 
+def valid(text: str | None) -> bool:
+    """Whether ``text`` is JSON that validates against ``SCHEMA``."""
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return False
+    return bool(_VALIDATOR.is_valid(value))
+
+
 @dataclass
 class Settings:
     engines: tuple[str, ...] = ("hf", "vllm")

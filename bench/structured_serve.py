@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import httpx
 
 from bench.common import CpuMeter, format_table, median
 from bench.serving import MODEL, _settle, both_sides, cpu_split, write_result
-from bench.structured import SCHEMA
+from bench.structured import SCHEMA, valid
 from bench.vllm_server import ENGINE, SIDES
 
 PROMPT = "Record {i}: a short description of a person, written as data."
@@ -74,26 +73,14 @@ def _body(i: int, max_tokens: int, temperature: float) -> dict[str, Any]:
     return body
 
 
-def _valid(content: str | None) -> bool:
-    import jsonschema
-
-    try:
-        jsonschema.validate(json.loads(content or ""), SCHEMA)
-    except (ValueError, jsonschema.ValidationError):
-        return False
-    return True
-
-
 async def _one(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
     r = await client.post(url, json=body)
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text[:300]}")
     data = r.json()
     choice = data["choices"][0]
-    content = choice["message"].get("content")
-    return {"valid": _valid(content), "finish": choice["finish_reason"],
-            "tokens": int(data["usage"]["completion_tokens"]),
-            "sample": (content or "")[:80]}  # fmt: skip
+    return {"content": choice["message"].get("content"), "finish": choice["finish_reason"],
+            "tokens": int(data["usage"]["completion_tokens"])}  # fmt: skip
 
 
 async def _turn(
@@ -110,13 +97,16 @@ async def _turn(
         )
         wall = time.perf_counter() - t0
         meter.stop()
+    for g in got:  # checked after the clock stops
+        g["valid"] = valid(g["content"])
+    invalid = [(g["content"] or "")[:80] for g in got if not g["valid"]]
     tokens = sum(g["tokens"] for g in got)
     finishes: dict[str, int] = {}
     for g in got:
         finishes[g["finish"]] = finishes.get(g["finish"], 0) + 1
     return {"replies": n, "valid": sum(g["valid"] for g in got), "finish": finishes,
             "tok_s": tokens / wall, "tokens": tokens, "cpu": cpu_split(meter, tokens),
-            "invalid_samples": [g["sample"] for g in got if not g["valid"]][:2]}  # fmt: skip
+            "invalid_samples": invalid[:2]}  # fmt: skip
 
 
 def _key(n: int, max_tokens: int, temperature: float) -> str:
