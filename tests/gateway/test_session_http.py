@@ -8,7 +8,7 @@ import httpx
 from tests.conftest import FAST_HB
 from tests.gateway.conftest import start_gateway
 from zserve.client import Client
-from zserve.launcher import start_broker, start_worker, wait_models
+from zserve.launcher import start_broker, start_worker, wait_for, wait_models
 
 
 def _dispatched(fe: str) -> dict[str, int]:
@@ -25,8 +25,8 @@ def test_session_header_and_user_field_keep_a_conversation_on_one_worker() -> No
         gateway, root = start_gateway(fe, *FAST_HB)
         procs.append(gateway)
         wait_models(fe, ["m"], 30)
-        with Client(fe, timeout=10) as c:
-            assert len(c.status()["workers"]) == 3
+        with Client(fe, timeout=10) as c:  # the model shows with its first worker
+            wait_for(lambda: len(c.status()["workers"]) == 3, 30, "three workers")
         with httpx.Client(base_url=root + "/v1", timeout=30) as http:
             for s in range(6):
                 before = _dispatched(fe)
