@@ -7,6 +7,13 @@ a plain callback, and sends are plain non-blocking sends; only a send that
 finds the pipe full queues and hands back a future that resolves when the
 queue has drained (backpressure).
 
+A message that may wait a little (``send_later``: a stored response's
+write, which wants no answer) rides with the next message sent on the
+socket, or leaves alone after its delay: ZeroMQ hands messages queued
+together to the peer in one write, which the peer reads in one wake-up, and
+on a loaded machine a wake-up for a lone message costs the peer about as
+much CPU as a whole stream's token frames.
+
 ZeroMQ's FD is edge-triggered: it signals a change of ``ZMQ_EVENTS``, and a
 send or receive can consume the edge. So after every send we schedule one
 more look at ``ZMQ_EVENTS`` on the loop, and a batch that stops with messages
@@ -74,6 +81,8 @@ class LoopSocket:
         self._fd = sock.getsockopt(zmq.FD)
         self._out: deque[list[bytes]] = deque()  # frames waiting for room
         self._drained: asyncio.Future[None] | None = None
+        self._later: list[list[bytes]] = []  # messages waiting for company (send_later)
+        self._later_timer: asyncio.TimerHandle | None = None
         self._scheduled = False
         self.closed = False
         self.loop.add_reader(self._fd, self._process)
@@ -124,10 +133,35 @@ class LoopSocket:
                 self._drained.set_result(None)
             self._drained = None
 
+    def send_later(self, frames: list[bytes], delay: float) -> None:
+        """Send with the next message, or alone within ``delay`` seconds,
+        in order with everything sent meanwhile (never dropped: queued when
+        the pipe is full, as ``send``)."""
+        if self.closed:
+            raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
+        self._later.append(frames)
+        if self._later_timer is None:
+            self._later_timer = self.loop.call_later(delay, self.flush_later)
+
+    def flush_later(self) -> None:
+        """Send what ``send_later`` holds, now."""
+        if self._later_timer is not None:
+            self._later_timer.cancel()
+            self._later_timer = None
+        later, self._later = self._later, []
+        if not self.closed:
+            for frames in later:
+                self._send(frames)
+
     def send(self, frames: list[bytes]) -> asyncio.Future[None] | None:
         """Send now; if the pipe is full, queue and return a future for the drain."""
         if self.closed:
             raise zmq.ZMQError(zmq.ENOTSOCK, "socket closed")
+        if self._later:
+            self.flush_later()
+        return self._send(frames)
+
+    def _send(self, frames: list[bytes]) -> asyncio.Future[None] | None:
         if not self._out:
             try:
                 send_frames(self.sock, frames)
@@ -152,6 +186,8 @@ class LoopSocket:
 
     def send_now(self, frames: list[bytes]) -> bool:
         """Send if there is room at once, else drop; for best-effort control frames."""
+        if self._later and not self.closed:
+            self.flush_later()
         if self.closed or self._out:
             return False
         try:
@@ -166,6 +202,10 @@ class LoopSocket:
         far as there is room) and may go on being delivered that long."""
         if self.closed:
             return
+        if linger_ms and self._later:
+            self.flush_later()
+        if self._later_timer is not None:
+            self._later_timer.cancel()
         self.closed = True
         self.loop.remove_reader(self._fd)
         if linger_ms and self._out:
@@ -203,6 +243,10 @@ class LockedLoopSocket(LoopSocket):
     def send(self, frames: list[bytes]) -> asyncio.Future[None] | None:
         with self.lock:
             return super().send(frames)
+
+    def flush_later(self) -> None:
+        with self.lock:
+            super().flush_later()
 
     def unsend(self, frames: list[bytes]) -> bool:
         with self.lock:

@@ -173,6 +173,10 @@ def broker(
     store_max_bytes: Annotated[
         int, typer.Option(help="bytes of stored responses held for the gateways, at most")
     ] = 64 * 1024 * 1024,
+    store_wait: Annotated[
+        float,
+        typer.Option(help="seconds a read of a stored response not (yet) here waits for its write"),
+    ] = 0.25,
     ready_file: Annotated[
         str | None, typer.Option(help="write the bound endpoints here as JSON")
     ] = None,
@@ -224,6 +228,7 @@ def broker(
         max_inflight_per_client=max_inflight_per_client,
         store_max_count=store_max_count,
         store_max_bytes=store_max_bytes,
+        store_wait=store_wait,
         curve_secret=curve_secret,
         curve_allow_workers=curve_allow_workers,
         curve_allow_clients=curve_allow_clients,

@@ -1065,15 +1065,20 @@ class AsyncClient(_Base):
         async with AsyncStream(self, rid, None) as s:  # type: ignore[arg-type]  # sent
             return (await s.__anext__()).result
 
-    def tell(self, service: bytes, *args: bytes, link: int = 0) -> bool:
+    def tell(self, service: bytes, *args: bytes, link: int = 0, within: float = 0.0) -> bool:
         """Send broker ``link`` a QUERY that wants no answer (an empty request
         id: a store write). Queued behind what waits for that broker while
         it is alive; while it is taken for dead, sent only if there is room
-        at once. False: dropped."""
+        at once. False: dropped. ``within`` (seconds): it may wait that long
+        to leave with the next message to that broker (``send_later``), in
+        order with everything sent meanwhile."""
         frames = [p.CLIENT, p.C_QUERY, b"", service, *args]
         sock = self._loop_socks()[link]
         if not self._core.links[link].alive:
             return sock.send_now(frames)
+        if within > 0:
+            sock.send_later(frames, within)
+            return True
         sock.send(frames)
         self._sent_at[link] = time.monotonic()
         return True

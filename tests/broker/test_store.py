@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from zserve import protocol as p
-from zserve.broker.store import BoundedStore
+from zserve.broker.store import MAX_WAITS, WAITING, BoundedStore
 
 
 def test_count_bound_puts_the_oldest_out() -> None:
@@ -48,3 +48,44 @@ def test_handle_checks_its_frames() -> None:
                           (p.SERVICE_STORE_GET, [b"k" * (p.MAX_STORE_KEY + 1)])]:  # fmt: skip
         with pytest.raises(ValueError):
             s.handle(service, args)
+
+
+def test_a_read_of_a_missing_key_waits_for_its_write() -> None:
+    s = BoundedStore(wait_s=0.25)
+    assert s.handle(p.SERVICE_STORE_GET, [b"k"], who="reader", now=10.0) is WAITING
+    assert s.handle(p.SERVICE_STORE_DELETE, [b"k"], who="deleter", now=10.1) is WAITING
+    assert s.next_deadline == 10.25 and s.take_answers() == []
+    assert s.handle(p.SERVICE_STORE_PUT, [b"k", b"v"]) is True
+    # in the order they came: the read has the value, then the delete takes it
+    assert s.take_answers() == [("reader", b"v"), ("deleter", True)]
+    assert s.get(b"k") is None
+    s.expire(11.0)  # their deadlines pass: nothing more to say
+    assert s.take_answers() == [] and s.next_deadline is None
+
+
+def test_a_read_that_waits_in_vain_is_absent_at_its_deadline() -> None:
+    s = BoundedStore(wait_s=0.25)
+    assert s.handle(p.SERVICE_STORE_GET, [b"a"], who=1, now=0.0) is WAITING
+    assert s.handle(p.SERVICE_STORE_DELETE, [b"b"], who=2, now=0.1) is WAITING
+    s.expire(0.2)
+    assert s.take_answers() == []
+    s.expire(0.3)
+    assert s.take_answers() == [(1, None)] and s.next_deadline == 0.35
+    s.expire(0.35)
+    assert s.take_answers() == [(2, False)] and s.next_deadline is None
+    s.put(b"a", b"late")  # nobody waits any more
+    assert s.take_answers() == [] and s.get(b"a") == b"late"
+
+
+def test_waits_are_bounded_and_optional() -> None:
+    s = BoundedStore(wait_s=0.25)
+    for i in range(MAX_WAITS):
+        assert s.handle(p.SERVICE_STORE_GET, [b"k%d" % i], who=i, now=0.0) is WAITING
+    assert s.handle(p.SERVICE_STORE_GET, [b"more"], who="x", now=0.0) is None  # full: absent now
+    assert s.handle(p.SERVICE_STORE_GET, [b"k"], who=None) is None  # wants no answer
+    assert BoundedStore(wait_s=0).handle(p.SERVICE_STORE_GET, [b"k"], who=1) is None
+    s.put(b"k", b"v")  # held, not waited for: answered at once
+    assert s.handle(p.SERVICE_STORE_GET, [b"k"], who="y", now=0.0) == b"v"
+    assert not s.is_waiting("y") and s.is_waiting(0)
+    s.expire(1.0)
+    assert not s.is_waiting(0) and len(s.take_answers()) == MAX_WAITS

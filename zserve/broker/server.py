@@ -40,7 +40,8 @@ from zserve.broker.dispatch import (
 from zserve.broker.registry import Registry, RequestKey, WorkerState
 from zserve.broker.store import DEFAULT_MAX_BYTES as STORE_MAX_BYTES
 from zserve.broker.store import DEFAULT_MAX_COUNT as STORE_MAX_COUNT
-from zserve.broker.store import BoundedStore
+from zserve.broker.store import DEFAULT_WAIT_S as STORE_WAIT_S
+from zserve.broker.store import WAITING, BoundedStore
 from zserve.broker.tenants import Rejection
 from zserve.protocol import WorkerInfo
 from zserve.security import DOMAIN_CLIENTS, DOMAIN_WORKERS, BrokerAuth
@@ -141,6 +142,7 @@ class BrokerConfig:
     # The response store the gateways share (broker/store.py): its bounds.
     store_max_count: int = STORE_MAX_COUNT
     store_max_bytes: int = STORE_MAX_BYTES
+    store_wait: float = STORE_WAIT_S  # a read of a missing key waits this long for its write
     # cache_aware dispatch (see broker/dispatch.py CacheAware)
     cache_map_size: int = CACHE_MAP_SIZE
     cache_threshold_abs: float = CACHE_THRESHOLD_ABS
@@ -170,7 +172,7 @@ class Broker:
         self.rng = random.Random(config.seed)
         self.counters: Counter[str] = Counter()
         # The gateways' stored responses (opaque values; QUERY store.*).
-        self.store = BoundedStore(config.store_max_count, config.store_max_bytes)
+        self.store = BoundedStore(config.store_max_count, config.store_max_bytes, config.store_wait)
         options = None
         if config.dispatch == "cache_aware":
             options = {
@@ -292,7 +294,8 @@ class Broker:
             if not self._running and not self.leaving:
                 self._say_goodbye()  # a planned stop: the leaving phase begins
                 next_tick = next_sync = math.inf  # no heartbeats, no dispatch, no sync
-            timeout_ms = max(0.0, (min(next_tick, next_sync) - time.monotonic()) * 1000)
+            wake = min(next_tick, next_sync, self.store.next_deadline or math.inf)
+            timeout_ms = max(0.0, (wake - time.monotonic()) * 1000)
             if self.leaving:
                 timeout_ms = min(timeout_ms, 20.0)  # (the phase's end is checked)
             events = dict(poller.poll(timeout_ms))
@@ -311,6 +314,10 @@ class Broker:
             if self._dirty_models and not self.leaving:
                 self._dispatch_queued()
             now = time.monotonic()
+            deadline = self.store.next_deadline
+            if deadline is not None and now >= deadline:
+                self.store.expire(now)
+                self._store_answers()
             if now >= next_sync:
                 next_sync = adm.sync(now)  # type: ignore[union-attr]
             if now >= next_tick:
@@ -454,15 +461,15 @@ class Broker:
         if len(frames) > 5:
             raise ValueError("HEARTBEAT has at most 5 frames")
         quiet = p.decode_request_ids(frames[4]) if len(frames) == 5 else []
-        if c is not None:
-            if len(frames) >= 4:
-                c.ttl = self._client_ttl(frames[3])
-                c.expiry = time.monotonic() + c.ttl
-            if c.requests and not self.leaving:  # (leaving: it is told nothing more)
-                # Answered at once: a client that heartbeats faster than
-                # we do hears from us at its own pace, so it does not
-                # take our slower ticks for a dead broker.
-                self._send_client(client, [p.CLIENT, p.C_HEARTBEAT])
+        if c is not None and len(frames) >= 4:
+            c.ttl = self._client_ttl(frames[3])
+            c.expiry = time.monotonic() + c.ttl
+        held = c.requests if c is not None else None
+        if (held or self.store.waits_of(client)) and not self.leaving:
+            # (leaving: it is told nothing more) Answered at once: a client
+            # that heartbeats faster than we do hears from us at its own
+            # pace, so it does not take our slower ticks for a dead broker.
+            self._send_client(client, [p.CLIENT, p.C_HEARTBEAT])
         if quiet and not self.leaving:
             # Requests the client waits on that we do not hold (we restarted,
             # or never got them): end them now, not at the client's timeout.
@@ -474,6 +481,7 @@ class Broker:
                 for rid in quiet
                 if (client, rid) not in self.requests
                 and rid not in owed
+                and not self.store.is_waiting((client, rid))  # a store read waiting for its write
                 and now - recent.get((client, rid), -RECENT_S) >= RECENT_S
             ]
             if unknown:
@@ -619,19 +627,29 @@ class Broker:
                 self._reply_error(client, rid, "bad_request", str(e))
                 return
         elif service in p.STORE_SERVICES:
+            who = (client, rid) if rid else None
             try:
-                result = self.store.handle(service, frames[5:])
+                result = self.store.handle(service, frames[5:], who, time.monotonic())
             except ValueError as e:
                 if rid:
                     self._reply_error(client, rid, "bad_request", str(e))
                 else:
                     self.counters["malformed"] += 1
                 return
-            if not rid:
-                return  # a write that wants no answer (an empty request id)
+            self._store_answers()  # reads a write released
+            if not rid or result is WAITING:
+                return  # a write that wants no answer (an empty request id), a read that waits
         else:
             self._reply_error(client, rid, "bad_request", f"unknown service {service!r}")
             return
+        self._reply_query(client, rid, result)
+
+    def _store_answers(self) -> None:
+        """Answer the store reads that waited for a write (or in vain)."""
+        for (client, rid), result in self.store.take_answers():
+            self._reply_query(client, rid, result)
+
+    def _reply_query(self, client: bytes, rid: bytes, result: Any) -> None:
         rec = p.Delta(finish_reason=p.FINISH_STOP, result=result).record(rid)
         self._send_client(client, [p.CLIENT, p.C_TOKENS, p.encode_tokens([rec])])
 
