@@ -72,7 +72,12 @@ def _responses_rows(r: dict[str, Any]) -> list[list[str]]:
         ["http_responses", "/v1/responses, 32 x 128 streamed (tok/s)", base,
          cell(chat["stream"]["tok_s"]), cell(resp["stream"]["tok_s"]),
          f"{v['tok_s_ratio']:g}x", f">= {v['tok_s_target']:g}x", _met(tps)],
-    ]  # fmt: skip
+    ] + ([
+        ["http_responses", "/v1/responses, 32 x 128: CPU us per token (gateway + broker + "
+         "worker + load generator)", base, cell(chat["cpu_us_per_token"]["all"]),
+         cell(resp["cpu_us_per_token"]["all"]), f"{v['cpu_ratio']:g}x (chat / responses)",
+         "-", "-"],
+    ] if "cpu_ratio" in v else [])  # fmt: skip
 
 
 def _http_rows(r: dict[str, Any]) -> list[list[str]]:

@@ -64,8 +64,12 @@ ABOUT.update({
     "B 8) with fair sharing against one FIFO queue.",
     "http_responses": "`/v1/responses` streamed against `/v1/chat/completions` on the same "
     "gateway, in the same rounds (`python -m bench.http --responses-only`); the tokens/s ratio is "
-    "the median of 9 paired rounds, the tokens/s shown are the totals.",
+    "the median of the rounds' paired ratios (24 in a full run: one figure swings 10-20 % between "
+    "rounds on this machine), the tokens/s shown are the totals; the CPU row sums each process's "
+    "CPU seconds over the throughput phases.",
 })
+
+SOURCE = {"http_responses": "http"}  # a result another benchmark's module writes
 
 PLOTS = (
     ("latency_cdf.png", "1-token latency: zserve against its floors and FastChat"),
@@ -110,7 +114,8 @@ def render(
     out += [f"| [{n}](#{n}) | {_provenance(r)} |" for n, r in results.items()]
     for name, r in results.items():
         rows = rows_of(r)
-        out += ["", f"## {name}", "", ABOUT.get(name, ""), "", f"Source: `bench/{name}.py`.", ""]
+        source = f"Source: `bench/{SOURCE.get(name, name)}.py`."
+        out += ["", f"## {name}", "", ABOUT.get(name, ""), "", source, ""]
         out += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
         out += ["| " + " | ".join(row[1:]) + " |" for row in rows]
     plots = [(f, t) for f, t in PLOTS if (PAGE.parent.parent / "bench" / "results" / f).exists()]

@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -55,7 +56,14 @@ from typing import Any
 
 import httpx
 
-from bench.common import format_table, latency_summary_ms, median, result_record, write_json
+from bench.common import (
+    cpu_seconds,
+    format_table,
+    latency_summary_ms,
+    median,
+    result_record,
+    write_json,
+)
 from bench.loadgen import latency, raw_latency, stream_latency, stream_throughput
 from zserve.launcher import Proc, free_port, start_broker, start_worker, wait_for, zserve_cmd
 
@@ -78,17 +86,20 @@ class Settings:
 
 FULL = Settings(rounds=3, latency_n=400, concurrency=32, max_tokens=128, stream_rounds=2)
 QUICK = Settings(rounds=1, latency_n=100, concurrency=32, max_tokens=128, stream_rounds=1)
-# The Responses-vs-chat comparison: more, shorter alternations, since one
-# round's 32 x 128 tokens/s lasts about a second and swings by 10 % between
-# rounds on a shared machine; the tokens/s verdict is the median of the
-# rounds' paired ratios (each round runs both, the order flipping).
-APIS_FULL = Settings(rounds=9, latency_n=200, concurrency=32, max_tokens=128, stream_rounds=12)
-APIS_QUICK = Settings(rounds=3, latency_n=100, concurrency=32, max_tokens=128, stream_rounds=2)
+# The Responses-vs-chat comparison: many short alternations, since one
+# 32 x 128 tokens/s figure lasts about half a second and swings by 10-20 %
+# between rounds on a shared machine (chat against chat reads 0.83x-1.43x
+# round by round): each round measures both APIs' throughput back to back
+# (the order flipping), and the verdict is the median of those paired
+# ratios. The 1-token latencies go first in each round.
+APIS_FULL = Settings(rounds=24, latency_n=200, concurrency=32, max_tokens=128, stream_rounds=6)
+APIS_QUICK = Settings(rounds=4, latency_n=100, concurrency=32, max_tokens=128, stream_rounds=2)
 
 
 @contextlib.contextmanager
-def null_backend(capacity: int = 64) -> Iterator[str]:
-    """Broker + null worker; yield the broker's frontend."""
+def null_backend(capacity: int = 64, pids: dict[str, int] | None = None) -> Iterator[str]:
+    """Broker + null worker; yield the broker's frontend. ``pids`` gets
+    their process ids (``broker``, ``worker``)."""
     procs: list[Proc] = []
     try:
         broker, fe, be = start_broker()
@@ -96,6 +107,8 @@ def null_backend(capacity: int = 64) -> Iterator[str]:
         procs.append(
             start_worker(be, "--engine", "null", "--model", MODEL, "--capacity", str(capacity))
         )
+        if pids is not None:
+            pids.update(broker=broker.pid, worker=procs[1].pid)
         yield fe
     finally:
         for p in reversed(procs):
@@ -103,14 +116,16 @@ def null_backend(capacity: int = 64) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def zserve_gateway(fe: str) -> Iterator[str]:
+def zserve_gateway(fe: str, pids: dict[str, int] | None = None) -> Iterator[str]:
     """``zserve gateway`` on the broker at ``fe``; yield its ``http://HOST:PORT/v1``
-    once the null model serves."""
+    once the null model serves. ``pids`` gets its process id (``gateway``)."""
     port = free_port()
     gateway = Proc(
         zserve_cmd("gateway", "--broker", fe, "--port", str(port), "--log-level", "warning"),
         name="gateway",
     )
+    if pids is not None:
+        pids["gateway"] = gateway.pid
     try:
         root = f"http://127.0.0.1:{port}"
 
@@ -142,44 +157,58 @@ def _measure(base: str, s: Settings) -> tuple[list[float], list[float], dict[str
 
 
 APIS = ("chat", "responses")
+CPU_COLS = ("gateway", "broker", "worker", "loadgen", "all")
 
 
-def _measure_apis(base: str, s: Settings, first: int) -> dict[str, Any]:
-    """Chat completions and the Responses API on one gateway, streamed:
-    1-token latencies and 32 x 128 tokens, ``first`` (0 or 1) going first."""
+def _measure_apis(base: str, s: Settings, first: int, pids: dict[str, int]) -> dict[str, Any]:
+    """Chat completions and the Responses API on one gateway, streamed,
+    ``first`` (0 or 1) going first: both APIs' 1-token latencies, then both
+    APIs' 32 x 128 tokens back to back, with the CPU seconds each process
+    in ``pids`` spent on them."""
+    order = APIS[first:] + APIS[:first]
 
     async def go() -> dict[str, Any]:
+        lat = {api: await stream_latency(base, MODEL, s.latency_n, api=api) for api in order}
         out: dict[str, Any] = {}
-        for api in APIS[first:] + APIS[:first]:
-            lat = await stream_latency(base, MODEL, s.latency_n, api=api)
+        for api in order:
+            c0 = {k: cpu_seconds(v) for k, v in pids.items()}
             tp = await stream_throughput(base, MODEL, s.concurrency, s.max_tokens,
                                          rounds=s.stream_rounds, api=api)  # fmt: skip
-            out[api] = (lat, tp)
+            tp["cpu_s"] = {k: cpu_seconds(v) - c0[k] for k, v in pids.items()}
+            out[api] = (lat[api], tp)
         return out
 
     return asyncio.run(go())
 
 
-def run_apis(s: Settings, base: str) -> dict[str, Any]:
-    """The Responses API beside chat completions on ``base``, over the rounds."""
+def run_apis(s: Settings, base: str, pids: dict[str, int]) -> dict[str, Any]:
+    """The Responses API beside chat completions on ``base``, over the
+    rounds. ``pids``: the gateway's, broker's and worker's process ids (the
+    load generator, this process, is counted too)."""
+    pids = {**pids, "loadgen": os.getpid()}
     lat: dict[str, list[float]] = {a: [] for a in APIS}
     tput = {a: {"tokens": 0, "seconds": 0.0} for a in APIS}
+    cpu = {a: dict.fromkeys(pids, 0.0) for a in APIS}
     paired: list[float] = []  # each round's Responses tok/s / chat's
     for r in range(s.rounds):
         t0 = time.monotonic()
-        got = _measure_apis(base, s, r % 2)
+        got = _measure_apis(base, s, r % 2, pids)
         for api, (samples, tp) in got.items():
             lat[api] += samples
             tput[api]["tokens"] += tp["tokens"]
             tput[api]["seconds"] += tp["seconds"]
+            for k, v in tp["cpu_s"].items():
+                cpu[api][k] += v
         paired.append(got["responses"][1]["tok_s"] / got["chat"][1]["tok_s"])
         print(f"  round {r + 1}/{s.rounds} chat vs responses: {time.monotonic() - t0:.1f} s",
               flush=True)  # fmt: skip
     out: dict[str, Any] = {}
     for api in APIS:
         t = tput[api]
+        us = {k: round(v / t["tokens"] * 1e6, 2) for k, v in cpu[api].items()}
         out[api] = {"stream_1_token": latency_summary_ms(lat[api]),
-                    "stream": {**t, "tok_s": round(t["tokens"] / t["seconds"], 1)}}  # fmt: skip
+                    "stream": {**t, "tok_s": round(t["tokens"] / t["seconds"], 1)},
+                    "cpu_us_per_token": {**us, "all": round(sum(us.values()), 2)}}  # fmt: skip
     c, r_ = out["chat"], out["responses"]
     p50 = r_["stream_1_token"]["p50_ms"] / c["stream_1_token"]["p50_ms"]
     toks = median(paired)
@@ -188,6 +217,7 @@ def run_apis(s: Settings, base: str) -> dict[str, Any]:
         "tok_s_ratio": round(toks, 3), "tok_s_target": TARGET_RESPONSES_TOKS,
         "tok_s_round_ratios": [round(x, 3) for x in paired],
         "tok_s_total_ratio": round(r_["stream"]["tok_s"] / c["stream"]["tok_s"], 3),
+        "cpu_ratio": round(c["cpu_us_per_token"]["all"] / r_["cpu_us_per_token"]["all"], 3),
         "pass": p50 <= TARGET_RESPONSES_P50 and toks >= TARGET_RESPONSES_TOKS,
     }  # fmt: skip
     return out
@@ -195,15 +225,18 @@ def run_apis(s: Settings, base: str) -> dict[str, Any]:
 
 def render_apis(m: dict[str, Any], s: Settings) -> str:
     rows = [[api, m[api]["stream_1_token"]["p50_ms"], m[api]["stream_1_token"]["p99_ms"],
-             m[api]["stream"]["tok_s"]] for api in APIS]  # fmt: skip
+             m[api]["stream"]["tok_s"], *(m[api]["cpu_us_per_token"].get(k, "-") for k in CPU_COLS)]
+            for api in APIS]  # fmt: skip
     v = m["verdict"]
     return format_table(
         ["zserve API (streamed)", "1-token p50 ms", "1-token p99 ms",
-         f"{s.concurrency}x{s.max_tokens} tok/s"], rows,
+         f"{s.concurrency}x{s.max_tokens} tok/s", *(f"{k} CPU us/tok" for k in CPU_COLS)], rows,
     ) + (f"\n\nResponses vs chat: 1-token p50 {v['p50_ratio']}x (target <= "
          f"{TARGET_RESPONSES_P50:g}x), tokens/s {v['tok_s_ratio']}x (median of "
          f"{len(v['tok_s_round_ratios'])} paired rounds; target >= "
-         f"{TARGET_RESPONSES_TOKS:g}x): {'met' if v['pass'] else 'NOT met'}")  # fmt: skip
+         f"{TARGET_RESPONSES_TOKS:g}x): {'met' if v['pass'] else 'NOT met'}; "
+         f"CPU per token, all processes: chat's / Responses' "
+         f"{v.get('cpu_ratio', '-')}x")  # fmt: skip
 
 
 def run(s: Settings, systems: dict[str, Callable[[], Any]]) -> dict[str, Any]:
@@ -326,15 +359,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.monotonic()
     if a.responses_only:
-        with null_backend() as fe, zserve_gateway(fe) as base:
-            apis = run_apis(sa, base)
+        pids: dict[str, int] = {}
+        with null_backend(pids=pids) as fe, zserve_gateway(fe, pids) as base:
+            apis = run_apis(sa, base, pids)
         result = result_record("http_responses", a.quick, t0,
                                {"settings": asdict(sa), "responses_vs_chat": apis})  # fmt: skip
         path = write_json(a.out if a.out != "http.json" else "http_responses.json", result)
         print(render_apis(apis, sa))
         print(f"\n({result['wall_s']} s, {path})")
         return result
-    with null_backend() as fe:  # the gateway and the floor with a broker share it
+    pids: dict[str, int] = {}
+    with null_backend(pids=pids) as fe:  # the gateway and the floor with a broker share it
         systems: dict[str, Callable[[], Any]] = {"zserve": lambda: zserve_gateway(fe)}
         if not a.no_fastchat:
             from bench.fastchat_baseline import fastchat_stack
@@ -343,8 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         systems["starlette_floor"] = starlette_floor
         systems["starlette_broker"] = lambda: starlette_floor(broker=fe)
         measured = run(s, systems)
-        with zserve_gateway(fe) as base:
-            apis = run_apis(sa, base)
+        with zserve_gateway(fe, pids) as base:
+            apis = run_apis(sa, base, pids)
     verdict = evaluate(measured)
     body = {"settings": asdict(s), "measured": measured, **verdict, "responses_vs_chat": apis}
     result = result_record("http", a.quick, t0, body)
