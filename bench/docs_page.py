@@ -20,7 +20,7 @@ PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 ABOUT = {
     "overhead": "The native path (client → broker → null worker) against a bare pyzmq "
     "ROUTER/ROUTER forwarder with no bookkeeping, the floor of a Python broker; CURVE on "
-    "against off.",
+    "against off. The issue-25 row's profile: [performance.md](performance.md).",
     "http": "The OpenAI API through the gateway (null engine) against FastChat 0.2.36 from "
     "PyPI (controller, openai_api_server and a null worker in `bench/.venv-fastchat`), a bare "
     "Starlette SSE endpoint (the HTTP floor), and the same endpoint taking its tokens from the "
@@ -28,14 +28,16 @@ ABOUT = {
     "socket.",
     "engines": "Tokens/s of the hf and vllm engines served through zserve against the same "
     "engine driven directly in one process, on the tiny model and on a 58 M-parameter one; hf "
-    "time to first token in a closed loop and in a burst, batched prefill on and off.",
+    "time to first token in a closed loop and in a burst, batched prefill on and off. Where the "
+    "tiny model's missing 5-16 % goes: [performance.md](performance.md).",
     "serving": "The same vLLM engine served through zserve (worker + gateway) and by `vllm "
     "serve`, default flags on both sides, same model and KV cache, 1 / 8 / 32 streams over "
     "HTTP.",
     "vllm_server": "zserve + vLLM against `vllm serve` with the same explicit engine settings: "
     "1-token p50/p99, time to first token, time per output token, inter-token latency (p50 / "
     "p99 / p99.9), stalls over 100 ms, tokens/s and CPU per 1,000 tokens (the serving layer "
-    "apart from vLLM's engine) at 1 / 8 / 32 / 128 streams.",
+    "apart from vLLM's engine) at 1 / 8 / 32 / 128 streams. Where the missed targets' time goes, "
+    "with profiles: [performance.md](performance.md).",
     "scale": "The broker with 1-8 null workers paced like a batched model (one 20 ms step, "
     "capacity 256) and up to 2048 streams from several client processes: tokens/s, latency "
     "added per token, broker CPU per token and memory per 1000 requests in flight.",
