@@ -14,7 +14,10 @@ machine's memory). Both run at once and are measured in alternating turns
 (the order flips every round) with the same httpx load generator through
 ``POST /v1/chat/completions``: N concurrent greedy streams of 128 tokens
 (``ignore_eos``), tokens counted from each stream's usage; the median round
-counts. Target: zserve at
+counts. Beside each level's tokens/s, the CPU per 1,000 output tokens of
+the serving layer (zserve: gateway + broker + worker process; ``vllm
+serve``: its API server) and of the whole stack (with vLLM's engine
+processes), median turn (``cpu_split``). Target: zserve at
 32 concurrent reaches at least vLLM's own tokens/s. Writes
 ``bench/results/serving.json``.
 """
@@ -78,16 +81,24 @@ async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> int:
     return tokens
 
 
-async def _round(base: str, n: int, max_tokens: int, warmup: bool) -> float:
-    """``n`` concurrent streams of ``max_tokens``; tokens/s from the first
-    request to the last token (after ``n`` short streams open the connections)."""
+async def _round(
+    base: str, n: int, max_tokens: int, warmup: bool, meter: CpuMeter | None = None
+) -> tuple[float, int]:
+    """``n`` concurrent streams of ``max_tokens``; (tokens/s from the first
+    request to the last token, tokens), after ``n`` short streams open the
+    connections. ``meter`` runs over the measured streams."""
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         await asyncio.gather(*(_stream(client, url, 4) for _ in range(n if warmup else 0)))
+        if meter is not None:
+            meter.start()
         t0 = time.perf_counter()
         got = await asyncio.gather(*(_stream(client, url, max_tokens) for _ in range(n)))
-        return sum(got) / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        if meter is not None:
+            meter.stop()
+        return sum(got) / wall, sum(got)
 
 
 def _engine_settings(settings: dict[str, Any] | None) -> dict[str, Any]:
@@ -284,6 +295,7 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
     even rounds, vllm serve first in odd ones), so that the load other
     programs put on a shared machine falls on both alike."""
     runs: dict[str, dict[str, list[float]]] = {"zserve": {}, "vllm_serve": {}}
+    cpu: dict[str, dict[str, list[dict[str, Any]]]] = {"zserve": {}, "vllm_serve": {}}
     settles: list[float] = []
     with both_sides(logs) as sides:
         startup, roots = sides.startup_s, sides.roots
@@ -296,8 +308,12 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
                 order = list(roots) if r % 2 == 0 else list(reversed(roots))
                 for name in order:
                     settles.append(_settle([zpid, vpid]))
-                    tok_s = asyncio.run(_round(roots[name], n, s.max_tokens, warmup=r == 0))
+                    meter = sides.meter(name)
+                    tok_s, tokens = asyncio.run(
+                        _round(roots[name], n, s.max_tokens, warmup=r == 0, meter=meter)
+                    )
                     runs[name].setdefault(str(n), []).append(round(tok_s, 1))
+                    cpu[name].setdefault(str(n), []).append(cpu_split(meter, tokens))
             print("  " + ", ".join(f"{k} {n} concurrent: {v[str(n)]}" for k, v in runs.items()),
                   flush=True)  # fmt: skip
         capacity = capacity_of(roots["zserve"])
@@ -308,17 +324,23 @@ def run(s: Settings, logs: Path) -> dict[str, Any]:
     }
     for name, levels in runs.items():
         measured[name] = {"levels": {
-            n: {"tok_s": sorted(v)[len(v) // 2], "runs_tok_s": v} for n, v in levels.items()
+            n: {"tok_s": sorted(v)[len(v) // 2], "runs_tok_s": v,
+                "cpu_ms_per_1k_tokens": _median_cpu(cpu[name][n])} for n, v in levels.items()
         }}  # fmt: skip
     measured["zserve"]["advertised_capacity"] = capacity
     return measured
 
 
+def _median_cpu(turns: list[dict[str, Any]]) -> dict[str, float]:
+    """Each CPU figure (``cpu_split``'s serving, engine, whole) over the turns: its median."""
+    return {k: sorted(t[k] for t in turns)[len(turns) // 2] for k in ("serving", "engine", "whole")}
+
+
 def rows(measured: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
     out = []
     for n in s.levels:
-        v = measured["vllm_serve"]["levels"][str(n)]["tok_s"]
-        z = measured["zserve"]["levels"][str(n)]["tok_s"]
+        vl, zl = measured["vllm_serve"]["levels"][str(n)], measured["zserve"]["levels"][str(n)]
+        v, z = vl["tok_s"], zl["tok_s"]
         target = n == 32
         out.append({
             "workload": f"vllm: {n} concurrent x {s.max_tokens} through HTTP (tok/s)",
@@ -326,6 +348,15 @@ def rows(measured: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
             "target": f">= {TARGET_RATIO:g}x vllm serve" if target else "-",
             "pass": (z / v >= TARGET_RATIO) if target else None,
         })  # fmt: skip
+        for part in ("serving", "whole"):  # reported; issue 25's targets are vllm_server's
+            if "cpu_ms_per_1k_tokens" not in zl:
+                continue
+            vc, zc = vl["cpu_ms_per_1k_tokens"][part], zl["cpu_ms_per_1k_tokens"][part]
+            out.append({
+                "workload": f"vllm: {n} concurrent, {part} CPU (ms / 1k tokens, median turn)",
+                "direct": vc, "zserve": zc, "ratio": round(zc / vc, 3) if vc else None,
+                "target": "-", "pass": None,
+            })  # fmt: skip
     return out
 
 
