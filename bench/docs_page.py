@@ -66,7 +66,7 @@ ABOUT.update({
     "B 8) with fair sharing against one FIFO queue.",
     "http_responses": "`/v1/responses` streamed against `/v1/chat/completions` on the same "
     "gateway, in the same rounds (`python -m bench.http --responses-only`); the tokens/s ratio is "
-    "the median of the rounds' paired ratios (24 in a full run: one figure swings 10-20 % between "
+    "the median of the rounds' paired ratios (48 in a full run: one figure swings 10-20 % between "
     "rounds on this machine), the tokens/s shown are the totals; the CPU row sums each process's "
     "CPU seconds over the throughput phases.",
 })

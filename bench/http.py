@@ -29,11 +29,13 @@ One load generator (``bench/loadgen.py``, httpx) drives all four through
 
 On zserve, the Responses API beside chat completions in the same rounds
 (``POST /v1/responses``, stored as by default, against ``POST
-/v1/chat/completions``, both streamed, alternating which goes first, 9
+/v1/chat/completions``, both streamed, alternating which goes first, 48
 rounds): a 1-token stream's p50 over all rounds, and 32 x 128 tokens/s as
-the median of the rounds' paired ratios (one round's tokens/s lasts about
-a second, and drift between rounds would otherwise outweigh the APIs'
-difference). Targets (issue 22): the Responses p50 <= 1.1x chat's, its
+the median of the rounds' paired ratios, both APIs' throughput measured
+back to back in each round (one figure lasts about half a second, and
+drift between rounds would otherwise outweigh the APIs' difference); beside
+them, each process's CPU per token (gateway, broker, worker, this load
+generator). Targets (issue 22): the Responses p50 <= 1.1x chat's, its
 tokens/s >= 0.95x chat's.
 ``--responses-only`` runs just that comparison.
 
@@ -91,8 +93,10 @@ QUICK = Settings(rounds=1, latency_n=100, concurrency=32, max_tokens=128, stream
 # between rounds on a shared machine (chat against chat reads 0.83x-1.43x
 # round by round): each round measures both APIs' throughput back to back
 # (the order flipping), and the verdict is the median of those paired
-# ratios. The 1-token latencies go first in each round.
-APIS_FULL = Settings(rounds=24, latency_n=200, concurrency=32, max_tokens=128, stream_rounds=6)
+# ratios. The 1-token latencies go first in each round. 48 rounds: at 24,
+# three full runs read 0.964x, 0.888x and 0.976x (a median's spread of about
+# +-0.03 with rounds this noisy).
+APIS_FULL = Settings(rounds=48, latency_n=200, concurrency=32, max_tokens=128, stream_rounds=6)
 APIS_QUICK = Settings(rounds=4, latency_n=100, concurrency=32, max_tokens=128, stream_rounds=2)
 
 
