@@ -276,19 +276,33 @@ async def test_cancel_closes_the_remote_request(
         request("tr", messages=CHAT, max_tokens=1500, temperature=0, ignore_eos=True,
                 request_id="b"),
     ):  # fmt: skip
-        before = aborted()
-        finished = metric(server, "vllm:request_success_total", finished_reason="length")
-        gen = engine.generate(req)
-        async with asyncio.timeout(30):
-            first = [await anext(gen), await anext(gen)]
-        assert all(d.finish_reason is None for d in first)
-        # What the worker runtime does on cancel: stop reading, then abort.
-        await gen.aclose()
-        await engine.abort(req.request_id)
-        await asyncio.to_thread(  # a deadline: a loaded suite saw vLLM take over 10 s
-            wait_for, lambda n=before: aborted() > n, 40, "the server to abort the request"
-        )
-        assert metric(server, "vllm:request_success_total", finished_reason="length") == finished
+        def done() -> float:
+            return metric(server, "vllm:request_success_total", finished_reason="length")
+
+        for _ in range(3):
+            before, finished = aborted(), done()
+            gen = engine.generate(req)
+            async with asyncio.timeout(30):
+                first = [await anext(gen), await anext(gen)]
+            assert all(d.finish_reason is None for d in first)
+            # What the worker runtime does on cancel: stop reading, then abort.
+            await gen.aclose()
+            await engine.abort(req.request_id)
+            try:
+                await asyncio.to_thread(
+                    wait_for, lambda n=before, f=finished: aborted() > n or done() > f, 40,
+                    "the server to abort (or finish) the request",
+                )  # fmt: skip
+            except TimeoutError as e:
+                tail = server_log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{e}; the server's log ends:\n{tail}") from None
+            if aborted() > before:
+                break
+            # vLLM wrote all 1500 tokens into the socket before the abort: a
+            # test process descheduled that long (a loaded suite). Again.
+        else:
+            pytest.fail("the request ran to its end before its abort, 3 times")
+        assert done() == finished
 
 
 @pytest.mark.vllm
