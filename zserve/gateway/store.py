@@ -13,7 +13,7 @@ What survives what:
 
 * A gateway restart loses nothing that was stored: the brokers hold it. A
   response's write asks no answer (an answer would cost each request a
-  broker round trip of CPU) and may wait up to ``PUT_WITHIN`` (2 ms) to
+  broker round trip of CPU) and may wait up to ``PUT_WITHIN`` (10 ms) to
   leave with the gateway's next message to that broker (``tell``'s
   ``within``): a write alone wakes the broker for itself, which on a loaded
   2-core machine costs it about 100 us of CPU, as much as the token frames
@@ -24,7 +24,7 @@ What survives what:
   continuation sent through another gateway at once still finds it. A
   gateway's own reads and deletes go after its held writes. A gateway
   stopped in order sends what it holds; one killed can lose the writes of
-  its last 2 ms and those still in its socket buffers, and a write to a
+  its last 10 ms and those still in its socket buffers, and a write to a
   broker the gateway takes for dead is dropped (counted, logged) while
   the others keep it.
 * A broker restart loses that broker's copies; with several brokers, the
