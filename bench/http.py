@@ -59,7 +59,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
-    cpu_seconds,
+    CpuMeter,
     format_table,
     latency_summary_ms,
     median,
@@ -164,21 +164,23 @@ APIS = ("chat", "responses")
 CPU_COLS = ("gateway", "broker", "worker", "loadgen", "all")
 
 
-def _measure_apis(base: str, s: Settings, first: int, pids: dict[str, int]) -> dict[str, Any]:
+def _measure_apis(
+    base: str, s: Settings, first: int, meters: dict[str, CpuMeter]
+) -> dict[str, Any]:
     """Chat completions and the Responses API on one gateway, streamed,
     ``first`` (0 or 1) going first: both APIs' 1-token latencies, then both
-    APIs' 32 x 128 tokens back to back, with the CPU seconds each process
-    in ``pids`` spent on them."""
+    APIs' 32 x 128 tokens back to back, each API's ``meters`` running over
+    its throughput."""
     order = APIS[first:] + APIS[:first]
 
     async def go() -> dict[str, Any]:
         lat = {api: await stream_latency(base, MODEL, s.latency_n, api=api) for api in order}
         out: dict[str, Any] = {}
         for api in order:
-            c0 = {k: cpu_seconds(v) for k, v in pids.items()}
+            meters[api].start()
             tp = await stream_throughput(base, MODEL, s.concurrency, s.max_tokens,
                                          rounds=s.stream_rounds, api=api)  # fmt: skip
-            tp["cpu_s"] = {k: cpu_seconds(v) - c0[k] for k, v in pids.items()}
+            meters[api].stop()
             out[api] = (lat[api], tp)
         return out
 
@@ -192,24 +194,22 @@ def run_apis(s: Settings, base: str, pids: dict[str, int]) -> dict[str, Any]:
     pids = {**pids, "loadgen": os.getpid()}
     lat: dict[str, list[float]] = {a: [] for a in APIS}
     tput = {a: {"tokens": 0, "seconds": 0.0} for a in APIS}
-    cpu = {a: dict.fromkeys(pids, 0.0) for a in APIS}
+    meters = {a: CpuMeter(pids) for a in APIS}
     paired: list[float] = []  # each round's Responses tok/s / chat's
     for r in range(s.rounds):
         t0 = time.monotonic()
-        got = _measure_apis(base, s, r % 2, pids)
+        got = _measure_apis(base, s, r % 2, meters)
         for api, (samples, tp) in got.items():
             lat[api] += samples
             tput[api]["tokens"] += tp["tokens"]
             tput[api]["seconds"] += tp["seconds"]
-            for k, v in tp["cpu_s"].items():
-                cpu[api][k] += v
         paired.append(got["responses"][1]["tok_s"] / got["chat"][1]["tok_s"])
         print(f"  round {r + 1}/{s.rounds} chat vs responses: {time.monotonic() - t0:.1f} s",
               flush=True)  # fmt: skip
     out: dict[str, Any] = {}
     for api in APIS:
         t = tput[api]
-        us = {k: round(v / t["tokens"] * 1e6, 2) for k, v in cpu[api].items()}
+        us = {k: round(v / t["tokens"] * 1e6, 2) for k, v in meters[api].used.items()}
         out[api] = {"stream_1_token": latency_summary_ms(lat[api]),
                     "stream": {**t, "tok_s": round(t["tokens"] / t["seconds"], 1)},
                     "cpu_us_per_token": {**us, "all": round(sum(us.values()), 2)}}  # fmt: skip
