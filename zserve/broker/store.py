@@ -110,8 +110,6 @@ class BoundedStore:
                 del self._waits[key]
             self._waiting.discard(entry[1])
             self._answers.append((entry[1], self._answer(entry[0], key)))
-        if not q:
-            self._waits.clear()
 
     def is_waiting(self, who: Any) -> bool:
         """Whether ``who``'s read or delete waits here for a write."""
