@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import FAST_HB
+from tests.conftest import FAST_HB, Stack
 from zserve import protocol as p
 from zserve.client import AsyncClient
-from zserve.launcher import start_broker
 
 
-def test_a_read_that_overtakes_the_write_waits_for_it() -> None:
-    broker, fe, _ = start_broker("--store-wait", "5", *FAST_HB)
+def test_a_read_that_overtakes_the_write_waits_for_it(stack: Stack) -> None:
+    stack.start_broker("--store-wait", "5", *FAST_HB)
+    fe = stack.frontend
 
     async def go() -> None:
         async with AsyncClient(fe, timeout=10) as reader, AsyncClient(fe, timeout=10) as writer:
@@ -30,14 +30,12 @@ def test_a_read_that_overtakes_the_write_waits_for_it() -> None:
             assert await asyncio.wait_for(deleted, 5) is True
             assert (await reader.status())["store"]["count"] == 1  # k, not d
 
-    try:
-        asyncio.run(go())
-    finally:
-        broker.stop()
+    asyncio.run(go())
 
 
-def test_a_read_of_what_was_never_written_is_absent_after_the_wait() -> None:
-    broker, fe, _ = start_broker("--store-wait", "0.2", *FAST_HB)
+def test_a_read_of_what_was_never_written_is_absent_after_the_wait(stack: Stack) -> None:
+    stack.start_broker("--store-wait", "0.2", *FAST_HB)
+    fe = stack.frontend
 
     async def go() -> None:
         async with AsyncClient(fe, timeout=10) as c:
@@ -45,14 +43,12 @@ def test_a_read_of_what_was_never_written_is_absent_after_the_wait() -> None:
             assert await c.query(p.SERVICE_STORE_DELETE, b"never") is False
             assert (await c.status())["store"]["count"] == 0
 
-    try:
-        asyncio.run(go())
-    finally:
-        broker.stop()
+    asyncio.run(go())
 
 
-def test_a_held_write_leaves_with_the_next_message_or_alone_or_at_close() -> None:
-    broker, fe, _ = start_broker("--store-wait", "0.1", *FAST_HB)
+def test_a_held_write_leaves_with_the_next_message_or_alone_or_at_close(stack: Stack) -> None:
+    stack.start_broker("--store-wait", "0.1", *FAST_HB)
+    fe = stack.frontend
 
     async def go() -> None:
         async with AsyncClient(fe, timeout=10) as other:
@@ -75,7 +71,4 @@ def test_a_held_write_leaves_with_the_next_message_or_alone_or_at_close() -> Non
                 assert writer.tell(p.SERVICE_STORE_PUT, b"at-close", b"3", within=60)
             assert await other.query(p.SERVICE_STORE_GET, b"at-close") == b"3"
 
-    try:
-        asyncio.run(go())
-    finally:
-        broker.stop()
+    asyncio.run(go())
