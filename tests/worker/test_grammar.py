@@ -27,6 +27,17 @@ SCHEMA = {
     },
     "required": ["name", "age", "notes"],
 }
+# No string's content constrained (the rows take string tokens on trust), and
+# keys of several tokens ("member") in the closing the budget rule follows.
+PLAIN = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "member": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+    },
+    "required": ["name", "member", "tags"],
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,13 +152,36 @@ def test_the_same_spec_is_compiled_once(g: Grammars, monkeypatch: pytest.MonkeyP
 # ------------------------------------------------------------------ decoding
 
 
+@pytest.mark.parametrize("schema", [SCHEMA, PLAIN], ids=["bounded", "plain"])
 @pytest.mark.parametrize("max_tokens", [40, 64, 128])
-def test_a_schema_greedy_validates_and_stops_within_max_tokens(ref, g, max_tokens) -> None:
-    st = g.row(spec("json", SCHEMA), max_tokens)
+def test_a_schema_greedy_validates_and_stops_within_max_tokens(ref, g, max_tokens, schema) -> None:
+    st = g.row(spec("json", schema), max_tokens, greedy=True)
+    assert st.plain_strings is (schema is PLAIN)
     out = decode(ref, st, max_tokens)
     assert out[-1] == EOS and len(out) <= max_tokens and st.terminated
     value = json.loads(text(ref, out))  # strict: no raw control characters
-    jsonschema.validate(value, SCHEMA)
+    jsonschema.validate(value, schema)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_plain_strings_sampled_validate_and_stop(ref, g, seed) -> None:
+    """Tokens inside a string whose content nothing constrains are taken on
+    trust (fed to the matcher later): sampled replies, which wander through
+    control characters and split UTF-8, still validate."""
+    st = g.row(spec("json", PLAIN), 64)
+    out = decode(ref, st, 64, temp=1.0, seed=seed)
+    assert out[-1] == EOS and st.terminated
+    jsonschema.validate(json.loads(text(ref, out)), PLAIN)
+    assert not st.m.fork().accept_token(EOS)  # the matcher caught up: EOS taken, nothing after
+
+
+def test_trust_is_checked_against_the_grammar(g) -> None:
+    """A value string with constrained content refuses plain tokens: the
+    check that guards the trust says so (beside the keyword screen)."""
+    enum = {"type": "object", "properties": {"k": {"enum": ["abc", "abd"]}}, "required": ["k"]}
+    compiled = g.compile(spec("json", enum))
+    assert not g._plain_strings_hold(compiled, b'{"k":"abc"}')
+    assert g._plain_strings_hold(g.compile(spec("json", PLAIN)), b'{"name":"","member":true}')
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -195,12 +229,16 @@ def test_max_length_strings_stay_valid_json(ref, g) -> None:
         jsonschema.validate(json.loads(text(ref, out)), schema)
 
 
-@pytest.mark.parametrize("kind,value", [("json", SCHEMA), ("regex", r"[a-z]{3,6}@[a-z]+\.com")])
+@pytest.mark.parametrize(
+    "kind,value",
+    [("json", SCHEMA), ("json", PLAIN), ("regex", r"[a-z]{3,6}@[a-z]+\.com")],
+    ids=["bounded", "plain", "regex"],
+)
 def test_a_replayed_state_continues_as_the_uninterrupted_one(ref, g, kind, value) -> None:
     n = 40
-    whole = decode(ref, g.row(spec(kind, value), n), n)
+    whole = decode(ref, g.row(spec(kind, value), n, greedy=True), n)
     for k in (1, len(whole) // 2, len(whole) - 2):
-        st = g.row(spec(kind, value), n - k)
+        st = g.row(spec(kind, value), n - k, greedy=True)
         assert st.replay(whole[:k])
         assert whole[:k] + decode(ref, st, n - k, prefix=whole[:k]) == whole
 
@@ -219,12 +257,13 @@ def test_only_constrained_rows_are_masked(ref, g) -> None:
     assert allowed and all(ref[1].decode([t]) in ("y", "ye", "yes") for t in allowed)
 
 
-def test_the_greedy_shortcut_picks_what_the_full_mask_picks(ref, g) -> None:
+@pytest.mark.parametrize("schema", [SCHEMA, PLAIN], ids=["bounded", "plain"])
+def test_the_greedy_shortcut_picks_what_the_full_mask_picks(ref, g, schema) -> None:
     """A greedy row is masked only when its best token is refused, and in the
     budget window keeps only the best token that fits: the same tokens."""
-    for n in (24, 48):
-        full = decode(ref, g.row(spec("json", SCHEMA), n), n)
-        short = decode(ref, g.row(spec("json", SCHEMA), n, greedy=True), n)
+    for n in (40, 64, 96):
+        full = decode(ref, g.row(spec("json", schema), n), n)
+        short = decode(ref, g.row(spec("json", schema), n, greedy=True), n)
         assert short == full and full[-1] == EOS
 
 

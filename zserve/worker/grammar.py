@@ -20,13 +20,27 @@ Policy, beyond what the grammar allows:
   (``need``, EOS included). While ``need + WINDOW < remaining`` only the
   grammar masks; inside that window the next token is one of the ``TOP_K``
   best allowed tokens after which the value can still close in time, or, when
-  none can, the first token of the closing. A reply is therefore complete
-  and ends with EOS (``stop``) whenever ``max_tokens`` leaves room for the
-  closing; otherwise it is cut at ``max_tokens`` (``length``). The closing is
-  greedy, not minimal, and tuned to JSON (it also serves regexes, choices,
-  EBNF and structural tags, through a fallback over single ASCII characters).
+  none can, the first token of the closing. Once the closing needs every
+  token left, decoding follows it token by token. A reply is therefore
+  complete and ends with EOS (``stop``) whenever ``max_tokens`` leaves room
+  for the closing; otherwise it is cut at ``max_tokens`` (``length``). The
+  closing is greedy, not minimal, and tuned to JSON (it also serves regexes,
+  choices, EBNF and structural tags, through a fallback over single ASCII
+  characters).
 * Special tokens that are not EOS are never allowed (xgrammar would read
   ``<s>`` as three characters of text; the detokenizer drops it).
+
+What it costs per token (``constrain_rows`` runs for every constrained row at
+every step, so on a small model it is a share of each step; bench/structured
+measures it): most rows need no mask. A greedy row whose best token the
+grammar takes keeps it (accepted once, no bitmask); a row whose closing needs
+every token left takes the closing's next token; a greedy row whose best
+token is refused takes the best allowed one, read from its bitmask without
+masking the logits. Inside a string whose content nothing constrains, a
+token of whole characters without a quote or a backslash changes neither the
+lexical state nor the closing and is taken on trust (fed to the matcher when
+it is next needed), as is the closing a tight row follows: both were checked
+against the grammar (``Grammars._plain_strings_hold``, ``closing``).
 
 The policy is a pure function of the matcher, the lexical state (both rebuilt
 by replaying ids) and the tokens left, so a resumed request replays its
@@ -42,15 +56,21 @@ quotes or backslashes (``_string_bounds``), so the output stays valid JSON.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
 from zserve.protocol import ParamError, SamplingParams
+from zserve.worker.engines.hf_sampling import argmax_rows
+
+log = logging.getLogger(__name__)
 
 WINDOW = 8  # the budget rule looks at candidates when need + WINDOW >= tokens left
 TOP_K = 8  # candidates looked at inside the window
@@ -58,10 +78,12 @@ MAX_CLOSING = 256  # steps of the closing search before it gives up
 CACHE_SIZE = 256  # compiled grammars kept per tokenizer
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (as in both engines)
 _NEG_INF = float("-inf")
+_LITTLE = sys.byteorder == "little"  # a bitmask word's bytes, lowest tokens first
 # xgrammar's messages start with "[12:07:39] /project/cpp/file.cc:83: "
 _XGR_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*")
 _STRING_CHARS = '[^"\\\\\\x00-\\x1f]'  # a JSON string character, escapes left out
 _DIGITS = frozenset(b"0123456789")
+_PLAIN = re.compile(rb'[^"\\\x00-\x1f]+')  # bytes a JSON string takes raw
 # Schema keys that constrain a string's content (or may: a key named so counts too).
 _CONSTRAINED_STRINGS = re.compile(
     r'"(pattern|format|enum|const|minLength|maxLength|propertyNames|patternProperties|regex)"'
@@ -146,6 +168,9 @@ class Grammars:
         words = (allow.view(-1, 32).long() * weights).sum(-1)
         self.allow_bits = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
         self._tokens: dict[bytes, list[int]] = {}
+        # spec key -> (its strings are plain, (the closing from the start,)):
+        # the start's closing search costs a few hundred microseconds
+        self._starts: dict[str, tuple[bool, tuple[bytes | None] | None]] = {}
         # Text pieces: the bytes of each ordinary token, for the closing's tokens.
         self.pieces: dict[bytes, int] = {}
         self.decoded: list[bytes] = list(self.info.decoded_vocab)
@@ -154,6 +179,13 @@ class Grammars:
             if b and tid not in skip and b not in self.pieces:
                 self.pieces[b] = tid
         self.max_piece = max((len(b) for b in self.pieces), default=1)
+        # Tokens that stay inside a JSON string and leave it at a character's
+        # end: whole UTF-8 characters, no quote, no backslash, no control
+        # character (JSON refuses those raw) (``RowState._plain``).
+        self.plain = [
+            t not in skip and bool(b) and _PLAIN.fullmatch(b) is not None and _whole_utf8(b)
+            for t, b in enumerate(self.decoded[:vocab_size])
+        ] + [False] * max(0, vocab_size - len(self.decoded))
         # printable ASCII characters with a token of their own, for the closing's fallback
         self.ascii = [(chr(c), self.pieces[bytes((c,))]) for c in range(0x21, 0x7F)
                       if bytes((c,)) in self.pieces]  # fmt: skip
@@ -246,22 +278,46 @@ class Grammars:
         """A new request's state: ``max_tokens`` is what this attempt may still
         generate (the budget rule's horizon; None: no budget rule); ``greedy``:
         the engine reads only the argmax of this row (``is_greedy``)."""
-        return RowState(
-            self,
-            self.compile(spec),
-            max_tokens,
-            bool(spec.get("budget", True)),
-            json_like=spec["type"] in JSON_LIKE,
-            greedy=greedy,
-            plain_strings=spec["type"] in ("json", "json_object")
-            and not _CONSTRAINED_STRINGS.search(json.dumps(spec.get("value"))),
-        )
+        key = spec_key(spec)
+        compiled = self.compile(spec)
+        json_like = spec["type"] in JSON_LIKE
+        known = self._starts.get(key)
+        if known is None:
+            start = RowState(self, compiled, 1 << 30, True, json_like=json_like).close
+            plain = (
+                spec["type"] in ("json", "json_object")
+                and not _CONSTRAINED_STRINGS.search(json.dumps(spec.get("value")))
+                and self._plain_strings_hold(compiled, start)
+            )
+            known = (plain, (start,))
+            if len(self._starts) >= CACHE_SIZE:
+                self._starts.clear()
+            self._starts[key] = known
+        budget = bool(spec.get("budget", True))
+        return RowState(self, compiled, max_tokens, budget, json_like=json_like, greedy=greedy,
+                        plain_strings=known[0], start=known[1])  # fmt: skip
+
+    def _plain_strings_hold(self, compiled: xgr.CompiledGrammar, start: bytes | None) -> bool:
+        """Whether this grammar takes every ``plain`` token inside a value
+        string, as a JSON string whose content nothing constrains does: the
+        rows then take such tokens on trust (``RowState._plain``). Checked
+        once per spec, at the first value string of the closing from the
+        start (or of ``{"k":"`` when that has none)."""
+        m = xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_ids or None)
+        prefix = _value_string_prefix(start or b"") or b'{"k":"'
+        if not m.accept_string(prefix):
+            return False
+        bm = xgr.allocate_token_bitmask(1, self.vocab_size)
+        m.fill_next_token_bitmask(bm, 0)
+        allowed = _bool_mask(bm[0], self.vocab_size)
+        plain = torch.tensor(self.plain[: self.vocab_size], dtype=torch.bool)
+        return bool(allowed[plain].all())
 
 
 class Lex:
     """A small JSON lexical state, enough to order the closing's guesses."""
 
-    __slots__ = ("in_str", "esc", "stack", "digit", "utf8")
+    __slots__ = ("in_str", "esc", "stack", "digit", "utf8", "key", "want_key")
 
     def __init__(self) -> None:
         self.in_str = False
@@ -269,11 +325,18 @@ class Lex:
         self.stack: list[int] = []
         self.digit = False
         self.utf8 = 0  # continuation bytes still due in a multi-byte character
+        self.key = False  # the open string is an object's key (a schema constrains those)
+        self.want_key = False  # a string opened here would be a key
+
+    def at(self) -> tuple[bool, bool, int]:
+        """Where a token starts: in a value string (not a key), after a
+        backslash, mid-character."""
+        return self.in_str and not self.key, self.esc, self.utf8
 
     def copy(self) -> Lex:
         n = Lex()
         n.in_str, n.esc, n.stack, n.digit = self.in_str, self.esc, list(self.stack), self.digit
-        n.utf8 = self.utf8
+        n.utf8, n.key, n.want_key = self.utf8, self.key, self.want_key
         return n
 
     def feed(self, data: bytes) -> None:
@@ -293,10 +356,16 @@ class Lex:
             self.digit = c in _DIGITS
             if c == 0x22:
                 self.in_str = True
+                self.key, self.want_key = self.want_key, False
             elif c in (0x7B, 0x5B):  # { [
                 self.stack.append(c)
-            elif c in (0x7D, 0x5D) and self.stack:
-                self.stack.pop()
+                self.want_key = c == 0x7B
+            elif c == 0x2C:  # ,
+                self.want_key = bool(self.stack) and self.stack[-1] == 0x7B
+            elif c in (0x7D, 0x5D, 0x3A):  # } ] :
+                self.want_key = False
+                if c != 0x3A and self.stack:
+                    self.stack.pop()
 
     def opens(self, data: bytes) -> bool:
         """Whether ``data`` from this state opens a new element: a ``,``,
@@ -348,13 +417,17 @@ class RowState:
         json_like: bool = True,
         greedy: bool = False,
         plain_strings: bool = False,
+        start: tuple[bytes | None] | None = None,
     ) -> None:
         self.g = g
         self.json_like = json_like  # the closing tries JSON's characters first
         # No string of the grammar has constrained content (no pattern, format,
         # enum, const or length): a token inside one keeps the closing valid.
         self.plain_strings = plain_strings
-        self.m = xgr.GrammarMatcher(compiled, override_stop_tokens=g.stop_ids or None)
+        self._m = xgr.GrammarMatcher(compiled, override_stop_tokens=g.stop_ids or None)
+        # Tokens taken on trust and not yet fed to the matcher (``m``): a
+        # plain string's content, and the closing the rows follow when tight.
+        self._pend: list[int] = []
         self.done = False  # the grammar took EOS (``m.is_terminated()``, kept by ``accept``)
         self.lex = Lex()
         self.max_tokens = max_tokens
@@ -364,14 +437,41 @@ class RowState:
         # is read, so a row whose best token the grammar allows needs no mask.
         self.greedy = greedy
         self._scratch: torch.Tensor | None = None
-        # the token ``constrain_rows`` already accepted for this step (``taken``)
+        # the token ``constrain_rows`` already accepted for this step (``take``)
+        # and the state before it (``_undo``), should the engine sample another
         self._taken: int | None = None
+        self._undo: tuple[Any, ...] | None = None
         self.close: bytes | None = None
         self.need: int | None = None
         self.need0 = 0  # the whole value's shortest closing: what a new element may cost
-        if self.budget:
-            self._set_close(self.closing(self.m, self.lex))
+        if self.budget:  # ``start``: the closing from the start, known from an earlier row
+            self._set_close(start[0] if start is not None else self.closing(self.m, self.lex))
             self.need0 = self.need or 0
+
+    @property
+    def m(self) -> xgr.GrammarMatcher:
+        """The grammar matcher, fed first with the tokens taken on trust."""
+        if self._pend:
+            self._feed()
+        return self._m
+
+    @m.setter
+    def m(self, matcher: xgr.GrammarMatcher) -> None:
+        self._pend.clear()
+        self._m = matcher
+
+    def _feed(self) -> None:
+        pend, self._pend = self._pend, []
+        for t in pend:
+            if not self._m.accept_token(t):  # cannot happen: only what it takes is trusted
+                log.error("structured output: the grammar refused a token taken on trust (%d)", t)
+                return
+
+    @property
+    def delivered(self) -> int:
+        """Output tokens the engine has confirmed (``accept``): ``n_out`` less
+        a ``take`` still waiting for its ``accept``."""
+        return self.n_out - (self._taken is not None)
 
     @property
     def terminated(self) -> bool:
@@ -384,32 +484,42 @@ class RowState:
             taken, self._taken = self._taken, None
             if taken == token:
                 return True
-            raise RuntimeError(f"token {token} sampled where {taken} was taken")
+            self._restore()  # the engine sampled another token: back to before the take
+        if self._plain(token):  # taken on trust; nothing else changes
+            self._pend.append(token)
+            if output:
+                self.n_out += 1
+            return True
         if not self.m.accept_token(token):
             return False
         self.done = self.m.is_terminated()
         data = b""
         if 0 <= token < len(self.g.decoded) and token not in self.g.stop_ids:
             data = self.g.decoded[token]
-        inside = self._inside(self.lex, data)
+        before = self.lex.at()
         self.lex.feed(data)
         if output:
             self.n_out += 1
         if self.budget and not self.done:
-            self._set_close(self._carried(self.m, self.lex, data, inside))
+            self._set_close(self._carried(self.m, before, self.lex, data))
         return True
 
-    def _inside(self, lex: Lex, data: bytes) -> bool:
-        """Whether ``data`` stays inside a JSON string whose content nothing
-        constrains (its closing then still closes, unchecked)."""
+    def _plain(self, token: int) -> bool:
+        """Whether ``token``, next, leaves the lexical state and the closing as
+        they are: inside a value string (not a key), at a character's end, it spells whole
+        characters, no quote, no backslash (``Grammars.plain``), and no
+        string's content is constrained (or the budget rule is off: no
+        closing is kept). Most of a long string's tokens are such."""
+        lex = self.lex
         return (
-            self.plain_strings
-            and lex.in_str
+            lex.in_str
+            and not lex.key
             and not lex.esc
             and not lex.utf8
-            and b'"' not in data
-            and b"\\" not in data
-            and _whole_utf8(data)
+            and 0 <= token < len(self.g.plain)
+            and self.g.plain[token]
+            and self.plain_strings
+            and (not self.budget or bool(self.close))
         )
 
     def replay(self, ids: list[int]) -> bool:
@@ -421,22 +531,68 @@ class RowState:
         self.need = None if text is None else len(self.g.tokens(text)) + 1
 
     def _carried(
-        self, m: xgr.GrammarMatcher, lex: Lex, data: bytes, inside: bool
+        self, m: xgr.GrammarMatcher, before: tuple[bool, bool, int], lex: Lex, data: bytes
     ) -> bytes | None:
-        """The closing from ``m`` (the state after a token that spelled
-        ``data``; ``inside``: one that stayed inside a plain string), carried
-        forward from ``self.close``."""
+        """The closing from ``m`` and ``lex`` (the state after a token that
+        spelled ``data``; ``before``: ``Lex.at`` before it), carried forward
+        from ``self.close``."""
         c = self.close
         if c is not None:
             if data and c.startswith(data):
                 return c[len(data) :]
-            if inside and c:
-                return c
             if c:
+                s = self._in_string(m, before, lex, data)
+                if s is not None:
+                    return s
                 f = m.fork()
                 if f.accept_string(c) and f.is_completed():
                     return c
         return self.closing(m, lex)
+
+    def _in_string(
+        self, m: xgr.GrammarMatcher, before: tuple[bool, bool, int], lex: Lex, data: bytes
+    ) -> bytes | None:
+        """The closing after a token that stayed inside a string whose content
+        nothing constrains (None for any other token): ``self.close`` itself
+        after whole characters; its rest after continuation bytes it spelled;
+        after a token that leaves a character open, that character's
+        continuation bytes (the first ones ``closing`` would find) and then
+        the string's closing, checked once. The closing search would take
+        tens of microseconds for each; a byte-level vocabulary's model emits
+        such tokens often."""
+        in_str, esc, p = before
+        c = self.close
+        if (
+            not self.plain_strings
+            or not in_str
+            or esc
+            or not lex.in_str
+            or lex.key
+            or lex.esc
+            or not c
+            or b'"' in data
+            or b"\\" in data
+        ):
+            return None
+        q = lex.utf8
+        if p:  # a character was open: ``c`` starts with its p continuation bytes
+            k = 0
+            while k < min(p, len(data)) and 0x80 <= data[k] < 0xC0:
+                k += 1
+            if k == len(data):
+                return c[k:]  # more of the character, not all of it
+            if k < p:
+                return None
+        base = c[p:]  # the string's closing from the end of a character
+        if not q:
+            return base
+        if base[:1] != b'"':
+            return None
+        last = data[-1]  # the lead byte, when it ends the token: its first continuation
+        first = b"\xa0" if last in (0xE0, 0xF0) else b"\x80"  # is narrower (as in closing)
+        text = (first if last >= 0xC0 else b"\x80") + b"\x80" * (q - 1) + base
+        f = m.fork()
+        return text if f.accept_string(text) and f.is_completed() else None
 
     # ---------------------------------------------------------------- masking
 
@@ -463,22 +619,103 @@ class RowState:
         rows[row] = self
         constrain_rows(logits, rows, bitmask)
 
-    def argmax_ok(self) -> bool:
-        """Whether this row may skip its mask when the grammar takes its best token."""
-        return self.greedy and not self.done and not self.in_window()
-
-    def takes(self, token: int) -> bool:
-        """Whether the grammar (and the ban on special tokens) allows ``token`` next."""
-        return token not in self.g.banned_set and self.m.fork().accept_token(token)
-
-    def take(self, token: int) -> bool:
-        """``takes`` and, if so, ``accept`` at once (no fork): the engine
-        promises that ``token`` is what this step samples, and the ``accept``
-        it then makes with it only confirms."""
-        if token in self.g.banned_set or not self.accept(token):
+    def take(self, token: int, check: bool = False) -> bool:
+        """Accept ``token`` now, if the grammar (and the ban on special tokens)
+        allows it, for the engine's next ``accept`` of it to confirm (another
+        token there undoes this one first). ``check``: the budget rule has a
+        say at this step (``in_window`` or ``at_opener``), and ``token`` is
+        taken only if the value can still close in time after it: the test
+        ``steer`` applies to each candidate, so a greedy row whose best token
+        passes it needs neither a mask nor ``steer``."""
+        if token in self.g.banned_set:
             return False
-        self._taken = token
+        if self._plain(token):  # taken on trust (``accept``): the lexical state stays
+            undo = (_TRUSTED, self.lex, self.close, self.need, self.done, self.n_out)
+        else:
+            undo = (None, self.lex.copy(), self.close, self.need, self.done, self.n_out)
+        if not self.accept(token):
+            return False
+        if check and token not in self.g.stop_ids and not self._fits(0):
+            self._undo = undo
+            self._restore()
+            return False
+        self._taken, self._undo = token, undo
         return True
+
+    def _follow(self, t: int) -> bool:
+        """``take`` of the closing's next token ``t`` on trust: the closing was
+        checked against the grammar when it was found, and any tokens that
+        spell its bytes spell what was checked. False (nothing done) for
+        a token that does not spell its beginning (``tokens``' stand-in for
+        a byte no token spells)."""
+        c = self.close
+        if c is None:
+            return False
+        stop = t in self.g.stop_ids
+        data = b"" if stop else self.g.decoded[t]
+        if (not stop and not (data and c.startswith(data))) or (stop and c):
+            return False
+        self._undo = (_TRUSTED, self.lex.copy(), c, self.need, self.done, self.n_out)
+        self._pend.append(t)
+        if stop:
+            self.done = True
+        else:
+            self.lex.feed(data)
+            self._set_close(c[len(data) :])
+        self.n_out += 1
+        self._taken = t
+        return True
+
+    def _restore(self) -> None:
+        """Back to the state before the last ``take`` (or ``steer``'s commit)."""
+        assert self._undo is not None
+        m, self.lex, self.close, self.need, self.done, self.n_out = self._undo
+        if m is _TRUSTED and self._pend:
+            self._pend.pop()
+        elif m is None or m is _TRUSTED:
+            self.m.rollback(1)
+        else:
+            self.m = m
+        self._undo = self._taken = None
+
+    def _fits(self, used: int) -> bool:
+        """Whether the closing still fits in what is left after ``used`` more tokens."""
+        assert self.max_tokens is not None
+        return self.need is not None and self.need <= self.max_tokens - self.n_out - used
+
+    def pick(self, best: int | None) -> int | None:
+        """This step's token when the row needs no mask, taken (``take``):
+        the closing's next token when the closing needs every token left
+        (no token that keeps it can fit), else ``best`` (a greedy row's argmax; None for a sampled
+        row) when the grammar takes it and, where the budget rule has a say
+        (``in_window``, ``at_opener``), the value can still close after it.
+        None: the row needs its mask. (The tests of ``in_window`` and
+        ``at_opener`` in one pass: this runs for every row at every step.)"""
+        if self.done:
+            return None
+        check = False
+        need = self.need
+        if self.budget and need is not None:
+            left = self.max_tokens - self.n_out  # type: ignore[operator]
+            if need >= left:  # tight
+                t = self.forced()
+                return t if self._follow(t) or self.take(t) else None
+            if best is not None:
+                check = need + WINDOW >= left or (
+                    need + self.need0 + WINDOW >= left
+                    and self.lex.opens(self.g.decoded[best] if best < len(self.g.decoded) else b"")
+                )
+        if best is None or not self.greedy:
+            return None
+        if self._plain(best):  # ``take`` of a token that changes nothing (on trust)
+            if check and not self._fits(1):
+                return None
+            self._pend.append(best)
+            self._taken = best
+            self._undo = (_TRUSTED, self.lex, self.close, self.need, self.done, self.n_out)
+            self.n_out += 1
+            return best
+        return best if self.take(best, check) else None
 
     def in_window(self) -> bool:
         """Whether the budget rule has a say at this step."""
@@ -522,20 +759,22 @@ class RowState:
         keep: list[int] = []
         stops = self.g.stop_ids
         chosen: tuple[xgr.GrammarMatcher, Lex, bytes] | None = None  # a greedy keep's state
+        stuck = bool(self.close) and not self._fits(1)  # a token that keeps the closing fails
         for v, t in zip(vals.tolist(), ids.tolist(), strict=True):
             if v == _NEG_INF or v != v:  # masked, or NaN
                 break
             if t in stops:
                 keep.append(t)
             else:
+                data = self.g.decoded[t] if t < len(self.g.decoded) else b""
+                if stuck and self._plain(t):
+                    continue  # it keeps the closing (``_carried``), which does not fit
                 f = self.m.fork()
                 if not f.accept_token(t):
                     continue
-                data = self.g.decoded[t] if t < len(self.g.decoded) else b""
-                inside = self._inside(self.lex, data)
                 lex = self.lex.copy()
                 lex.feed(data)
-                c = self._carried(f, lex, data, inside)
+                c = self._carried(f, self.lex.at(), lex, data)
                 if c is not None and len(self.g.tokens(c)) + 1 <= remaining - 1:
                     keep.append(t)
                     chosen = (f, lex, c)
@@ -551,6 +790,7 @@ class RowState:
         if self.greedy:  # argmax is all that is read from a greedy row
             if commit and chosen is not None and keep[0] not in stops:
                 # the sampler uses the returned token as is: the row is not read
+                self._undo = (self.m, self.lex, self.close, self.need, self.done, self.n_out)
                 self.m, self.lex, close = chosen
                 self.n_out += 1
                 self._set_close(close)
@@ -640,6 +880,19 @@ class RowState:
 _CONTINUATIONS = (b"\x80", b"\xa0", b"\x90", b"\xbf")
 
 
+_TRUSTED = object()  # an undo entry: the token is in ``_pend``, not in the matcher
+
+
+def _value_string_prefix(text: bytes) -> bytes | None:
+    """``text`` up to the opening quote of its first value string (not a key)."""
+    lex = Lex()
+    for i in range(len(text)):
+        lex.feed(text[i : i + 1])
+        if lex.in_str and not lex.key:
+            return text[: i + 1]
+    return None
+
+
 def _whole_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -679,43 +932,58 @@ def constrain_rows(
     then the budget rule row by row. ``bitmask``: scratch [>= N, ceil(V/32)]
     int32, allocated when not given.
 
-    ``taken`` (the hf engine, which samples right after): a greedy row whose
-    best token the grammar takes is left unmasked; with ``taken`` given, that
-    token is accepted here, once, and written to ``taken[i]``, for the
-    sampler to use as is (no second argmax, no fork to test it)."""
-    live = [i for i, r in enumerate(rows) if r is not None]
-    if not live:
+    Two kinds of row need no mask: a row whose closing needs every token
+    left (a tight row) gets the closing's next token, and a greedy row whose
+    best token the grammar takes (and which, where the budget rule has a
+    say, leaves the value able to close in time) keeps it. Either token is
+    accepted here (``take``); with ``taken`` given (the hf engine, which
+    samples right after) it is written to ``taken[i]`` for the sampler to use
+    as is (no second argmax, no mask), otherwise a tight row is masked to its
+    one token and the engine's ``accept`` of the token confirms the take."""
+    states = [(i, st) for i, st in enumerate(rows) if st is not None]
+    if not states:
         return
     n, vocab = logits.shape
-    states = [(i, st) for i, st in enumerate(rows) if st is not None]
-    # A greedy row whose best token the grammar takes needs no mask at all.
-    ok = [st.argmax_ok() for _, st in states]
-    best = logits.argmax(-1).tolist() if any(ok) else None
+    best = argmax_rows(logits) if any(st.greedy for _, st in states) else None
     masked: list[int] = []
-    for (i, st), row_ok in zip(states, ok, strict=True):
-        if row_ok and not st.at_opener(best[i]):  # type: ignore[index]
-            if taken is None:
-                if st.takes(best[i]):
-                    continue
-            elif st.take(best[i]):
-                taken[i] = best[i]
-                continue
-        masked.append(i)
-    if masked:
-        if bitmask is None or bitmask.shape[0] < n:
-            bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
-        grammars: dict[int, Grammars] = {}
-        for i in masked:
+    for i, st in states:
+        b = best[i] if best is not None and st.greedy else None
+        t = st.pick(b)
+        if t is None:
+            masked.append(i)
+        elif taken is not None:
+            taken[i] = t
+        elif t != b:  # a tight row's token: the engine samples this row, so mask it to t
+            _one_token(logits, i, t)
+    if not masked:
+        return
+    if bitmask is None or bitmask.shape[0] < n:
+        bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
+    for i in masked:
+        st = rows[i]
+        assert st is not None
+        st.fill(bitmask, i)
+        if st.g.banned:  # and never a special token that is not EOS
+            _and_row(bitmask, i, st.g.allow_bits)
+    # A greedy row outside the budget rule's say takes the best allowed token,
+    # read from its bitmask; only the other rows' logits are masked.
+    greedy = [i for i in masked if rows[i].greedy and not rows[i].done]  # type: ignore[union-attr]
+    slow = [i for i in masked if i not in greedy] if greedy else masked
+    if greedy:
+        for i, t in zip(greedy, _masked_argmax(logits, bitmask, greedy), strict=True):
             st = rows[i]
             assert st is not None
-            st.fill(bitmask, i)
-            grammars[id(st.g)] = st.g
-        for g in grammars.values():  # (one, but for a batch of several tokenizers)
-            if g.banned:
-                bitmask[:n].bitwise_and_(g.allow_bits)
-        _apply_rows(logits, bitmask, masked)
+            if st.in_window() or st.at_opener(t) or not st.take(t):
+                slow.append(i)
+            elif taken is not None:
+                taken[i] = t
+            else:
+                _one_token(logits, i, t)
+    if not slow:
+        return
+    _apply_rows(logits, bitmask, slow)
     commit = taken is not None
-    for i in masked:  # (an unmasked row is outside the window and not at an opener)
+    for i in slow:
         st = rows[i]
         assert st is not None
         t = None
@@ -725,6 +993,47 @@ def constrain_rows(
             t = st.steer(logits[i], anyway=True, commit=commit)
         if t is not None and taken is not None:
             taken[i] = t
+
+
+def _cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` can be read and written through numpy (a torch op on one
+    small row costs several microseconds, a numpy one a fraction of one)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.int32)
+
+
+def _one_token(logits: torch.Tensor, i: int, t: int) -> None:
+    """Row ``i`` of ``logits`` allows token ``t`` only."""
+    if _cpu(logits):
+        row = logits.detach().numpy()[i]
+        row.fill(_NEG_INF)
+        row[t] = 0.0
+    else:
+        logits[i].fill_(_NEG_INF)
+        logits[i, t] = 0.0
+
+
+def _and_row(bitmask: torch.Tensor, i: int, bits: torch.Tensor) -> None:
+    """``bitmask[i] &= bits``."""
+    if _cpu(bitmask):
+        row = bitmask.numpy()[i]
+        row &= bits.numpy()[: row.shape[0]]
+    else:
+        bitmask[i].bitwise_and_(bits.to(bitmask.device)[: bitmask.shape[1]])
+
+
+def _masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> list[int]:
+    """The best token each of rows ``idx`` allows (its bitmask row), without
+    writing the logits: on the CPU through numpy (~3 us a row of 1,024,
+    where masking the row first costs ~6)."""
+    vocab = logits.shape[1]
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and _LITTLE:
+        words = bitmask.numpy()[idx]
+        allowed = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
+        vals = np.where(allowed.astype(bool), logits.detach().numpy()[idx], -np.inf)
+        return vals.argmax(-1).tolist()  # type: ignore[no-any-return]
+    sel = torch.tensor(idx, device=logits.device)
+    allowed_t = _bool_mask(bitmask[idx].to(logits.device), vocab)
+    return logits.index_select(0, sel).masked_fill(~allowed_t, _NEG_INF).argmax(-1).tolist()  # type: ignore[no-any-return]
 
 
 def _apply_rows(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> None:

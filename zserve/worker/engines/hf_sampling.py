@@ -27,6 +27,15 @@ Sampled = tuple[int, float | None, list[tuple[int, float]] | None]
 FAILED = -1
 
 
+def argmax_rows(x: torch.Tensor) -> list[int]:
+    """The argmax of each row of ``x`` [N, V]. On the CPU in float32 through
+    numpy, whose row argmax takes ~3 us for 32 x 1,024 logits where torch's
+    takes ~60 (the same index: the first of equal maxima, a NaN first)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return x.detach().numpy().argmax(-1).tolist()  # type: ignore[no-any-return]
+    return x.argmax(-1).tolist()  # type: ignore[no-any-return]
+
+
 @dataclass(eq=False)
 class SamplerState:
     """What one request's sampler remembers between steps."""
@@ -123,7 +132,7 @@ def sample(
     ]
     if plain_greedy:
         idx = torch.tensor(plain_greedy, device=logits.device)
-        picked = logits.index_select(0, idx).argmax(-1).tolist()
+        picked = argmax_rows(logits.index_select(0, idx))
         for i, t in zip(plain_greedy, picked, strict=True):
             tokens[i] = t
     for i, st in enumerate(states):

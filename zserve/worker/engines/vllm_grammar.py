@@ -17,7 +17,10 @@ engine: the front end (``VLLMEngine.generate``) has already compiled the spec
 and replayed the continued ids, so a failure here is logged and the request
 left unconstrained rather than raised. The matchers advance in
 ``update_state`` and again in ``apply`` (with async scheduling on a GPU the
-output lists hold placeholders, -1, until just before ``apply``).
+output lists hold placeholders, -1, until just before ``apply``). A row whose
+token ``apply`` settles (a greedy row's best token, a tight row's closing)
+has it accepted there already; the engine's output then confirms it
+(``RowState.delivered``), or undoes it should vLLM have sampled another.
 """
 
 from __future__ import annotations
@@ -98,8 +101,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
 
     def _advance(self) -> None:
         for st, out in self.rows.values():
-            while st.n_out < len(out) and out[st.n_out] >= 0:
-                if not st.accept(out[st.n_out]):
+            while (k := st.delivered) < len(out) and out[k] >= 0:
+                if not st.accept(out[k]):
                     log.error("structured request: a token outside its grammar")
                     st.n_out += 1  # skip it rather than loop
 
