@@ -152,6 +152,7 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_ids: frozenset[int] | set[int]):
         self.vocab_size = vocab_size
         self.stop_ids = sorted(int(t) for t in stop_ids if 0 <= t < vocab_size)
+        self.stop_set = frozenset(self.stop_ids)
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=True)
         self._cache: OrderedDict[str, xgr.CompiledGrammar] = OrderedDict()
@@ -167,6 +168,7 @@ class Grammars:
         weights = torch.tensor([1 << b for b in range(32)], dtype=torch.int64)
         words = (allow.view(-1, 32).long() * weights).sum(-1)
         self.allow_bits = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+        self.allow_np = self.allow_bits.numpy()
         self._tokens: dict[bytes, list[int]] = {}
         # spec key -> (its strings are plain, (the closing from the start,)):
         # the start's closing search costs a few hundred microseconds
@@ -185,6 +187,12 @@ class Grammars:
         self.plain = [
             t not in skip and bool(b) and _PLAIN.fullmatch(b) is not None and _whole_utf8(b)
             for t, b in enumerate(self.decoded[:vocab_size])
+        ] + [False] * max(0, vocab_size - len(self.decoded))
+        # Tokens no JSON string takes at a character's end: a control character
+        # or a byte that cannot start a UTF-8 character first (``RowState.pick``).
+        self.no_string = [
+            bool(b) and (b[0] < 0x20 or 0x80 <= b[0] < 0xC2 or b[0] >= 0xF5)
+            for b in self.decoded[:vocab_size]
         ] + [False] * max(0, vocab_size - len(self.decoded))
         # printable ASCII characters with a token of their own, for the closing's fallback
         self.ascii = [(chr(c), self.pieces[bytes((c,))]) for c in range(0x21, 0x7F)
@@ -461,11 +469,19 @@ class RowState:
         self._m = matcher
 
     def _feed(self) -> None:
+        """The tokens taken on trust into the matcher: all but the last as one
+        string (each call into xgrammar lets the event loop's thread take the
+        GIL, which a step pays for in waits), the last as a token, so that a
+        ``rollback(1)`` still takes back exactly one token."""
         pend, self._pend = self._pend, []
-        for t in pend:
-            if not self._m.accept_token(t):  # cannot happen: only what it takes is trusted
-                log.error("structured output: the grammar refused a token taken on trust (%d)", t)
-                return
+        m, g = self._m, self.g
+        head = pend[:-1]
+        if any(t in g.stop_set for t in head):  # (a stop token ends a reply: not here)
+            ok = all(m.accept_token(t) for t in head)
+        else:
+            ok = not head or m.accept_string(b"".join(g.decoded[t] for t in head))
+        if not (ok and m.accept_token(pend[-1])):  # cannot happen: only what it takes is trusted
+            log.error("structured output: the grammar refused tokens taken on trust (%s)", pend)
 
     @property
     def delivered(self) -> int:
@@ -492,7 +508,7 @@ class RowState:
             return True
         if not self.m.accept_token(token):
             return False
-        self.done = self.m.is_terminated()
+        self.done = token in self.g.stop_set  # (only a stop token ends the grammar)
         data = b""
         if 0 <= token < len(self.g.decoded) and token not in self.g.stop_ids:
             data = self.g.decoded[token]
@@ -707,6 +723,9 @@ class RowState:
                 )
         if best is None or not self.greedy:
             return None
+        lex = self.lex
+        if lex.in_str and not lex.esc and not lex.utf8 and self.g.no_string[best]:
+            return None  # the grammar refuses it (``Grammars.no_string``): the mask picks
         if self._plain(best):  # ``take`` of a token that changes nothing (on trust)
             if check and not self._fits(1):
                 return None
@@ -944,7 +963,12 @@ def constrain_rows(
     if not states:
         return
     n, vocab = logits.shape
-    best = argmax_rows(logits) if any(st.greedy for _, st in states) else None
+    # numpy views, taken once: each call into torch (or xgrammar) lets the
+    # engine's other threads take the GIL, and the step waits for it back
+    L = logits.detach().numpy() if _cpu(logits) else None
+    best = None
+    if any(st.greedy for _, st in states):
+        best = L.argmax(1).tolist() if L is not None else argmax_rows(logits)
     masked: list[int] = []
     for i, st in states:
         b = best[i] if best is not None and st.greedy else None
@@ -954,31 +978,40 @@ def constrain_rows(
         elif taken is not None:
             taken[i] = t
         elif t != b:  # a tight row's token: the engine samples this row, so mask it to t
-            _one_token(logits, i, t)
+            _one_token(logits, L, i, t)
     if not masked:
         return
     if bitmask is None or bitmask.shape[0] < n:
-        bitmask = torch.empty((n, (vocab + 31) // 32), dtype=torch.int32)
+        bitmask = torch.from_numpy(np.empty((n, (vocab + 31) // 32), dtype=np.int32))
+    B = bitmask.numpy() if _cpu(bitmask) else None
+    by_grammar: dict[int, tuple[Grammars, list[int]]] = {}
     for i in masked:
         st = rows[i]
         assert st is not None
         st.fill(bitmask, i)
-        if st.g.banned:  # and never a special token that is not EOS
-            _and_row(bitmask, i, st.g.allow_bits)
-    # A greedy row outside the budget rule's say takes the best allowed token,
+        by_grammar.setdefault(id(st.g), (st.g, []))[1].append(i)
+    for g, idx in by_grammar.values():  # never a special token that is not EOS
+        if not g.banned:
+            continue
+        if B is not None:
+            B[idx] &= g.allow_np[: B.shape[1]]
+        else:
+            sel = torch.tensor(idx, device=bitmask.device)
+            bitmask[sel] = bitmask[sel] & g.allow_bits.to(bitmask.device)[: bitmask.shape[1]]
+    # A greedy row outside the budget window takes the best allowed token,
     # read from its bitmask; only the other rows' logits are masked.
-    greedy = [i for i in masked if rows[i].greedy and not rows[i].done]  # type: ignore[union-attr]
+    greedy = [i for i in masked if _outside(rows[i])]
     slow = [i for i in masked if i not in greedy] if greedy else masked
     if greedy:
-        for i, t in zip(greedy, _masked_argmax(logits, bitmask, greedy), strict=True):
+        for i, t in zip(greedy, _masked_argmax(logits, L, bitmask, B, greedy), strict=True):
             st = rows[i]
             assert st is not None
-            if st.in_window() or st.at_opener(t) or not st.take(t):
+            if st.at_opener(t) or not st.take(t):
                 slow.append(i)
             elif taken is not None:
                 taken[i] = t
             else:
-                _one_token(logits, i, t)
+                _one_token(logits, L, i, t)
     if not slow:
         return
     _apply_rows(logits, bitmask, slow)
@@ -1001,36 +1034,36 @@ def _cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.int32)
 
 
-def _one_token(logits: torch.Tensor, i: int, t: int) -> None:
-    """Row ``i`` of ``logits`` allows token ``t`` only."""
-    if _cpu(logits):
-        row = logits.detach().numpy()[i]
-        row.fill(_NEG_INF)
-        row[t] = 0.0
+def _one_token(logits: torch.Tensor, L: np.ndarray | None, i: int, t: int) -> None:
+    """Row ``i`` of ``logits`` (``L``: its numpy view, if any) allows token ``t`` only."""
+    if L is not None:
+        L[i].fill(_NEG_INF)
+        L[i, t] = 0.0
     else:
         logits[i].fill_(_NEG_INF)
         logits[i, t] = 0.0
 
 
-def _and_row(bitmask: torch.Tensor, i: int, bits: torch.Tensor) -> None:
-    """``bitmask[i] &= bits``."""
-    if _cpu(bitmask):
-        row = bitmask.numpy()[i]
-        row &= bits.numpy()[: row.shape[0]]
-    else:
-        bitmask[i].bitwise_and_(bits.to(bitmask.device)[: bitmask.shape[1]])
+def _outside(st: RowState | None) -> bool:
+    """A greedy row the budget window does not cover: its masked argmax is its token."""
+    return st is not None and st.greedy and not st.done and not st.in_window()
 
 
-def _masked_argmax(logits: torch.Tensor, bitmask: torch.Tensor, idx: list[int]) -> list[int]:
+def _masked_argmax(
+    logits: torch.Tensor,
+    L: np.ndarray | None,
+    bitmask: torch.Tensor,
+    B: np.ndarray | None,
+    idx: list[int],
+) -> list[int]:
     """The best token each of rows ``idx`` allows (its bitmask row), without
-    writing the logits: on the CPU through numpy (~3 us a row of 1,024,
-    where masking the row first costs ~6)."""
+    writing the logits (``L``, ``B``: their numpy views, if any): a few
+    numpy calls for all the rows, where masking them costs ~6 us a row."""
     vocab = logits.shape[1]
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and _LITTLE:
-        words = bitmask.numpy()[idx]
-        allowed = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
-        vals = np.where(allowed.astype(bool), logits.detach().numpy()[idx], -np.inf)
-        return vals.argmax(-1).tolist()  # type: ignore[no-any-return]
+    if L is not None and B is not None and _LITTLE:
+        words = B[idx].view(np.uint8)
+        allowed = np.unpackbits(words, axis=1, count=vocab, bitorder="little").view(bool)
+        return np.where(allowed, L[idx], -np.inf).argmax(1).tolist()  # type: ignore[no-any-return]
     sel = torch.tensor(idx, device=logits.device)
     allowed_t = _bool_mask(bitmask[idx].to(logits.device), vocab)
     return logits.index_select(0, sel).masked_fill(~allowed_t, _NEG_INF).argmax(-1).tolist()  # type: ignore[no-any-return]
