@@ -522,10 +522,12 @@ class RowState:
 
     def _plain(self, token: int) -> bool:
         """Whether ``token``, next, leaves the lexical state and the closing as
-        they are: inside a value string (not a key), at a character's end, it spells whole
-        characters, no quote, no backslash (``Grammars.plain``), and no
-        string's content is constrained (or the budget rule is off: no
-        closing is kept). Most of a long string's tokens are such."""
+        they are, and the grammar takes it (so it is taken on trust): inside
+        a value string (not a key), at a character's end, it spells whole
+        characters, no quote, no backslash, no control character
+        (``Grammars.plain``), and no string's content is constrained
+        (``plain_strings``, checked against the grammar). Most of a long
+        string's tokens are such."""
         lex = self.lex
         return (
             lex.in_str
@@ -702,11 +704,12 @@ class RowState:
     def pick(self, best: int | None) -> int | None:
         """This step's token when the row needs no mask, taken (``take``):
         the closing's next token when the closing needs every token left
-        (no token that keeps it can fit), else ``best`` (a greedy row's argmax; None for a sampled
-        row) when the grammar takes it and, where the budget rule has a say
-        (``in_window``, ``at_opener``), the value can still close after it.
-        None: the row needs its mask. (The tests of ``in_window`` and
-        ``at_opener`` in one pass: this runs for every row at every step.)"""
+        (no token that keeps it can fit), else ``best`` (a greedy row's
+        argmax; None for a sampled row) when the grammar takes it and,
+        where the budget rule has a say (``in_window``, ``at_opener``), the
+        value can still close after it. None: the row needs its mask. (The
+        tests of ``in_window`` and ``at_opener`` in one pass: this runs for
+        every row at every step.)"""
         if self.done:
             return None
         check = False
