@@ -647,10 +647,15 @@ class RowState:
         passes it needs neither a mask nor ``steer``."""
         if token in self.g.banned_set:
             return False
-        if self._plain(token):  # taken on trust (``accept``): the lexical state stays
-            undo = (_TRUSTED, self.lex, self.close, self.need, self.done, self.n_out)
-        else:
-            undo = (None, self.lex.copy(), self.close, self.need, self.done, self.n_out)
+        if self._plain(token):  # taken on trust: nothing but ``n_out`` changes
+            if check and not self._fits(1):
+                return False
+            self._undo = (_TRUSTED, self.lex, self.close, self.need, self.done, self.n_out)
+            self._pend.append(token)
+            self.n_out += 1
+            self._taken = token
+            return True
+        undo = (None, self.lex.copy(), self.close, self.need, self.done, self.n_out)
         if not self.accept(token):
             return False
         if check and token not in self.g.stop_ids and not self._fits(0):
@@ -729,14 +734,6 @@ class RowState:
         lex = self.lex
         if lex.in_str and not lex.esc and not lex.utf8 and self.g.no_string[best]:
             return None  # the grammar refuses it (``Grammars.no_string``): the mask picks
-        if self._plain(best):  # ``take`` of a token that changes nothing (on trust)
-            if check and not self._fits(1):
-                return None
-            self._pend.append(best)
-            self._taken = best
-            self._undo = (_TRUSTED, self.lex, self.close, self.need, self.done, self.n_out)
-            self.n_out += 1
-            return best
         return best if self.take(best, check) else None
 
     def in_window(self) -> bool:
